@@ -1,0 +1,49 @@
+# sweep: `make run` runs the default study, `make test` runs the tests; both install first.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SWEEP  := $(VENV)/bin/sweep
+# Empty STUDY: studies/hymenoptera.yaml when torchvision's hub weights can be had, otherwise
+# (offline, with ../shared/weights) studies/hymenoptera_offline.yaml; the choice is printed.
+STUDY  ?=
+ARGS   ?=
+PORT   ?= 5000
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: install data run report status ui test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+data: install
+	$(PY) scripts/get_assets.py
+
+run: install data
+	@study="$(STUDY)"; \
+	if [ -z "$$study" ]; then \
+	  if $(SWEEP) check-weights studies/hymenoptera.yaml >/dev/null 2>&1; then study=studies/hymenoptera.yaml; \
+	  else echo "offline: torchvision's ResNet-18 ImageNet weights are neither cached nor downloadable;" \
+	       "running studies/hymenoptera_offline.yaml (local EfficientNet-Lite0 checkpoint). Set STUDY= to choose."; \
+	       study=studies/hymenoptera_offline.yaml; fi; \
+	fi; \
+	echo "$(SWEEP) run $$study $(ARGS)"; $(SWEEP) run $$study $(ARGS)
+
+status: install
+	$(SWEEP) status $(or $(STUDY),studies/hymenoptera_offline.yaml)
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf mlruns reports

@@ -1,0 +1,153 @@
+"""`sweep` command line: each command parses, wires, calls one function and prints.
+
+Errors of the `SweepError` family become one line on stderr and their exit code; Ctrl-C exits
+130 and SIGTERM 143 after the study is left consistent (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import SweepError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Optuna sweeps over fine-tuning pretrained image classifiers, tracked in MLflow.")
+err_console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+StudyFile = Annotated[Path, typer.Argument(help="study YAML file", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: KEY.PATH=VALUE (repeatable)")]
+StorageOpt = Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite under mlruns/)")]
+TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import mlflow  # noqa: F401  (configures its loggers on import; quieten them after)
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handled(fn):
+    """Map the error family to one message + exit code; interrupts to 130/143."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except SweepError as err:
+            err_console.print(f"[red]error:[/] {err}", soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt as err:
+            from pipeline.tune import Interrupted
+
+            sig = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
+            err_console.print(f"[yellow]interrupted ({sig}):[/] the running trial is recorded FAIL and "
+                              "will not count; run the same command again to resume the study")
+            raise typer.Exit(143 if sig == "SIGTERM" else 130) from None
+
+    return wrapper
+
+
+def _load(study_file: Path, sets: list[str] | None, **extra):
+    from pipeline.config import load_study
+
+    overrides = list(sets or [])
+    overrides += [f"{k}={v}" for k, v in extra.items() if v is not None]
+    return load_study(study_file, overrides)
+
+
+@app.command()
+@handled
+def run(
+    study_file: StudyFile,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    n_trials: Annotated[Optional[int], typer.Option(help="finished trials the study should reach")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="stop starting trials after SECONDS")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    accept_changes: Annotated[bool, typer.Option(help="resume although the study file changed")] = False,
+    report: Annotated[bool, typer.Option(help="run the report stage after the study")] = True,
+) -> None:
+    """Run (or resume) the study: pre-flight, trials with pruning, MLflow nested runs."""
+    from pipeline.display import RichReporter
+    from pipeline.tune import run_study
+
+    cfg = _load(study_file, set_, **{"study.n_trials": n_trials, "study.timeout": timeout})
+    with RichReporter(cfg.study.n_trials, quiet=quiet) as reporter:
+        outcome = run_study(cfg, storage=storage, tracking=tracking_uri, reporter=reporter,
+                            accept_changes=accept_changes)
+    _print_summary(outcome)
+    if report:
+        _report(cfg, storage, tracking_uri)
+
+
+def _print_summary(outcome) -> None:
+    from optuna.trial import TrialState
+
+    trials = outcome.study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    out.print(f"study '{outcome.study.study_name}': {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
+              f"{counts['FAIL']} failed ({outcome.stop_reason})")
+    if counts["COMPLETE"]:
+        best = outcome.study.best_trial
+        out.print(f"best trial {best.number}: value {best.value:.4f} params {best.params}")
+    out.print(f"MLflow parent run {outcome.parent_run_id}")
+
+
+def _report(cfg, storage, tracking_uri) -> None:
+    try:
+        from pipeline.report import run_report
+    except ImportError:
+        return
+    result = run_report(cfg, storage=storage, tracking=tracking_uri)
+    out.print(result.summary())
+
+
+@app.command()
+@handled
+def status(study_file: StudyFile, set_: SetOpt = None, storage: StorageOpt = None) -> None:
+    """Print the trials table so far (reads the Optuna storage only; changes nothing)."""
+    from pipeline.tune import load_existing, trials_frame
+
+    cfg = _load(study_file, set_)
+    study = load_existing(cfg, storage)
+    frame = trials_frame(study, cfg)
+    out.print(frame.to_string(index=False) if len(frame) else "no trials yet")
+
+
+@app.command("check-weights")
+@handled
+def check_weights(study_file: StudyFile, set_: SetOpt = None) -> None:
+    """Exit 0 when the study's pretrained weights are cached or downloadable, else say why."""
+    from pipeline import model as M
+
+    cfg = _load(study_file, set_)
+    spec = M.resolve_weights(cfg.model.arch, cfg.model.weights)
+    M.build_model(spec, 2)
+    out.print(f"{spec.origin()} for {cfg.model.arch}: available")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The study file as a validated, frozen tree.
+
+`load_study(path, overrides)` reads YAML, applies `--set key.path=value` overrides, and validates
+everything before anything runs. Every problem is reported as one `ConfigError` naming the file,
+the dotted key path, the reason and, where there is a closed set, the allowed values.
+
+Relative paths in the file (`data.root`, `model.weights`, `study.storage`) are resolved against the
+current working directory, the way `make run` and the CLI are used from the project root.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+# Search-space names -> where the sampled value lands in the study tree.
+TUNABLE: dict[str, tuple[str, str]] = {
+    "lr": ("training", "lr"),
+    "momentum": ("training", "momentum"),
+    "weight_decay": ("training", "weight_decay"),
+    "nesterov": ("training", "nesterov"),
+    "label_smoothing": ("training", "label_smoothing"),
+    "freeze_depth": ("training", "freeze_depth"),
+    "aug_strength": ("training", "aug_strength"),
+    "epochs": ("training", "epochs"),
+    "optimizer": ("training", "optimizer"),
+    "step_size": ("training.scheduler", "step_size"),
+    "gamma": ("training.scheduler", "gamma"),
+    "batch_size": ("data", "batch_size"),
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplerConfig(_Frozen):
+    type: Literal["tpe", "random", "grid", "cmaes", "qmc"] = "tpe"
+    seed: int | None = 0
+
+
+class PrunerConfig(_Frozen):
+    type: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
+    n_startup_trials: int = Field(2, ge=0)
+    n_warmup_steps: int = Field(1, ge=0)
+    percentile: float = Field(25.0, gt=0, lt=100)
+
+
+class StudySection(_Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    direction: Literal["maximize", "minimize"] = "maximize"
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    n_trials: int = Field(10, ge=1)
+    timeout: float | None = Field(None, gt=0, description="seconds")
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    storage: str | None = None
+    heartbeat_interval: int = Field(30, ge=1, description="seconds between trial heartbeats")
+    grace_period: int | None = Field(None, ge=1, description="seconds before a silent trial is stale")
+    max_retries: int = Field(2, ge=0, description="re-runs of a trial that died (kill -9, SIGTERM)")
+    max_failed_trials: int = Field(5, ge=1, description="stop the study after this many FAIL trials")
+
+    @model_validator(mode="after")
+    def _direction_fits_metric(self) -> "StudySection":
+        if METRICS[self.metric] != self.direction:
+            raise ValueError(
+                f"direction '{self.direction}' does not fit metric '{self.metric}' "
+                f"(use direction: {METRICS[self.metric]})"
+            )
+        return self
+
+
+class DataSection(_Frozen):
+    root: Path
+    train: str = "train"
+    val: str = "val"
+    test: str | None = None
+    test_fraction: float = Field(0.5, gt=0, lt=1)
+    image_size: int | None = Field(None, ge=16, description="crop side in pixels; null = weights'")
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    bad_images: Literal["stop", "skip"] = "stop"
+
+
+class PreprocessConfig(_Frozen):
+    """Eval preprocessing; each null field falls back to the weights' own metadata."""
+
+    resize: int | None = Field(None, ge=16)
+    crop: int | None = Field(None, ge=16)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+
+
+class ModelSection(_Frozen):
+    arch: str
+    weights: str = "DEFAULT"
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from pipeline.model import check_arch  # heavy imports only when validating
+
+        check_arch(arch)
+        return arch
+
+
+class SchedulerConfig(_Frozen):
+    type: Literal["step", "cosine", "none"] = "step"
+    step_size: int = Field(7, ge=1, description="epochs")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainingSection(_Frozen):
+    epochs: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    freeze_depth: int = Field(0, ge=0)
+    aug_strength: float = Field(1.0, ge=0, le=1)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    channels_last: bool = False
+
+
+class FloatParam(_Frozen):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "FloatParam":
+        _check_range(self.low, self.high, self.log)
+        if self.log and self.step is not None:
+            raise ValueError("step cannot be combined with log: true")
+        return self
+
+
+class IntParam(_Frozen):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "IntParam":
+        _check_range(self.low, self.high, self.log)
+        return self
+
+
+class CategoricalParam(_Frozen):
+    type: Literal["categorical"]
+    choices: tuple[str | int | float | bool, ...] = Field(min_length=1)
+
+
+Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
+
+
+def _check_range(low: float, high: float, log: bool) -> None:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"low and high must be finite numbers (got low={low}, high={high})")
+    if low > high:
+        raise ValueError(f"low ({low}) is greater than high ({high})")
+    if log and low <= 0:
+        raise ValueError(f"a log range must be > 0, but low is {low}; raise low or set log: false")
+
+
+class TrackingSection(_Frozen):
+    uri: str | None = None
+    experiment: str | None = Field(None, description="MLflow experiment; null = study name")
+
+
+class RegistrySection(_Frozen):
+    model_name: str = Field("sweep-classifier", min_length=1)
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    keep_top_k: int = Field(1, ge=0, description="trial checkpoints kept after the report")
+    serialization_format: Literal["pickle", "pt2"] = "pickle"
+
+
+class StudyConfig(_Frozen):
+    """The whole study file. Sections mirror the YAML top-level keys."""
+
+    study: StudySection
+    data: DataSection
+    model: ModelSection
+    training: TrainingSection = TrainingSection()
+    search_space: dict[str, Param] = Field(default_factory=dict)
+    tracking: TrackingSection = TrackingSection()
+    registry: RegistrySection = RegistrySection()
+
+    @field_validator("search_space")
+    @classmethod
+    def _tunable_names(cls, space: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(space) - set(TUNABLE))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter '{unknown[0]}' (allowed: {', '.join(sorted(TUNABLE))})"
+            )
+        return space
+
+    @model_validator(mode="after")
+    def _grid_needs_discrete_space(self) -> "StudyConfig":
+        if self.study.sampler.type == "grid":
+            for name, p in self.search_space.items():
+                if isinstance(p, FloatParam) and p.step is None:
+                    raise ValueError(
+                        f"search_space.{name}: the grid sampler needs 'step' on float parameters"
+                    )
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.study.name
+
+    def with_params(self, params: dict[str, Any]) -> "StudyConfig":
+        """Return a copy with sampled search-space values placed into their sections.
+
+        Raises:
+            ConfigError: a sampled value is invalid for its field (e.g. batch_size 0).
+        """
+        tree = self.model_dump(mode="python")
+        for name, value in params.items():
+            section, key = TUNABLE[name]
+            node = tree
+            for part in section.split("."):
+                node = node[part]
+            node[key] = value
+        return _validate(tree, source="<trial parameters>")
+
+    def to_yaml(self) -> str:
+        """The resolved study (defaults filled in), as stored with every parent run."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Read, override and validate a study file.
+
+    Args:
+        path: YAML study file.
+        overrides: `key.path=value` strings; values are parsed as YAML (`3`, `0.1`, `null`, `[a, b]`).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error (with line and column), bad override,
+            or a schema violation; the message names the file and the key path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found (give the path to a .yaml study file)")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read as YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys study, data, model, ...")
+    for item in overrides:
+        _apply_override(tree, item, path)
+    return _validate(tree, source=str(path))
+
+
+def _apply_override(tree: dict, item: str, path: Path) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: --set {key}: '{part}' is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def _validate(tree: dict, source: str) -> StudyConfig:
+    try:
+        return StudyConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = [_describe(e) for e in err.errors()]
+        head = f"{source}: {len(lines)} problem(s) in the study file:" if len(lines) > 1 else f"{source}:"
+        body = "\n  ".join(lines) if len(lines) > 1 else lines[0]
+        raise ConfigError(f"{head}\n  {body}" if len(lines) > 1 else f"{head} {body}") from None
+
+
+def _describe(error: dict) -> str:
+    loc = [str(p) for p in error["loc"] if p not in ("float", "int", "categorical")]
+    key = ".".join(loc) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{key}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "union_tag_invalid":
+        msg = "type must be one of float, int, categorical"
+    if error["type"] == "union_tag_not_found":
+        msg = "missing 'type' (one of float, int, categorical)"
+    if "input" in error and error["type"] not in ("model_type", "dict_type") and not isinstance(
+        error["input"], dict
+    ):
+        msg += f" (got {error['input']!r})"
+    return f"{key}: {msg}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = StudyConfig
+    parts = list(loc)
+    if parts[:1] == ["search_space"]:
+        tags = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
+        return list(tags[parts[2]].model_fields) if len(parts) == 3 and parts[2] in tags else []
+    for part in parts:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return []
+        model = fields[part].annotation
+    return list(getattr(model, "model_fields", {}))

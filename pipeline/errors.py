@@ -1,0 +1,43 @@
+"""One exception family. The CLI maps each to a one-line message and an exit code."""
+
+
+class SweepError(Exception):
+    """Base class: a problem the user can fix; `str(err)` is the whole message."""
+
+    exit_code = 1
+
+
+class ConfigError(SweepError):
+    """The study file or a `--set` override is invalid (names the file and key path)."""
+
+    exit_code = 2
+
+
+class DataError(SweepError):
+    """The image folders are missing, empty, inconsistent or hold unreadable files."""
+
+    exit_code = 3
+
+
+class ModelError(SweepError):
+    """An architecture, weights value or freeze depth cannot be honoured."""
+
+    exit_code = 4
+
+
+class TrackingError(SweepError):
+    """The Optuna storage or MLflow store cannot be used (path, server, permissions)."""
+
+    exit_code = 5
+
+
+class StudyStateError(SweepError):
+    """The stored study does not match the study file (resume refused)."""
+
+    exit_code = 6
+
+
+class RegistryError(SweepError):
+    """Selecting, registering or loading the model failed."""
+
+    exit_code = 7

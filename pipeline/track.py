@@ -1,0 +1,181 @@
+"""The only MLflow writer: experiment, parent run per study, nested run per trial.
+
+Run statuses mirror Optuna trial states (../shared/DESIGN.md): COMPLETE -> FINISHED,
+PRUNED -> KILLED (tag `sweep.state=PRUNED`), FAIL -> FAILED (tag `sweep.fail_reason`).
+Every call goes through `MlflowClient` with explicit run ids, so no global "active run" leaks
+between trials. When the store stops answering mid-study, trial writes are skipped with one
+warning (`Tracker.healthy` turns False) so the Optuna result is never lost; `sweep report`
+can run once the store is back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import TrackingError
+
+TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+STUDY_TAG = "sweep.study"
+TRIAL_TAG = "sweep.trial_number"
+STATE_TAG = "sweep.state"
+REASON_TAG = "sweep.fail_reason"
+
+
+def default_tracking_uri(home: Path) -> str:
+    """`sqlite:///<abs>/mlruns/mlflow.db`: embedded, no server needed."""
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+def quiet_mlflow() -> None:
+    """No usage telemetry (these machines have no network) and no emoji banners in logs."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class Tracker:
+    """Parent/nested MLflow runs for one study.
+
+    Args:
+        uri: MLflow tracking URI (sqlite:///..., http://host:port, file path).
+        experiment: experiment name; created with `artifact_root` when missing.
+        artifact_root: where a new experiment stores artifacts (ignored by an existing one).
+        warn: callable(str) used once when the store fails mid-study.
+
+    Raises:
+        TrackingError: the store cannot be reached or written at start-up.
+    """
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, warn=print):
+        quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.warn, self.healthy = uri, warn, True
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = artifact_root.resolve().as_uri() if artifact_root else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            elif found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+                self.experiment_id = found.experiment_id
+            else:
+                self.experiment_id = found.experiment_id
+        except Exception as err:  # sqlalchemy, requests and MlflowException all land here
+            raise TrackingError(f"MLflow tracking store {uri} cannot be used: {_short(err)}") from None
+        self.parent_id: str | None = None
+
+    # -- parent run --------------------------------------------------------------------------
+    def open_parent(self, study_name: str, run_id: str | None, tags: dict[str, str]) -> str:
+        """Reuse the study's parent run (`run_id`, stored in the study) or create one."""
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.lifecycle_stage == "active":
+                    self.client.update_run(run_id, status="RUNNING")
+                    self.parent_id = run_id
+                    return run_id
+            except Exception:
+                pass  # the run is in another store or was deleted: make a new one
+        run = self.client.create_run(self.experiment_id, run_name=study_name,
+                                     tags={STUDY_TAG: study_name, **tags})
+        self.parent_id = run.info.run_id
+        return self.parent_id
+
+    def close_parent(self, status: str) -> None:
+        """End the parent run as FINISHED (normal end), KILLED (interrupted) or FAILED."""
+        self._safe(self.client.set_terminated, self.parent_id, status=status)
+
+    # -- nested runs -------------------------------------------------------------------------
+    def start_trial(self, study_name: str, number: int, params: dict[str, Any]) -> str | None:
+        """Create the nested run `trial-<number>` under the parent; None if the store is down."""
+        tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number)}
+        run = self._safe(self.client.create_run, self.experiment_id, run_name=f"trial-{number}", tags=tags)
+        if run is None:
+            return None
+        from mlflow.entities import Param
+
+        self._safe(self.client.log_batch, run.info.run_id,
+                   params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+        if run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        import time
+
+        now = int(time.time() * 1000)
+        self._safe(self.client.log_batch, run_id,
+                   metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def end_trial(self, run_id: str | None, state: str, tags: dict[str, str] | None = None) -> None:
+        """Mirror the Optuna state onto the run (status + `sweep.state` tag, plus `tags`)."""
+        if run_id is None:
+            return
+        from mlflow.entities import RunTag
+
+        all_tags = {STATE_TAG: state, **(tags or {})}
+        self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
+        self._safe(self.client.set_terminated, run_id, status=TRIAL_STATUS[state])
+
+    def close_stale(self, run_id: str, reason: str) -> None:
+        """Close a nested run whose process died (still RUNNING in the store) as FAILED."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return
+        if run.info.status == "RUNNING":
+            self.end_trial(run_id, "FAIL", {REASON_TAG: reason})
+
+    # -- artifacts ---------------------------------------------------------------------------
+    def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
+        if run_id:
+            self._safe(self.client.log_text, run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        if run_id:
+            self._safe(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
+        if run_id:
+            from mlflow.entities import RunTag
+
+            self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _safe(self, fn, *args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:
+            if self.healthy:
+                self.warn(f"MLflow store {self.uri} failed ({_short(err)}); trials go on and "
+                          "Optuna keeps every result; run `sweep report` once the store is back")
+            self.healthy = False
+            return None
+        return result
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:300]
+
+
+def check_writable(path: Path) -> None:
+    """Raise `TrackingError` naming `path` when a file cannot be created there (perms, disk full)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-") as handle:
+            handle.write(b"x" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise TrackingError(
+            f"{path}: cannot write there ({err.strerror or err}); free disk space or fix its "
+            "permissions, or point --storage/--tracking-uri elsewhere"
+        ) from None
