@@ -1,0 +1,57 @@
+"""The study loop on tiny data: trial states, MLflow parent/nested runs, resume."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline.config import load_study
+from pipeline.tune import run_study, tracking_uri
+
+from conftest import study_dict, write_study
+
+
+def _runs(cfg):
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_run_study_creates_parent_and_nested_runs(sweep_home, study_file):
+    cfg = load_study(study_file)
+    outcome = run_study(cfg)
+    trials = outcome.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert outcome.stop_reason == "n_trials reached"
+    client, parents, children = _runs(cfg)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1"]
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["sweep.state"] == "COMPLETE"
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [0, 1]
+        trial = trials[int(run.data.tags["sweep.trial_number"])]
+        assert [m.value for m in history] == pytest.approx(
+            [h["val_accuracy"] for h in trial.user_attrs["history"]])
+        assert trial.value == pytest.approx(max(m.value for m in history))
+        assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"study.yaml", "splits.json"} <= artifacts
+
+
+def test_resume_reaches_n_trials_and_reuses_parent(sweep_home, study_file):
+    cfg = load_study(study_file)
+    first = run_study(cfg)
+    more = load_study(study_file, ["study.n_trials=3"])
+    second = run_study(more)
+    assert second.parent_run_id == first.parent_run_id
+    assert len(second.study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    _, parents, children = _runs(cfg)
+    assert len(parents) == 1 and len(children) == 3
