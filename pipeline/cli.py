@@ -21,7 +21,7 @@ from pipeline.errors import SweepError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Optuna sweeps over fine-tuning pretrained image classifiers, tracked in MLflow.")
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 StudyFile = Annotated[Path, typer.Argument(help="study YAML file", show_default=False)]

@@ -89,13 +89,14 @@ class Tracker:
 
     def close_parent(self, status: str) -> None:
         """End the parent run as FINISHED (normal end), KILLED (interrupted) or FAILED."""
-        self._safe(self.client.set_terminated, self.parent_id, status=status)
+        self._safe(self.client.set_terminated, self.parent_id, status=status, probe=True)
 
     # -- nested runs -------------------------------------------------------------------------
     def start_trial(self, study_name: str, number: int, params: dict[str, Any]) -> str | None:
         """Create the nested run `trial-<number>` under the parent; None if the store is down."""
         tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number)}
-        run = self._safe(self.client.create_run, self.experiment_id, run_name=f"trial-{number}", tags=tags)
+        run = self._safe(self.client.create_run, self.experiment_id, run_name=f"trial-{number}",
+                         tags=tags, probe=True)
         if run is None:
             return None
         from mlflow.entities import Param
@@ -115,15 +116,20 @@ class Tracker:
         self._safe(self.client.log_batch, run_id,
                    metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def end_trial(self, run_id: str | None, state: str, tags: dict[str, str] | None = None) -> None:
-        """Mirror the Optuna state onto the run (status + `sweep.state` tag, plus `tags`)."""
+    def end_trial(self, run_id: str | None, state: str, tags: dict[str, str] | None = None,
+                  status: str | None = None) -> None:
+        """Mirror the Optuna state onto the run (status + `sweep.state` tag, plus `tags`).
+
+        `status` overrides the mirrored run status (an interrupted trial is FAIL in Optuna but
+        its run ends KILLED, like the parent run).
+        """
         if run_id is None:
             return
         from mlflow.entities import RunTag
 
         all_tags = {STATE_TAG: state, **(tags or {})}
         self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
-        self._safe(self.client.set_terminated, run_id, status=TRIAL_STATUS[state])
+        self._safe(self.client.set_terminated, run_id, status=status or TRIAL_STATUS[state])
 
     def close_stale(self, run_id: str, reason: str) -> None:
         """Close a nested run whose process died (still RUNNING in the store) as FAILED."""
@@ -149,7 +155,14 @@ class Tracker:
 
             self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def _safe(self, fn, *args, **kwargs):
+    def _safe(self, fn, *args, probe: bool = False, **kwargs):
+        """Call the store; on failure warn once and skip further writes until a probe succeeds.
+
+        Probes (a trial's run creation, the parent's close) retry the store, so a short outage
+        costs the runs of the trials during it and not the rest of the study.
+        """
+        if not self.healthy and not probe:
+            return None
         try:
             result = fn(*args, **kwargs)
         except Exception as err:
@@ -158,6 +171,9 @@ class Tracker:
                           "Optuna keeps every result; run `sweep report` once the store is back")
             self.healthy = False
             return None
+        if not self.healthy:
+            self.warn(f"MLflow store {self.uri} answers again; logging resumed")
+            self.healthy = True
         return result
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -279,7 +280,11 @@ class Objective:
         except BaseException as err:
             reason = _reason(err)
             trial.set_user_attr("fail_reason", reason)
-            self._finish(trial, run_id, "FAIL", start, history, {REASON_TAG: reason})
+            interrupted = isinstance(err, KeyboardInterrupt)
+            if interrupted:
+                trial.set_user_attr("interrupted", True)
+            self._finish(trial, run_id, "FAIL", start, history, {REASON_TAG: reason},
+                         status="KILLED" if interrupted else None)
             raise
         path = self._save_checkpoint(cfg, trial, fitted)
         trial.set_user_attr("best_epoch", fitted.best_epoch)
@@ -293,6 +298,11 @@ class Objective:
         params = {**trial.params, **_resolved_params(cfg)}
         run_id = self.tracker.start_trial(cfg.study.name, trial.number, params)
         trial.set_user_attr("mlflow_run_id", run_id)
+        # Who runs this trial: a later start on this host fails it at once if the pid is gone.
+        # A retried trial inherits the failed one's user attrs: reset what described that run.
+        for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "history": [],
+                           "fail_reason": None, "interrupted": False}.items():
+            trial.set_user_attr(key, value)
         frozen = trial.study._storage.get_trial(trial._trial_id)
         retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
         if retry_of is not None:
@@ -334,11 +344,12 @@ class Objective:
         os.replace(tmp, path)  # a killed save never leaves a half-written checkpoint
         return path
 
-    def _finish(self, trial, run_id, state: str, start: float, history: list, tags=None) -> None:
+    def _finish(self, trial, run_id, state: str, start: float, history: list, tags=None,
+                status: str | None = None) -> None:
         seconds = time.perf_counter() - start
         trial.set_user_attr("seconds", seconds)
         trial.set_user_attr("epochs_run", len(history))
-        self.tracker.end_trial(run_id, state, {"sweep.seconds": f"{seconds:.1f}", **(tags or {})})
+        self.tracker.end_trial(run_id, state, {"sweep.seconds": f"{seconds:.1f}", **(tags or {})}, status)
         best = None
         if history:
             values = [h[self.cfg.study.metric] for h in history]
@@ -356,10 +367,10 @@ def _resolved_params(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
     if isinstance(err, Interrupted):
         return "interrupted (SIGTERM)"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
     if isinstance(err, NonFiniteLossError):
         return f"non-finite loss: {err}"
     if isinstance(err, torch.OutOfMemoryError):
@@ -403,7 +414,7 @@ def run_study(cfg: StudyConfig, *, storage: str | None = None, tracking: str | N
     tracker.log_text(parent, prep.splits.to_json(), "splits.json")
     tracker.set_tags(parent, {"sweep.load_report": prep.load_report.describe(),
                               "sweep.preprocess": json.dumps(prep.preprocess.to_dict())})
-    optuna.storages.fail_stale_trials(study)
+    recover(study, cfg.study.max_retries)
     _close_stale_runs(study, tracker)
     objective = Objective(cfg, prep, tracker, reporter)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -442,11 +453,59 @@ def _loop(study: optuna.Study, objective: Objective, cfg: StudyConfig, reporter:
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
 
 
+RETRIED_ATTR = "retried_trials"
+
+
+def recover(study: optuna.Study, max_retries: int) -> list[int]:
+    """Fail trials whose process died and re-queue the parameters of died or interrupted trials.
+
+    A RUNNING trial is dead when its heartbeat is older than the grace period (any machine) or
+    when it was started on this host by a process that no longer exists (no need to wait for the
+    grace period after a `kill -9`). Trials that were FAIL because of Ctrl-C/SIGTERM or a dead
+    process are re-queued once each, up to `max_retries` deep, via `RetryFailedTrialCallback`.
+
+    Returns:
+        Numbers of the trials whose parameters were re-queued.
+    """
+    optuna.storages.fail_stale_trials(study)
+    storage, host = study._storage, socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") == host and pid and not _alive(pid):
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    done = set(study.user_attrs.get(RETRIED_ATTR, []))
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retries)
+    queued = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        died = not t.user_attrs.get("fail_reason") or t.user_attrs.get("interrupted")
+        if died and t.number not in done and not _already_retried(study, t.number):
+            retry(study, t)
+            queued.append(t.number)
+    if queued:
+        study.set_user_attr(RETRIED_ATTR, sorted(done | set(queued)))
+    return queued
+
+
+def _already_retried(study: optuna.Study, number: int) -> bool:
+    """True when some trial's retry history names `number` (e.g. queued by the heartbeat check)."""
+    return any(number in t.system_attrs.get("retry_history", []) for t in study.get_trials(deepcopy=False))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _close_stale_runs(study: optuna.Study, tracker: Tracker) -> None:
     """Trials failed by the heartbeat check (a killed process) still have RUNNING MLflow runs."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and "fail_reason" not in t.user_attrs:
+        if run_id and not t.user_attrs.get("fail_reason"):
             tracker.close_stale(run_id, "stale: the process running this trial stopped (heartbeat lost)")
 
 
