@@ -201,6 +201,7 @@ def open_study(cfg: StudyConfig, storage: str, accept_changes: bool = False) -> 
         TrackingError: the storage cannot be opened.
     """
     grace = cfg.study.grace_period or 2 * cfg.study.heartbeat_interval
+    _check_local_paths(storage)
     try:
         rdb = optuna.storages.RDBStorage(
             storage, heartbeat_interval=cfg.study.heartbeat_interval, grace_period=grace,
@@ -404,6 +405,8 @@ def run_study(cfg: StudyConfig, *, storage: str | None = None, tracking: str | N
     storage = storage_url(cfg, storage)
     tracking = tracking_uri(cfg, tracking)
     _check_local_paths(storage, tracking)
+    if tracking.startswith("sqlite:///"):
+        check_writable(home() / "artifacts")
     study = open_study(cfg, storage, accept_changes)
     prep = prepare(cfg, reporter.preflight)
     tracker = Tracker(tracking, cfg.experiment_name, home() / "artifacts", warn=reporter.message)
@@ -509,13 +512,11 @@ def _close_stale_runs(study: optuna.Study, tracker: Tracker) -> None:
             tracker.close_stale(run_id, "stale: the process running this trial stopped (heartbeat lost)")
 
 
-def _check_local_paths(storage: str, tracking: str) -> None:
-    for uri in (storage, tracking):
+def _check_local_paths(*uris: str) -> None:
+    """Fail early, naming the folder, when an embedded store cannot be written."""
+    for uri in uris:
         if uri.startswith("sqlite:///"):
             check_writable(Path(uri.removeprefix("sqlite:///")).parent)
-    if not (storage.startswith("sqlite") and tracking.startswith("sqlite")):
-        return
-    check_writable(home() / "artifacts")
 
 
 def load_existing(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
