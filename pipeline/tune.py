@@ -419,6 +419,9 @@ def run_study(cfg: StudyConfig, *, storage: str | None = None, tracking: str | N
                               "sweep.preprocess": json.dumps(prep.preprocess.to_dict())})
     recover(study, cfg.study.max_retries)
     _close_stale_runs(study, tracker)
+    synced = sync_runs(study, tracker)
+    if synced:
+        reporter.message(f"MLflow: created the missing runs of trial(s) {', '.join(map(str, synced))} from Optuna's record")
     objective = Objective(cfg, prep, tracker, reporter)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     status = "FAILED"
@@ -502,6 +505,40 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def sync_runs(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Create the nested runs of finished trials that never reached MLflow (store was down).
+
+    Runs are rebuilt from Optuna's record (params, per-epoch history, state, fail reason) and
+    tagged `sweep.synced=true`. Trials that already have a run under the parent are left alone,
+    so calling this again is harmless.
+
+    Returns:
+        Numbers of the trials whose runs were created.
+    """
+    from pipeline.train import EpochResult
+    from pipeline.track import TRIAL_TAG
+
+    found = tracker._safe(tracker.client.search_runs, [tracker.experiment_id],
+                          filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'", probe=True)
+    if found is None:
+        return []
+    logged = {r.data.tags.get(TRIAL_TAG) for r in found}
+    created = []
+    for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+        if str(t.number) in logged:
+            continue
+        run_id = tracker.start_trial(study.study_name, t.number, t.params)
+        for h in t.user_attrs.get("history") or []:
+            tracker.log_metrics(run_id, EpochResult(**h).metrics(), step=h["epoch"])
+        tags = {"sweep.synced": "true"}
+        if t.user_attrs.get("fail_reason"):
+            tags[REASON_TAG] = t.user_attrs["fail_reason"]
+        tracker.end_trial(run_id, t.state.name, tags)
+        if run_id:
+            created.append(t.number)
+    return created
 
 
 def _close_stale_runs(study: optuna.Study, tracker: Tracker) -> None:

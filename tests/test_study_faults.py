@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 from pipeline import tune
 from pipeline.config import load_study
 from pipeline.errors import StudyStateError, TrackingError
-from pipeline.tune import Reporter, open_study, run_study, storage_url
+from pipeline.track import Tracker
+from pipeline.tune import Reporter, open_study, run_study, storage_url, sync_runs
 
 from conftest import study_dict, write_study
 
@@ -199,11 +200,21 @@ def test_tracking_server_down_mid_study_keeps_results_in_optuna(sweep_home, tmp_
     assert not outcome.tracking_ok
     assert len(reporter.messages) == 1 and reporter.messages[0].startswith(f"MLflow store {uri} failed (")
     assert reporter.messages[0].endswith("run `sweep report` once the store is back")
-    # Back up: trial 0 was fully logged before the outage; the store is usable again.
+    # Back up: trial 0 was logged before the outage; the missing runs are rebuilt from Optuna.
     server["proc"] = _start_server(tmp_path, port)
     try:
+        assert sorted(_nested_runs(cfg)) == [0]
+        tracker = Tracker(uri, cfg.experiment_name)
+        tracker.open_parent("tiny", outcome.parent_run_id, {})
+        assert sync_runs(outcome.study, tracker) == [1, 2]
+        assert sync_runs(outcome.study, tracker) == [], "a second sync creates nothing"
         runs = _nested_runs(cfg)
-        assert runs[0].info.status == "FINISHED"
-        assert len(MlflowClient(uri).get_metric_history(runs[0].info.run_id, "val_accuracy")) == 2
+        assert sorted(runs) == [0, 1, 2]
+        for number, run in runs.items():
+            assert run.info.status == "FINISHED"
+            history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_accuracy")
+            expected = outcome.study.trials[number].user_attrs["history"]
+            assert [m.value for m in history] == pytest.approx([h["val_accuracy"] for h in expected])
+        assert runs[1].data.tags["sweep.synced"] == "true"
     finally:
         _stop_server(server["proc"])
