@@ -10,12 +10,16 @@ current working directory, the way `make run` and the CLI are used from the proj
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
 
@@ -42,6 +46,23 @@ TUNABLE: dict[str, tuple[str, str]] = {
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _fail(at: str, message: str) -> PydanticCustomError:
+    """A validation error placed at the dotted sub-path `at` below the model being validated
+    (pydantic puts model-level errors on the model itself; `_describe` appends `at`)."""
+    return PydanticCustomError("sweep", "{message}", {"message": message, "at": at})
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write both)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 class SamplerConfig(_Frozen):
@@ -73,10 +94,8 @@ class StudySection(_Frozen):
     @model_validator(mode="after")
     def _direction_fits_metric(self) -> "StudySection":
         if METRICS[self.metric] != self.direction:
-            raise ValueError(
-                f"direction '{self.direction}' does not fit metric '{self.metric}' "
-                f"(use direction: {METRICS[self.metric]})"
-            )
+            raise _fail("direction", f"'{self.direction}' does not fit metric '{self.metric}' "
+                                     f"(use direction: {METRICS[self.metric]})")
         return self
 
 
@@ -150,7 +169,7 @@ class FloatParam(_Frozen):
     def _range(self) -> "FloatParam":
         _check_range(self.low, self.high, self.log)
         if self.log and self.step is not None:
-            raise ValueError("step cannot be combined with log: true")
+            raise _fail("step", "step cannot be combined with log: true")
         return self
 
 
@@ -177,11 +196,19 @@ Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discrimin
 
 def _check_range(low: float, high: float, log: bool) -> None:
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"low and high must be finite numbers (got low={low}, high={high})")
+        raise _fail("", f"low and high must be finite numbers (got low={low}, high={high})")
     if low > high:
-        raise ValueError(f"low ({low}) is greater than high ({high})")
+        raise _fail("low", f"{low} is greater than high ({high}); swap them")
     if log and low <= 0:
-        raise ValueError(f"a log range must be > 0, but low is {low}; raise low or set log: false")
+        raise _fail("low", f"a log range must be > 0, but low is {low}; raise low or set log: false")
+
+
+def _reachable_high(p: "FloatParam | IntParam") -> float:
+    """The largest value the sampler can return (Optuna rounds `high` down onto the step grid)."""
+    if p.step is None or p.log:
+        return p.high
+    n = math.floor((p.high - p.low) / p.step + 1e-9)
+    return type(p.high)(p.low + n * p.step) if isinstance(p, IntParam) else round(p.low + n * p.step, 12)
 
 
 class TrackingSection(_Frozen):
@@ -207,13 +234,28 @@ class StudyConfig(_Frozen):
     tracking: TrackingSection = TrackingSection()
     registry: RegistrySection = RegistrySection()
 
-    @field_validator("search_space")
+    _source: str = PrivateAttr(default="<study>")  # the study file, named in with_params errors
+
+    def __eq__(self, other: object) -> bool:
+        # The same settings are the same study, whichever file they were read from.
+        if not isinstance(other, StudyConfig):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    @field_validator("search_space", mode="before")
     @classmethod
-    def _tunable_names(cls, space: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(space) - set(TUNABLE))
+    def _tunable_names(cls, space: Any) -> Any:
+        # Checked before the entries themselves: an unknown name is the problem to report.
+        if not isinstance(space, dict):
+            return space  # pydantic reports the type error
+        unknown = [str(n) for n in space if n not in TUNABLE]
         if unknown:
-            raise ValueError(
-                f"unknown parameter '{unknown[0]}' (allowed: {', '.join(sorted(TUNABLE))})"
+            close = difflib.get_close_matches(unknown[0], TUNABLE, n=1)
+            hint = f"; did you mean {close[0]}?" if close and len(unknown) == 1 else ""
+            raise _fail(
+                unknown[0] if len(unknown) == 1 else "",
+                f"unknown search-space parameter{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(repr(n) for n in unknown)} (tunable: {', '.join(sorted(TUNABLE))}){hint}",
             )
         return space
 
@@ -222,9 +264,39 @@ class StudyConfig(_Frozen):
         if self.study.sampler.type == "grid":
             for name, p in self.search_space.items():
                 if isinstance(p, FloatParam) and p.step is None:
-                    raise ValueError(
-                        f"search_space.{name}: the grid sampler needs 'step' on float parameters"
+                    raise _fail(
+                        f"search_space.{name}.step",
+                        "the grid sampler (study.sampler.type: grid) needs a step on float "
+                        "parameters; add step or use another sampler",
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _space_fits_fields(self) -> "StudyConfig":
+        """Every value the sampler can draw must be valid where it lands, so a bad range fails
+        here, before the study, and not in every trial (e.g. momentum high 1.5, float freeze_depth)."""
+        for name, p in self.search_space.items():
+            section, key = TUNABLE[name]
+            node: Any = self
+            for part in section.split("."):
+                node = getattr(node, part)
+            target = f"{section}.{key}"
+            annotation = type(node).model_fields[key].annotation
+            if isinstance(p, FloatParam) and annotation is int:
+                raise _fail(f"search_space.{name}.type",
+                            f"{target} takes whole numbers; use type: int")
+            if isinstance(p, CategoricalParam):
+                values = [("choices", v) for v in p.choices]
+            else:
+                values = [("low", p.low), ("high", _reachable_high(p))]
+            for at, value in values:
+                try:
+                    type(node).model_validate({**node.model_dump(), key: value})
+                except ValidationError as err:
+                    why = next((e["msg"] for e in err.errors() if e["loc"][:1] == (key,)),
+                               err.errors()[0]["msg"])
+                    raise _fail(f"search_space.{name}.{at}",
+                                f"{value!r} is not a valid {target}: {why}") from None
         return self
 
     @property
@@ -244,7 +316,10 @@ class StudyConfig(_Frozen):
             for part in section.split("."):
                 node = node[part]
             node[key] = value
-        return _validate(tree, source="<trial parameters>")
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        cfg = _validate(tree, source=f"{self._source} (trial parameters {shown})")
+        cfg._source = self._source
+        return cfg
 
     def to_yaml(self) -> str:
         """The resolved study (defaults filled in), as stored with every parent run."""
@@ -266,11 +341,9 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not path.is_file():
         raise ConfigError(f"{path}: study file not found (give the path to a .yaml study file)")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+        raise ConfigError(f"{path}: YAML syntax error at {_where(err)}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read as YAML: {err}") from None
     if not isinstance(tree, dict):
@@ -280,12 +353,25 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return _validate(tree, source=str(path))
 
 
+def _where(err: yaml.MarkedYAMLError) -> str:
+    """'line L, column C: problem' plus where the unfinished construct started, 1-based."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    text = f"{at(err.problem_mark)}: {err.problem}" if err.problem_mark else f"unknown position: {err.problem}"
+    if err.context and err.context_mark and err.context_mark.line != getattr(err.problem_mark, "line", None):
+        text += f" ({err.context} at {at(err.context_mark)})"
+    return text
+
+
 def _apply_override(tree: dict, item: str, path: Path) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
+        raise ConfigError(
+            f"{path}: --set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3"
+        )
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
@@ -300,7 +386,9 @@ def _apply_override(tree: dict, item: str, path: Path) -> None:
 
 def _validate(tree: dict, source: str) -> StudyConfig:
     try:
-        return StudyConfig.model_validate(tree)
+        cfg = StudyConfig.model_validate(tree)
+        cfg._source = source
+        return cfg
     except ValidationError as err:
         lines = [_describe(e) for e in err.errors()]
         head = f"{source}: {len(lines)} problem(s) in the study file:" if len(lines) > 1 else f"{source}:"
@@ -309,22 +397,32 @@ def _validate(tree: dict, source: str) -> StudyConfig:
 
 
 def _describe(error: dict) -> str:
-    loc = [str(p) for p in error["loc"] if p not in ("float", "int", "categorical")]
+    raw_loc = list(error["loc"])
+    # Drop the union tag pydantic inserts: search_space.lr.float.low -> search_space.lr.low.
+    loc = [str(p) for i, p in enumerate(raw_loc)
+           if not (i == 2 and raw_loc[0] == "search_space" and p in ("float", "int", "categorical"))]
+    if error["type"] == "sweep" and error["ctx"]["at"]:
+        loc += error["ctx"]["at"].split(".")
     key = ".".join(loc) or "<top level>"
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
+        allowed = _allowed_keys(tuple(raw_loc[:-1]))
+        close = difflib.get_close_matches(str(raw_loc[-1]), allowed, n=1)
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        hint += f"; did you mean {close[0]}?" if close else ""
         return f"{key}: unknown key{hint}"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "expected a mapping (key: value lines)"
     if error["type"] == "union_tag_invalid":
         msg = "type must be one of float, int, categorical"
     if error["type"] == "union_tag_not_found":
         msg = "missing 'type' (one of float, int, categorical)"
-    if "input" in error and error["type"] not in ("model_type", "dict_type") and not isinstance(
-        error["input"], dict
-    ):
+    value = error.get("input")
+    # Our own messages quote the bad string already ("unknown arch 'resnet19'"): no second copy.
+    if "input" in error and not isinstance(value, dict) and not (
+            isinstance(value, str) and repr(value) in msg):
         msg += f" (got {error['input']!r})"
     return f"{key}: {msg}"
 

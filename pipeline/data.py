@@ -177,7 +177,7 @@ def without(splits: Splits, bad: list[str]) -> Splits:
         return [s for s in samples if s[0] not in drop]
 
     return Splits(splits.root, splits.class_to_idx, keep(splits.train), keep(splits.val),
-                  keep(splits.test), splits.test_source, sorted(drop))
+                  keep(splits.test), splits.test_source, sorted(drop | set(splits.skipped)))
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -193,7 +193,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v * (1 / 256)).convert("L")
+            # 32-bit 'I' first: point() has no 16-bit big-endian ('I;16B', 16-bit TIFF) path.
+            img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
         elif img.mode == "F":
             img = img.convert("L")
         if img.mode == "P":
@@ -218,7 +219,7 @@ def check_image(path: Path) -> str | None:
         load_rgb(path)
     except UnidentifiedImageError:
         return "not an image file"
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"cannot be decoded ({err})"
     return None
 
@@ -253,6 +254,12 @@ def scan_images(splits: Splits, policy: str = "stop", progress=None) -> Splits:
     for split in ("train", "val", "test"):
         if not getattr(result, split):
             raise DataError(f"{splits.root}: every image of the {split} split is unreadable")
+    # A class left with no train image would still get an output unit that never trains.
+    left = {y for _, y in result.train}
+    gone = [c for c, i in result.class_to_idx.items() if i not in left]
+    if gone:
+        raise DataError(f"{splits.root}: every train image of class(es) {', '.join(gone)} is "
+                        "unreadable; fix the files or remove the class")
     return result
 
 
@@ -274,7 +281,7 @@ def train_transform(pp: Preprocess, strength: float) -> T.Compose:
     """Train transforms for augmentation strength `s` in [0, 1] (one monotone map).
 
     - s = 0: exactly `eval_transform` (no augmentation).
-    - s > 0: RandomResizedCrop(crop, scale=(1 - 0.92 s, 1), ratio=(1 - s/4, 1 + s/3)),
+    - s > 0: RandomResizedCrop(crop, scale=(0.08 + 0.92 (1 - s), 1), ratio=(1 - s/4, 1 + s/3)),
       RandomHorizontalFlip(p = 0.5 s), ColorJitter(brightness = contrast = saturation = 0.4 s).
     - s = 1: scale (0.08, 1), ratio (3/4, 4/3) and p = 0.5 are the torchvision transfer-learning
       tutorial's RandomResizedCrop + flip (the seed recipe), plus timm's default jitter of 0.4.
@@ -285,7 +292,8 @@ def train_transform(pp: Preprocess, strength: float) -> T.Compose:
         return eval_transform(pp)
     s = strength
     return T.Compose([
-        T.RandomResizedCrop(pp.crop, scale=(1 - 0.92 * s, 1.0), ratio=(1 - s / 4, 1 + s / 3),
+        # 0.08 + 0.92 (1 - s), not 1 - 0.92 s: the latter is 0.07999999999999996 at s = 1.
+        T.RandomResizedCrop(pp.crop, scale=(0.08 + 0.92 * (1 - s), 1.0), ratio=(1 - s / 4, 1 + s / 3),
                             interpolation=_INTERP[pp.interpolation], antialias=True),
         T.RandomHorizontalFlip(p=0.5 * s),
         T.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s),
@@ -306,7 +314,7 @@ class ImageList(Dataset):
         rel, label = self.samples[i]
         try:
             image = load_rgb(self.root / rel)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{self.root / rel}: cannot be decoded mid-training ({err})") from None
         return self.transform(image), label
 

@@ -50,15 +50,16 @@ def check_arch(arch: str) -> None:
         if not timm.is_model(name.split(".")[0]):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown timm model '{name}' (see timm.list_models()){hint}")
+            raise ValueError(f"unknown arch '{arch}': timm has no model '{name}'{hint} "
+                             "(see timm.list_models())")
         return
     if arch not in torchvision_archs():
         close = difflib.get_close_matches(arch, torchvision_archs(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
-            f"unknown arch '{arch}': use a torchvision classification model "
-            f"(torchvision.models.list_models(), e.g. resnet18, efficientnet_b0, mobilenet_v3_large) "
-            f"or timm/NAME{hint}"
+            f"unknown arch '{arch}'{hint} (use a torchvision classification model from "
+            "torchvision.models.list_models(), e.g. resnet18, efficientnet_b0, mobilenet_v3_large, "
+            "or timm/NAME)"
         )
 
 
@@ -123,19 +124,41 @@ def resolve_weights(arch: str, weights: str) -> WeightsSpec:
             raise ModelError(f"model.weights: checkpoint file {path} not found")
         return WeightsSpec(arch, "local", weights, path.resolve())
     if arch.startswith(TIMM_PREFIX):
+        _check_timm_tag(arch, weights)
         return WeightsSpec(arch, "timm", weights)
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
-    names = ["DEFAULT", *enum.__members__]
+    # __members__ also lists the DEFAULT alias; name it once, first.
+    names = ["DEFAULT", *(n for n in enum.__members__ if n != "DEFAULT")]
     if weights not in names:
-        raise ModelError(
-            f"model.weights: '{weights}' is not a weights name of {arch} "
-            f"(allowed: {', '.join(names)}, none, or a local checkpoint path)"
-        )
+        raise ModelError(_unknown_weights(weights, arch, names))
     url = enum[weights].url if weights != "DEFAULT" else enum.DEFAULT.url
     cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     return WeightsSpec(arch, "torchvision", weights, cache)
+
+
+def _unknown_weights(weights: str, arch: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(weights, names, n=1) or [
+        n for n in names if n.lower() == weights.lower()]
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return (f"model.weights: '{weights}' is not a weights name of {arch}{hint} "
+            f"(allowed: {', '.join(names)}, none, or a local checkpoint path)")
+
+
+def _check_timm_tag(arch: str, weights: str) -> None:
+    """timm's pretrained tags come from its registry, known offline: check them before the hub."""
+    import timm
+
+    name = arch[len(TIMM_PREFIX):]
+    if weights == "DEFAULT":
+        return
+    if "." in name:
+        raise ModelError(f"model.weights: {arch} already names a pretrained tag; "
+                         f"use weights: DEFAULT (or drop the tag from model.arch)")
+    tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{name}.*")]
+    if weights not in tags:
+        raise ModelError(_unknown_weights(weights, arch, ["DEFAULT", *tags]))
 
 
 def _torchvision_enum(spec: WeightsSpec):
@@ -158,8 +181,10 @@ def _offline_message(spec: WeightsSpec, err: Exception, cache: str) -> ModelErro
 def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise ModelError(f"model.weights: {path} is not a readable PyTorch checkpoint ({err})") from None
+    except Exception as err:  # torch raises many types for a bad file; its texts run long
+        first = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else ""
+        raise ModelError(f"model.weights: {path} is not a readable PyTorch checkpoint "
+                         f"({type(err).__name__}: {first})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -184,19 +209,44 @@ def pretrained_state(spec: WeightsSpec) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _fit_state(model: nn.Module, state: dict[str, torch.Tensor], spec: WeightsSpec) -> LoadReport:
+def head_names(model: nn.Module, num_classes: int) -> set[str]:
+    """State-dict names of the classification head: timm's `get_classifier()`, else the last
+    Linear (or 1x1 Conv2d, SqueezeNet) with `num_classes` outputs."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        found = [n for n, m in model.named_modules() if m is head]
+    else:
+        found = [n for n, m in model.named_modules()
+                 if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+                 or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)][-1:]
+    return {f"{n}.{k}" for n in found for k, _ in model.get_submodule(n).named_parameters()}
+
+
+def _fit_state(model: nn.Module, state: dict[str, torch.Tensor], spec: WeightsSpec,
+               num_classes: int) -> LoadReport:
     own = model.state_dict()
-    dropped = {k: tuple(v.shape) for k, v in state.items() if k in own and own[k].shape != v.shape}
+    mismatched = {k: tuple(v.shape) for k, v in state.items() if k in own and own[k].shape != v.shape}
+    head = head_names(model, num_classes)
+    wrong = [k for k in mismatched if k not in head]
+    if wrong:  # only the head may differ: a reshaped backbone tensor means another architecture
+        raise ModelError(
+            f"model.weights: {spec.origin()} does not fit {spec.arch}: {len(wrong)} tensor(s) of "
+            f"another shape outside the head (e.g. {wrong[0]}: checkpoint {mismatched[wrong[0]]}, "
+            f"model {tuple(own[wrong[0]].shape)})"
+        )
+    dropped = mismatched
     usable = {k: v for k, v in state.items() if k not in dropped}
     result = model.load_state_dict(usable, strict=False)
-    missing = tuple(k for k in result.missing_keys if k not in dropped)
+    # A headless (feature-extractor) checkpoint is fine: the head is new either way.
+    missing = tuple(k for k in result.missing_keys if k not in dropped and k not in head)
     if missing or result.unexpected_keys:
         raise ModelError(
             f"model.weights: {spec.origin()} does not fit {spec.arch}: "
             f"{len(missing)} missing tensor(s) (e.g. {', '.join(missing[:3]) or '-'}), "
             f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3]) or '-'})"
         )
-    return LoadReport(dropped=dropped, missing=tuple(k for k in own if k in dropped))
+    fresh = set(dropped) | (head & set(result.missing_keys))
+    return LoadReport(dropped=dropped, missing=tuple(k for k in own if k in fresh))
 
 
 def build_model(spec: WeightsSpec, num_classes: int,
@@ -213,38 +263,42 @@ def build_model(spec: WeightsSpec, num_classes: int,
         ModelError: weights unavailable offline or not fitting the arch.
     """
     if spec.is_timm:
-        return _build_timm(spec, num_classes)
+        return _build_timm(spec, num_classes, state)
     import torchvision
 
     model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes)
     if spec.kind == "none":
         return model, LoadReport()
     state = state if state is not None else pretrained_state(spec)
-    return model, _fit_state(model, state, spec)
+    return model, _fit_state(model, state, spec, num_classes)
 
 
-def _build_timm(spec: WeightsSpec, num_classes: int) -> tuple[nn.Module, LoadReport]:
+def _build_timm(spec: WeightsSpec, num_classes: int,
+                state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, LoadReport]:
     import timm
 
     name = spec.timm_name
     if spec.kind == "none":
         return timm.create_model(name, pretrained=False, num_classes=num_classes), LoadReport()
     if spec.kind == "local":
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                  pretrained_cfg_overlay=dict(file=str(spec.path)))
-        ckpt = _load_checkpoint(spec.path)
-        own = model.state_dict()
-        dropped = {k: tuple(v.shape) for k, v in ckpt.items() if k in own and own[k].shape != v.shape}
-        return model, LoadReport(dropped=dropped, missing=tuple(dropped))
+        # Same checked path as torchvision: timm's own file loader turns a foreign or garbage
+        # file into a bare RuntimeError and loads non-strictly when the head is replaced.
+        # (A checkpoint in timm's native layout is expected; timm's per-model filter_fn
+        # conversions are not applied.)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        state = state if state is not None else _load_checkpoint(spec.path)
+        return model, _fit_state(model, state, spec, num_classes)
     full = name if spec.value == "DEFAULT" else f"{name}.{spec.value}"
     try:
         model = timm.create_model(full, pretrained=True, num_classes=num_classes)
     except Exception as err:  # huggingface_hub raises its own connection/lookup errors
-        cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+        from huggingface_hub import constants  # the cache timm's hub download really used
+
+        cache = constants.HF_HUB_CACHE
         raise _offline_message(spec, err, cache) from None
-    head = model.get_classifier()
-    return model, LoadReport(missing=tuple(n for n, _ in head.named_parameters()))
+    if model.pretrained_cfg.get("num_classes") == num_classes:
+        return model, LoadReport()  # timm kept the pretrained head
+    return model, LoadReport(missing=tuple(sorted(head_names(model, num_classes))))
 
 
 def weights_preprocess(spec: WeightsSpec, model: nn.Module | None = None) -> Preprocess:
@@ -258,7 +312,14 @@ def weights_preprocess(spec: WeightsSpec, model: nn.Module | None = None) -> Pre
     if spec.is_timm:
         import timm
 
-        cfg = model.pretrained_cfg if model is not None else timm.models.get_pretrained_cfg(spec.timm_name).to_dict()
+        if model is not None:
+            cfg = model.pretrained_cfg
+        else:
+            tag = spec.timm_name if spec.kind != "timm" or spec.value == "DEFAULT" else (
+                f"{spec.timm_name}.{spec.value}")
+            found = timm.models.get_pretrained_cfg(tag)
+            cfg = found.to_dict() if found is not None else {
+                "input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         crop = int(cfg["input_size"][-1])
         return Preprocess(int(round(crop / cfg.get("crop_pct", 0.875))), crop, tuple(cfg["mean"]),
                           tuple(cfg["std"]), cfg.get("interpolation", "bilinear"))
@@ -307,10 +368,14 @@ def stages(model: nn.Module, arch: str) -> list[tuple[str, list[nn.Module]]]:
         head = {n for n, _ in model.named_modules() if n and model.get_submodule(n) is model.get_classifier()}
         named = dict(model.named_modules())
         result = []
-        for gid, names in sorted(groups.items()):
+        for _, names in sorted(groups.items()):
             names = [n for n in names if n not in head]
             if names:
-                result.append((f"group{gid}:{names[0].split('.')[0]}", [named[n] for n in names]))
+                # Name a group by its top-level parts: "conv_stem+bn1", "blocks.0", "blocks.6+conv_head+bn2".
+                parts = dict.fromkeys(
+                    ".".join(n.split(".")[:2]) if n.split(".")[1:2] and n.split(".")[1].isdigit()
+                    else n.split(".")[0] for n in names)
+                result.append(("+".join(parts), [named[n] for n in names]))
         return result
     if arch.startswith(_RESNET_PREFIXES):
         return [("stem", [model.conv1, model.bn1])] + [

@@ -25,7 +25,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class EpochResult:
-    """One epoch: losses are mean cross-entropy per image, accuracies fractions in [0, 1]."""
+    """One epoch: accuracies are fractions in [0, 1]; `train_loss` is the training criterion
+    (with any label smoothing) and `val_loss` plain cross-entropy, both mean per image."""
 
     epoch: int  # 0-based step reported to the pruner
     train_loss: float
@@ -161,8 +162,13 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer, s
 
     "Best" is the highest val accuracy (or lowest val loss when `metric='val_loss'`); ties keep
     the earlier epoch. `on_epoch` runs after each epoch and may raise to stop early.
+
+    `criterion` is the training loss. Validation always uses plain cross-entropy, so `val_loss`
+    compares across trials whatever their label smoothing (a smoothed loss cannot go below the
+    smoothing's entropy, which would rank trials by their smoothing, not by their predictions).
     """
     criterion = criterion or nn.CrossEntropyLoss()
+    val_criterion = nn.CrossEntropyLoss()
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -175,7 +181,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer, s
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, device,
                                                 frozen, amp, channels_last, scaler)
-        val = evaluate(model, val_loader, criterion, device, amp, channels_last)
+        val = evaluate(model, val_loader, val_criterion, device, amp, channels_last)
         if scheduler is not None:
             scheduler.step()
         result = EpochResult(epoch, train_loss, train_acc, val.loss, val.accuracy, lr,

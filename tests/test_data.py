@@ -1,0 +1,435 @@
+"""Splits and class map, image decoding, the pre-flight scan, transforms and loaders, on tiny
+32 px images written by each test (plus the one palette GIF of the real data)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from pipeline import data as D
+from pipeline.errors import DataError
+
+from conftest import COLOURS, HYMENOPTERA, make_folder, write_image
+
+PP = D.Preprocess(resize=37, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+# ---- class map and folder rules -----------------------------------------------------------------
+
+def test_class_to_idx_from_train_only_and_reused(tmp_path):
+    # train has three classes, val two: indices come from train's sorted names, val reuses them.
+    root = make_folder(tmp_path, {"train": 2}, classes=("ants", "bees", "wasps"))
+    make_folder(tmp_path, {"val": 2}, classes=("bees", "wasps"))
+    with pytest.warns(UserWarning):
+        splits = D.build_splits(root, test="val")
+    assert splits.class_to_idx == {"ants": 0, "bees": 1, "wasps": 2}
+    assert splits.classes == ["ants", "bees", "wasps"]
+    assert splits.val == [("val/bees/img_0.png", 1), ("val/bees/img_1.png", 1),
+                          ("val/wasps/img_0.png", 2), ("val/wasps/img_1.png", 2)]
+    assert splits.test_source == "folder 'val'"
+
+
+def test_hidden_entries_and_plain_files_are_not_classes(tmp_path):
+    root = make_folder(tmp_path, {"train": 2, "val": 2})
+    write_image(root / "train" / ".ipynb_checkpoints" / "x.png", COLOURS["ants"])  # hidden dir
+    (root / "train" / ".DS_Store").write_bytes(b"\0\1")                           # hidden file
+    (root / "train" / "README.txt").write_text("not a class")                    # plain file
+    write_image(root / "train" / "ants" / ".hidden.png", COLOURS["ants"])        # hidden image
+    write_image(root / "train" / "ants" / ".cache" / "y.png", COLOURS["ants"])   # hidden subdir
+    (root / "train" / "ants" / "notes.txt").write_text("not an image")
+    write_image(root / "train" / "ants" / "more" / "deep.PNG", COLOURS["ants"])  # nested, upper-case
+    splits = D.build_splits(root, test="val")
+    assert splits.class_to_idx == {"ants": 0, "bees": 1}
+    assert splits.train == [("train/ants/img_0.png", 0), ("train/ants/img_1.png", 0),
+                            ("train/ants/more/deep.PNG", 0),
+                            ("train/bees/img_0.png", 1), ("train/bees/img_1.png", 1)]
+
+
+def test_val_class_missing_from_train_is_named(tmp_path):
+    root = make_folder(tmp_path, {"train": 2, "val": 2})
+    write_image(root / "val" / "wasps" / "a.png", COLOURS["wasps"])
+    with pytest.raises(DataError) as info:
+        D.build_splits(root)
+    assert str(info.value) == (
+        f"{root / 'val'}: class folder(s) wasps not in train (train classes: ants, bees); "
+        "add them to train or remove them")
+
+
+def test_class_missing_from_val_warns(tmp_path):
+    root = make_folder(tmp_path, {"train": 2}, classes=("ants", "bees", "wasps"))
+    make_folder(tmp_path, {"val": 4}, classes=("ants", "bees"))
+    with pytest.warns(UserWarning) as record:
+        splits = D.build_splits(root)
+    assert [str(w.message) for w in record] == [f"{root / 'val'}: no folder for class(es) wasps"]
+    assert len(splits.val) + len(splits.test) == 8
+
+
+def test_empty_class_folders_are_named(tmp_path):
+    root = make_folder(tmp_path, {"train": 2, "val": 2}, classes=("ants",))
+    (root / "train" / "bees").mkdir()
+    (root / "train" / "wasps").mkdir()
+    (root / "train" / "wasps" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError) as info:
+        D.build_splits(root)
+    assert str(info.value) == (
+        f"{root / 'train'}: empty class folder(s) bees, wasps (no files with extensions "
+        f"{', '.join(D.IMAGE_EXTENSIONS)}); add images or remove the folders")
+
+
+def test_missing_split_folder(tmp_path):
+    root = make_folder(tmp_path, {"train": 2})
+    with pytest.raises(DataError) as info:
+        D.build_splits(root)
+    assert str(info.value) == (
+        f"{root / 'val'}: split folder not found (expected {root}/val/<class>/<image>)")
+
+
+def test_missing_test_folder_when_named(tmp_path):
+    root = make_folder(tmp_path, {"train": 2, "val": 2})
+    with pytest.raises(DataError, match=r"/test: split folder not found"):
+        D.build_splits(root, test="test")
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(DataError) as info:
+        D.build_splits(tmp_path / "nowhere")
+    assert str(info.value) == f"{tmp_path / 'nowhere'}: data root not found (set data.root, or run `make data`)"
+
+
+def test_split_without_class_folders(tmp_path):
+    root = make_folder(tmp_path, {"train": 2})
+    (root / "val").mkdir()
+    write_image(root / "val" / "loose.png", COLOURS["ants"])  # an image, but not in a class folder
+    with pytest.raises(DataError) as info:
+        D.build_splits(root)
+    assert str(info.value) == f"{root / 'val'}: no class folders (expected {root / 'val'}/<class>/<image>)"
+
+
+# ---- the carved test split ----------------------------------------------------------------------
+
+@pytest.fixture
+def uneven(tmp_path) -> Path:
+    """val: 8 ants, 4 bees, so stratification is visible in the counts."""
+    root = make_folder(tmp_path, {"train": 2})
+    make_folder(tmp_path, {"val": 8}, classes=("ants",))
+    make_folder(tmp_path, {"val": 4}, classes=("bees",))
+    return root
+
+
+def test_carved_test_split_is_stratified_with_the_right_fraction(uneven):
+    splits = D.build_splits(uneven, test_fraction=0.25, seed=0)
+    assert Counter(y for _, y in splits.test) == {0: 2, 1: 1}  # 12 * 0.25 = 3, in the 2:1 ratio
+    assert Counter(y for _, y in splits.val) == {0: 6, 1: 3}
+    assert splits.test_source == "carved from 'val' (test_fraction=0.25, seed=0, stratified)"
+
+
+def test_carved_split_is_disjoint_from_val_and_covers_it(uneven):
+    whole = D.build_splits(uneven, test="val").val  # val listed as a folder: every file
+    splits = D.build_splits(uneven, test_fraction=0.5, seed=0)
+    assert not set(splits.val) & set(splits.test)
+    assert sorted(splits.val + splits.test) == whole
+    assert len(splits.test) == 6
+
+
+def test_carved_split_is_seeded(uneven):
+    first = D.build_splits(uneven, test_fraction=0.5, seed=0)
+    again = D.build_splits(uneven, test_fraction=0.5, seed=0)
+    other = D.build_splits(uneven, test_fraction=0.5, seed=1)
+    assert (first.val, first.test) == (again.val, again.test)
+    assert first.test != other.test
+    assert Counter(y for _, y in other.test) == Counter(y for _, y in first.test)
+
+
+def test_too_few_val_images_to_carve(tmp_path):
+    root = make_folder(tmp_path, {"train": 2, "val": 2})
+    with pytest.raises(DataError) as info:
+        D.build_splits(root, test_fraction=0.1)
+    assert str(info.value) == (
+        f"{root / 'val'}: cannot carve a stratified test split with test_fraction=0.1: The test_size "
+        "= 1 should be greater or equal to the number of classes = 2. Add val images, add a test "
+        "folder (data.test), or change data.test_fraction")
+
+
+def test_to_json_round_trips_the_lists(uneven):
+    splits = D.build_splits(uneven, test_fraction=0.25, seed=3)
+    record = json.loads(splits.to_json())
+    assert record["root"] == str(uneven)
+    assert record["class_to_idx"] == {"ants": 0, "bees": 1}
+    assert record["counts"] == {"train": 4, "val": 9, "test": 3}
+    for split in ("train", "val", "test"):
+        assert [tuple(s) for s in record[split]] == getattr(splits, split)
+    assert record["test_source"] == splits.test_source and record["skipped"] == []
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+
+def _rgb(path: Path) -> np.ndarray:
+    image = D.load_rgb(path)
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+def test_load_rgb_grayscale(tmp_path):
+    Image.new("L", (4, 3), 77).save(tmp_path / "g.png")
+    pixels = _rgb(tmp_path / "g.png")
+    assert pixels.shape == (3, 4, 3) and (pixels == 77).all()
+
+
+def test_load_rgb_palette_without_transparency(tmp_path):
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    image.save(tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    assert (_rgb(tmp_path / "p.png") == (0, 255, 0)).all()
+
+
+@pytest.mark.parametrize("ext", [".png", ".gif"])
+def test_load_rgb_palette_with_transparency_on_white(tmp_path, ext):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    image.putpixel((0, 0), 1)
+    image.info["transparency"] = 0  # index 0 (red) is transparent
+    image.save(tmp_path / f"p{ext}")
+    pixels = _rgb(tmp_path / f"p{ext}")
+    assert tuple(pixels[0, 0]) == (0, 255, 0)
+    assert tuple(pixels[1, 1]) == (255, 255, 255)
+
+
+def test_load_rgb_rgba_composited_on_white(tmp_path):
+    Image.new("RGBA", (2, 2), (255, 0, 0, 128)).save(tmp_path / "a.png")
+    # 0 * 128/255 + 255 * 127/255 = 127 for green and blue
+    assert tuple(_rgb(tmp_path / "a.png")[0, 0]) == (255, 127, 127)
+
+
+def test_load_rgb_cmyk(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    assert Image.open(tmp_path / "c.jpg").mode == "CMYK"
+    assert tuple(_rgb(tmp_path / "c.jpg")[4, 4]) == (255, 0, 0)
+
+
+def test_load_rgb_16_bit_png_is_scaled_not_clipped(tmp_path):
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    pixels = _rgb(tmp_path / "deep.png")
+    assert (pixels[..., 0] == values >> 8).all() and (pixels[..., 2] == values >> 8).all()
+
+
+def test_load_rgb_16_bit_big_endian_tiff(tmp_path):
+    # 16-bit TIFFs open as 'I;16B', which PIL's point() cannot map directly.
+    values = (np.arange(64).reshape(8, 8) * 1000).astype(">u2")
+    Image.frombytes("I;16B", (8, 8), values.tobytes()).save(tmp_path / "deep.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == "I;16B"
+    assert (_rgb(tmp_path / "deep.tif")[..., 1] == values.astype(int) >> 8).all()
+    assert D.check_image(tmp_path / "deep.tif") is None
+
+
+def test_load_rgb_applies_exif_rotation(tmp_path):
+    # 40x20 stored: left half red, right half blue; orientation 6 = rotate 90 degrees clockwise.
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    rotated = D.load_rgb(tmp_path / "r.jpg")
+    assert rotated.size == (20, 40)
+    pixels = np.asarray(rotated).astype(int)
+    assert np.abs(pixels[5, 10] - (255, 0, 0)).max() < 30   # red now on top
+    assert np.abs(pixels[35, 10] - (0, 0, 255)).max() < 30  # blue below
+
+
+def test_real_palette_gif_passes_check_image():
+    gif = HYMENOPTERA / "train" / "ants" / "imageNotFound.gif"
+    assert Image.open(gif).mode == "P"
+    assert D.check_image(gif) is None
+    assert D.load_rgb(gif).size == (300, 300)
+
+
+# ---- the pre-flight scan ------------------------------------------------------------------------
+
+@pytest.fixture
+def with_bad_files(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A folder with one bad file of each kind, in train and test; returns (root, path -> reason)
+    in scan order (train, val, test)."""
+    root = make_folder(tmp_path, {"train": 3, "val": 2, "test": 2})
+    good = (root / "train" / "ants" / "img_0.png").read_bytes()
+    (root / "train" / "ants" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "train" / "bees" / "empty.png").write_bytes(b"")
+    (root / "test" / "ants" / "text.jpg").write_text("this is not an image")
+    write_image(root / "test" / "bees" / "jpeg.png", COLOURS["bees"], fmt="JPEG")
+    return root, {
+        "train/ants/truncated.png": "cannot be decoded (image file is truncated)",
+        "train/bees/empty.png": "empty file",
+        "test/ants/text.jpg": "not an image file",
+        "test/bees/jpeg.png": "is a JPEG image but has the extension .png",
+    }
+
+
+def test_check_image_reasons(with_bad_files):
+    root, bad = with_bad_files
+    for rel, reason in bad.items():
+        assert D.check_image(root / rel) == reason, rel
+    assert D.check_image(root / "train" / "ants" / "img_0.png") is None
+
+
+def test_check_image_truncated_jpeg(tmp_path):
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    (tmp_path / "t.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    assert D.check_image(tmp_path / "t.jpg").startswith("cannot be decoded (image file is truncated")
+
+
+def test_check_image_decompression_bomb_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    write_image(tmp_path / "big.png", COLOURS["ants"])  # 1024 px > 2 * 100: PIL refuses it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert D.check_image(tmp_path / "big.png").startswith("cannot be decoded (Image size (1024 pixels)")
+
+
+def test_scan_images_stop_lists_every_bad_file_in_one_message(with_bad_files):
+    root, bad = with_bad_files
+    splits = D.build_splits(root, test="test")
+    seen = []
+    with pytest.raises(DataError) as info:
+        D.scan_images(splits, "stop", progress=lambda done, total: seen.append((done, total)))
+    listing = "\n  ".join(f"{root / rel}: {why}" for rel, why in bad.items())
+    assert str(info.value) == (
+        f"4 unreadable image(s) under {root}:\n  {listing}\n"
+        "Fix or remove them, or set data.bad_images: skip to train without them")
+    total = len(splits.train) + len(splits.val) + len(splits.test)
+    assert seen == [(i, total) for i in range(1, total + 1)]
+
+
+def test_scan_images_skip_drops_and_records(with_bad_files):
+    root, bad = with_bad_files
+    splits = D.build_splits(root, test="test")
+    kept = D.scan_images(splits, "skip")
+    assert kept.skipped == sorted(bad)
+    for split in ("train", "val", "test"):
+        expected = [s for s in getattr(splits, split) if s[0] not in bad]
+        assert getattr(kept, split) == expected
+    assert (len(kept.train), len(kept.val), len(kept.test)) == (6, 4, 4)
+    assert json.loads(kept.to_json())["skipped"] == sorted(bad)
+
+
+def test_scan_images_clean_data_is_unchanged(image_root):
+    splits = D.build_splits(image_root)
+    assert D.scan_images(splits, "stop") is splits
+
+
+def test_scan_images_skip_refuses_a_class_left_without_train_images(tmp_path):
+    root = make_folder(tmp_path, {"train": 1, "val": 2})
+    (root / "train" / "bees" / "img_0.png").write_bytes(b"")
+    splits = D.build_splits(root, test="val")
+    with pytest.raises(DataError) as info:
+        D.scan_images(splits, "skip")
+    assert str(info.value) == (
+        f"{root}: every train image of class(es) bees is unreadable; fix the files or remove the class")
+
+
+# ---- transforms ---------------------------------------------------------------------------------
+
+def _photo(size=(48, 40), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_eval_transform_output():
+    out = D.eval_transform(PP)(_photo())
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    # resize short side 40 -> 37 (48 -> 44), centre crop 32, normalise with mean 0.5 std 0.25
+    resized = _photo().resize((44, 37), Image.Resampling.BILINEAR)  # PIL resizes PIL images
+    expected = T.functional.to_dtype(T.functional.to_image(
+        T.functional.center_crop(resized, 32)), torch.float32, scale=True)
+    assert torch.allclose(out, (expected - 0.5) / 0.25)
+
+
+def test_train_transform_at_zero_is_exactly_eval():
+    image = _photo(seed=1)
+    torch.manual_seed(0)
+    assert torch.equal(D.train_transform(PP, 0)(image), D.eval_transform(PP)(image))
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])
+def test_train_transform_output_shape(strength):
+    torch.manual_seed(0)
+    out = D.train_transform(PP, strength)(_photo(size=(64, 30)))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def _parts(strength):
+    parts = {type(t).__name__: t for t in D.train_transform(PP, strength).transforms}
+    return parts["RandomResizedCrop"], parts["RandomHorizontalFlip"], parts["ColorJitter"]
+
+
+def test_train_transform_at_one_is_the_seed_recipe():
+    crop, flip, jitter = _parts(1.0)
+    assert crop.scale == (0.08, 1.0)
+    assert crop.ratio == (3 / 4, 4 / 3)
+    assert crop.size == (32, 32)
+    assert flip.p == 0.5
+    assert jitter.brightness == (0.6, 1.4)
+
+
+def test_augmentation_map_is_monotone():
+    strengths = [0.1, 0.25, 0.5, 0.75, 1.0]
+    crops, flips, jitters = zip(*(_parts(s) for s in strengths))
+    lows = [c.scale[0] for c in crops]
+    assert lows == sorted(lows, reverse=True) and len(set(lows)) == len(lows)
+    assert [c.ratio[0] for c in crops] == sorted((c.ratio[0] for c in crops), reverse=True)
+    assert [c.ratio[1] for c in crops] == sorted(c.ratio[1] for c in crops)
+    assert [f.p for f in flips] == sorted(f.p for f in flips)
+    assert [j.brightness[1] for j in jitters] == sorted(j.brightness[1] for j in jitters)
+    assert lows[0] == pytest.approx(1 - 0.92 * 0.1)
+
+
+def test_train_transform_rejects_strength_out_of_range():
+    with pytest.raises(ValueError, match=r"^aug_strength must be in \[0, 1\], got 1.5$"):
+        D.train_transform(PP, 1.5)
+
+
+def test_preprocess_to_dict():
+    assert PP.to_dict() == {"resize": 37, "crop": 32, "mean": [0.5, 0.5, 0.5],
+                            "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+
+
+# ---- loaders ------------------------------------------------------------------------------------
+
+def test_make_loader_batches(image_root):
+    splits = D.build_splits(image_root, test="val")
+    loader = D.make_loader(image_root, splits.train, D.eval_transform(PP), batch_size=5,
+                           num_workers=0, shuffle=False)
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [5, 5, 5, 1]
+    images, labels = batches[0]
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.tolist() == [0, 0, 0, 0, 0]
+    assert torch.cat([y for _, y in batches]).tolist() == [0] * 8 + [1] * 8
+
+
+def test_make_loader_shuffle_is_seeded(image_root):
+    splits = D.build_splits(image_root, test="val")
+
+    def order(seed):
+        loader = D.make_loader(image_root, splits.train, D.eval_transform(PP), 16, 0, True, seed)
+        images, labels = next(iter(loader))
+        return labels.tolist(), images
+
+    (a, xa), (b, xb), (c, _) = order(0), order(0), order(1)
+    assert a == b and torch.equal(xa, xb)
+    assert a != c and sorted(a) == sorted(c) == [0] * 8 + [1] * 8
+
+
+def test_image_list_reports_a_file_broken_after_the_scan(image_root):
+    (image_root / "train" / "ants" / "img_0.png").write_bytes(b"gone bad")
+    data = D.ImageList(image_root, [("train/ants/img_0.png", 0)], D.eval_transform(PP))
+    with pytest.raises(DataError, match=r"img_0.png: cannot be decoded mid-training \("):
+        data[0]
