@@ -281,12 +281,13 @@ def _build_timm(spec: WeightsSpec, num_classes: int,
     if spec.kind == "none":
         return timm.create_model(name, pretrained=False, num_classes=num_classes), LoadReport()
     if spec.kind == "local":
-        # Same checked path as torchvision: timm's own file loader turns a foreign or garbage
-        # file into a bare RuntimeError and loads non-strictly when the head is replaced.
-        # (A checkpoint in timm's native layout is expected; timm's per-model filter_fn
-        # conversions are not applied.)
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        state = state if state is not None else _load_checkpoint(spec.path)
+        state = state if state is not None else _load_checkpoint(spec.path)  # one-line error if unreadable
+        try:  # timm's own local-file loading, as timm users do it (drops the 1000-class head)
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                      pretrained_cfg_overlay=dict(file=str(spec.path)))
+        except Exception:  # timm's RuntimeError for a misfit is long; our check below names it
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        # timm loads non-strictly when the head changes: re-check strictly and report the head.
         return model, _fit_state(model, state, spec, num_classes)
     full = name if spec.value == "DEFAULT" else f"{name}.{spec.value}"
     try:
