@@ -112,25 +112,55 @@ def _print_summary(outcome) -> None:
     out.print(f"MLflow parent run {outcome.parent_run_id}")
 
 
-def _report(cfg, storage, tracking_uri) -> None:
-    try:
-        from pipeline.report import run_report
-    except ImportError:
-        return
-    result = run_report(cfg, storage=storage, tracking=tracking_uri)
-    out.print(result.summary())
+def _report(cfg, storage, tracking_uri, out_dir=None) -> None:
+    from pipeline.report import run_report
+
+    out.print(run_report(cfg, storage=storage, tracking=tracking_uri, out=out_dir).summary(), markup=False)
+
+
+@app.command()
+@handled
+def report(
+    study_file: StudyFile,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="report folder (default reports/<study>)")] = None,
+) -> None:
+    """Compare the trials, test the best COMPLETE trial once, register it and move the alias."""
+    _report(_load(study_file, set_), storage, tracking_uri, out_dir)
 
 
 @app.command()
 @handled
 def status(study_file: StudyFile, set_: SetOpt = None, storage: StorageOpt = None) -> None:
     """Print the trials table so far (reads the Optuna storage only; changes nothing)."""
-    from pipeline.tune import load_existing, trials_frame
+    from pipeline.report import trials_frame
+    from pipeline.tune import load_existing
 
     cfg = _load(study_file, set_)
-    study = load_existing(cfg, storage)
-    frame = trials_frame(study, cfg)
-    out.print(frame.to_string(index=False) if len(frame) else "no trials yet")
+    frame = trials_frame(load_existing(cfg, storage), cfg)
+    out.print(frame.to_string(index=False, float_format="{:.4g}".format) if len(frame) else "no trials yet",
+              markup=False)
+
+
+@app.command()
+@handled
+def predict(
+    model_uri: Annotated[str, typer.Argument(help="e.g. models:/NAME@champion or models:/NAME/3", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders", show_default=False)],
+    tracking_uri: TrackingOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON lines: file, label, probability, probabilities")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
+) -> None:
+    """Predict the class of each image with a registered model (label and probability)."""
+    from pipeline.registry import predict_files, render_predictions
+
+    rendered = render_predictions(predict_files(model_uri, images, tracking_uri, batch_size), json_)
+    if json_:
+        typer.echo(rendered)  # plain stdout: rich would wrap long JSON lines
+    else:
+        out.print(rendered)
 
 
 @app.command("check-weights")

@@ -1,0 +1,324 @@
+"""Model hand-off: log the selected model, register it, move the alias, load it back to predict.
+
+What is registered (one MLflow model per selected checkpoint):
+- `torch.nn.Sequential(net=<classifier>, probabilities=Softmax(dim=1))` in eval mode on the CPU.
+  Input: float32 `(N, 3, H, W)` normalised images (H = W = the eval crop); output: float32
+  `(N, num_classes)` class probabilities in `class_to_idx` order. Both the pyfunc flavour
+  (numpy in, numpy out) and the PyTorch flavour load it; `loaded.net` is the bare classifier.
+- Metadata (`MLmodel` -> `metadata`, also `pyfunc_model.metadata.metadata`) that makes the model
+  usable alone: `classes` (index order), `class_to_idx`, `preprocess` (resize, crop, mean, std,
+  interpolation of the eval transform), `arch`, `weights_origin`, `study`, `trial_number`,
+  `best_epoch`, `params`, the validation value and `test_accuracy`.
+- Model-version tags for lineage: `sweep.study`, `sweep.trial_number`, `sweep.parent_run_id`,
+  `sweep.trial_run_id`, `sweep.checkpoint_sha256`.
+
+Serialization (`registry.serialization_format`): "pickle" (default) stores the `nn.Module`, so
+`mlflow.pytorch.load_model` gives back a module that can be inspected or fine-tuned further; it
+needs compatible torch/torchvision(/timm) at load time and, like any pickle, runs code on load:
+load only models from a registry you trust. "pt2" stores a `torch.export` graph (no pickle of
+classes; loads back as a `GraphModule` for inference), at the cost of an export at logging time.
+
+A selected checkpoint is registered once: a later report finds the version by its
+`sweep.checkpoint_sha256` + `sweep.study` tags and only (re)points the alias at it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DataError, RegistryError, SweepError
+
+SHA_TAG = "sweep.checkpoint_sha256"
+STUDY_TAG = "sweep.study"
+TRIAL_TAG = "sweep.trial_number"
+PARENT_TAG = "sweep.parent_run_id"
+RUN_TAG = "sweep.trial_run_id"
+ARTIFACT_NAME = "model"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model version holding the selected model."""
+
+    name: str
+    version: str
+    alias: str
+    created: bool  # False: the version existed already (same study + checkpoint sha256)
+    previous_alias_version: str | None  # where the alias pointed before, None if nowhere
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+def export_module(classifier):
+    """Wrap a classifier (logits) so the registered model returns class probabilities.
+
+    Only torch classes are added, so unpickling needs no `pipeline` import.
+    """
+    from torch import nn
+
+    wrapped = nn.Sequential(OrderedDict(net=classifier, probabilities=nn.Softmax(dim=1)))
+    return wrapped.cpu().eval()
+
+
+def signature(crop: int, num_classes: int):
+    """float32 `(-1, 3, crop, crop)` in, float32 `(-1, num_classes)` out (-1: any batch size)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, crop, crop))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+
+
+def pip_requirements(arch: str) -> list[str]:
+    """Pinned requirements of the logged model, given explicitly: MLflow's inference would load the
+    model in a subprocess (seconds) and may miss torchvision/timm, which unpickling needs."""
+    import importlib.metadata as md
+
+    names = ["torch", "torchvision", "cloudpickle", "numpy"] + (["timm"] if arch.startswith("timm/") else [])
+    return [f"{n}=={md.version(n).split('+')[0]}" for n in names]
+
+
+def find_version(client, name: str, study: str, sha256: str):
+    """The model version of `name` registered for this study's checkpoint, or None."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:
+        return None  # no such registered model yet
+    found = [v for v in versions if v.tags.get(SHA_TAG) == sha256 and v.tags.get(STUDY_TAG) == study]
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+@dataclass(frozen=True)
+class Export:
+    """What gets logged: built only when the registry does not hold the checkpoint yet."""
+
+    module: Any  # from `export_module`
+    example: np.ndarray  # float32 (B, 3, H, W); B >= 2 for "pt2", so it exports a dynamic batch axis
+    metadata: dict[str, Any]  # must hold `classes` and `arch`
+    tags: dict[str, str]  # model-version tags
+    description: str
+
+
+def register(build: Callable[[], Export], *, study: str, sha256: str, tracking: str, experiment_id: str,
+             run_id: str | None, name: str, alias: str, serialization_format: str) -> Registered:
+    """Register the selected checkpoint once, then point `alias` at its version.
+
+    A version of `name` tagged with this `study` and `sha256` is reused; otherwise `build()` is
+    called and its module logged with the MLflow PyTorch flavour and registered.
+
+    Args:
+        tracking: MLflow tracking URI, also used as the registry URI.
+        experiment_id: experiment that holds the logged model (the study's).
+        run_id: run the logged model is attached to (the selected trial's nested run); its status
+            is not changed.
+
+    Raises:
+        RegistryError: the model cannot be logged or registered (message has the store and cause).
+        DataError, ModelError: from `build`.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    existing = find_version(client, name, study, sha256)
+    try:
+        if existing is None:
+            version = _log_and_register(build(), tracking, experiment_id, run_id, name, serialization_format)
+        else:
+            version = str(existing.version)
+        previous = _alias_version(client, name, alias)
+        if previous != version:
+            client.set_registered_model_alias(name, alias, version)
+    except SweepError:
+        raise
+    except Exception as err:  # MlflowException, sqlalchemy, requests, torch.export
+        raise RegistryError(f"registering model '{name}' in {tracking} failed: {_first_line(err)}") from None
+    return Registered(name, version, alias, existing is None, previous)
+
+
+def _log_and_register(export: Export, tracking: str, experiment_id: str, run_id: str | None, name: str,
+                      serialization_format: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    # A logged model goes to the active experiment, not its run's: without this it would land in
+    # experiment 0 and its relative artifact folder.
+    mlflow.set_experiment(experiment_id=experiment_id)
+    info = mlflow.pytorch.log_model(
+        export.module, name=ARTIFACT_NAME,
+        signature=signature(export.example.shape[-1], len(export.metadata["classes"])),
+        input_example=export.example, metadata=export.metadata, tags=export.tags,
+        pip_requirements=pip_requirements(export.metadata["arch"]),
+        serialization_format=serialization_format, registered_model_name=name, run_id=run_id,
+    )
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient(tracking, registry_uri=tracking).update_model_version(
+        name, version, description=export.description)
+    return version
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        return None
+
+
+# ---- load and predict ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image: the most probable class and every class probability (0-1)."""
+
+    file: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+    def to_json(self) -> str:
+        return json.dumps({"file": self.file, "label": self.label, "probability": self.probability,
+                           "probabilities": self.probabilities})
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Expand files and folders (recursively, hidden entries skipped) into image files.
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no image file.
+    """
+    from pipeline.data import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"{path}: no image files in this folder (extensions "
+                                f"{', '.join(IMAGE_EXTENSIONS)}); give image files or a folder of them")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder; give image files or folders of images")
+    return files
+
+
+def load_model(model_uri: str, tracking: str):
+    """Load a registered model with the pyfunc flavour.
+
+    Returns:
+        (pyfunc model, its sweep metadata dict).
+
+    Raises:
+        RegistryError: unknown URI/alias/version, unreadable artifacts, or a model that was not
+            registered by `sweep report` (no classes/preprocess metadata).
+    """
+    import mlflow
+
+    store = Path(tracking.removeprefix("sqlite:///"))
+    if tracking.startswith("sqlite:///") and model_uri.startswith("models:/") and not store.is_file():
+        # MLflow would create an empty store there and then report an unknown model
+        raise RegistryError(f"no MLflow store at {store}: pass --tracking-uri (or set SWEEP_HOME) to the "
+                            "store `sweep report` registered the model in")
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as err:
+        raise RegistryError(f"{model_uri}: cannot be loaded from {tracking} ({_first_line(err)}); "
+                            "check the name, version or alias (`mlflow ui`, `sweep report`) and "
+                            "--tracking-uri") from None
+    meta = (model.metadata.metadata or {}) if model.metadata else {}
+    if not {"classes", "preprocess"} <= set(meta):
+        raise RegistryError(f"{model_uri}: has no sweep metadata (classes, preprocess); only models "
+                            "registered by `sweep report` can be used with `sweep predict`")
+    return model, meta
+
+
+def preprocess_images(files: list[Path], preprocess: dict[str, Any]) -> np.ndarray:
+    """Decode (`data.load_rgb`) and eval-transform images exactly as the study's val/test images.
+
+    Returns:
+        float32 array `(len(files), 3, crop, crop)`.
+
+    Raises:
+        DataError: one or more files are not decodable images (all of them named, on one line).
+    """
+    from pipeline import data as D
+
+    pp = D.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
+                      tuple(preprocess["std"]), preprocess.get("interpolation", "bilinear"))
+    transform = D.eval_transform(pp)
+    arrays, bad = [], []
+    for path in files:
+        try:
+            arrays.append(transform(D.load_rgb(path)).numpy())
+        except (OSError, ValueError, SyntaxError) as err:
+            bad.append(f"{path} ({_first_line(err)})")
+    if bad:
+        raise DataError(f"cannot read {len(bad)} image file(s): {'; '.join(bad[:5])}"
+                        f"{'; ...' if len(bad) > 5 else ''}; remove them or convert them to JPEG/PNG")
+    return np.stack(arrays).astype(np.float32)
+
+
+def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None,
+                  batch_size: int = 32) -> list[Prediction]:
+    """Predict the class of every image under `paths` with a registered model.
+
+    Images are decoded and predicted `batch_size` at a time, so memory stays bounded for large
+    folders.
+
+    Args:
+        model_uri: e.g. `models:/hymenoptera-classifier@champion`, `models:/NAME/3`, `runs:/...`.
+        tracking: MLflow tracking/registry URI; default the embedded store (`$SWEEP_HOME`).
+        batch_size: images per forward pass.
+
+    Raises:
+        DataError: a missing path or an image-less folder (before the model is loaded), or
+            undecodable images (naming those of the first batch that holds any).
+        RegistryError: the model cannot be loaded or lacks sweep metadata.
+    """
+    from pipeline.track import default_tracking_uri, quiet_mlflow
+    from pipeline.tune import home
+
+    quiet_mlflow()
+    files = image_files(paths)
+    model, meta = load_model(model_uri, tracking or default_tracking_uri(home()))
+    classes = list(meta["classes"])
+    predictions = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        probs = np.asarray(model.predict(preprocess_images(chunk, meta["preprocess"])))
+        predictions += [Prediction(str(f), classes[int(p.argmax())], float(p.max()),
+                                   {c: float(v) for c, v in zip(classes, p)}) for f, p in zip(chunk, probs)]
+    return predictions
+
+
+def render_predictions(predictions: list[Prediction], as_json: bool = False):
+    """JSON lines (one object per image) or a rich table: file, label, probability."""
+    if as_json:
+        return "\n".join(p.to_json() for p in predictions)
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("file", "label", "probability", box=None, pad_edge=False)
+    for p in predictions:  # Text: a '[' in a file name is not rich markup
+        table.add_row(Text(p.file, overflow="fold"), Text(p.label), f"{p.probability:.4f}")
+    return table
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
