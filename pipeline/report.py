@@ -455,7 +455,7 @@ def _learning_curves(study, cfg: StudyConfig, path: Path, selected: int | None) 
     ax.legend(handles=[Line2D([], [], label=k, **v) for k, v in proxies.items()], loc="best", fontsize="small")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch (step)", ylabel="val accuracy",
-           title=f"{cfg.study.name}: val accuracy per epoch (numbers: trials)")
+           title=f"val accuracy per epoch, labelled by trial\n{cfg.study.name}")
     ax.grid(alpha=0.3)
     _save(fig, path)
     return path

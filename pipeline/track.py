@@ -84,8 +84,22 @@ class Tracker:
                 pass  # the run is in another store or was deleted: make a new one
         run = self.client.create_run(self.experiment_id, run_name=study_name,
                                      tags={STUDY_TAG: study_name, **tags})
-        self.parent_id = run.info.run_id
+        self.parent_id = self._first_parent(study_name, run.info)
         return self.parent_id
+
+    def _first_parent(self, study_name: str, mine) -> str:
+        """Workers that start a new study together each create a parent run; all of them keep
+        the earliest one (start time, then run id) and delete their own if it lost. Only RUNNING
+        parents started within 10 minutes of ours count, so a deleted and re-created study of
+        the same name never inherits the old study's run."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`{STUDY_TAG}` = '{study_name}' and attributes.status = 'RUNNING' "
+            f"and attributes.start_time >= {mine.start_time - 600_000}"))
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        first = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if parents else mine.run_id
+        if first != mine.run_id:
+            self.client.delete_run(mine.run_id)
+        return first
 
     def close_parent(self, status: str) -> None:
         """End the parent run as FINISHED (normal end), KILLED (interrupted) or FAILED."""

@@ -433,7 +433,9 @@ def run_study(cfg: StudyConfig, *, storage: str | None = None, tracking: str | N
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        tracker.close_parent(status)
+        # With several workers, the last one to finish closes the parent run.
+        if status != "FINISHED" or not count(study, (TrialState.RUNNING,)):
+            tracker.close_parent(status)
     return StudyOutcome(study, parent, reason, tracker.healthy)
 
 

@@ -83,3 +83,53 @@ def write_study(path: Path, tree: dict) -> Path:
 @pytest.fixture
 def study_file(tmp_path: Path, image_root: Path) -> Path:
     return write_study(tmp_path / "study.yaml", study_dict(image_root))
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql: "
+                    "apt-get install postgresql (.ci/run does)")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server on loopback; yields `make_db(name) -> SQLAlchemy URL`.
+
+    Runs as the `postgres` system user when the tests run as root (the server refuses root).
+    """
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _postgres_bin()
+    base = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = base / "data"
+
+    def pg(*cmd: str) -> None:
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w",
+       "-o", f"-p {port} -h 127.0.0.1 -k {base}", "start")
+
+    def make_db(name: str) -> str:
+        pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        yield make_db
+    finally:
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
