@@ -28,6 +28,7 @@ class RichReporter(Reporter):
         self.trials = self.progress.add_task("trials", total=n_trials, info="")
         self.epochs = None
         self.scan = None
+        self.params: dict[int, str] = {}
 
     def __enter__(self):
         self.progress.start()
@@ -45,6 +46,7 @@ class RichReporter(Reporter):
 
     def trial_start(self, number: int, params: dict, epochs: int) -> None:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+        self.params[number] = shown
         if self.epochs is not None:
             self.progress.remove_task(self.epochs)
         self.epochs = self.progress.add_task(f"trial {number} epochs", total=epochs, info="")
@@ -61,7 +63,8 @@ class RichReporter(Reporter):
             self.progress.update(self.trials, advance=1)
         shown = "-" if value is None else f"{value:.4f}"
         extra = f" ({note})" if note else ""
-        self.console.print(f"trial {number} [{_STATE_STYLE[state]}]{state}[/] best {shown}{extra}")
+        params = f"  {self.params.get(number, '')}" if self.live else ""  # no start line when live
+        self.console.print(f"trial {number} [{_STATE_STYLE[state]}]{state}[/] best {shown}{extra}{params}")
 
     def message(self, text: str) -> None:
         self.console.print(f"[yellow]{text}[/]")

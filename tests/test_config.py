@@ -54,7 +54,8 @@ def test_offline_example_study_validates():
     assert cfg.model.preprocess.mean == (0.5, 0.5, 0.5) and cfg.model.preprocess.std == (0.5, 0.5, 0.5)
     assert cfg.model.preprocess.resize is None  # the rest comes from the weights
     assert cfg.search_space["freeze_depth"].high == 8
-    assert (cfg.training.scheduler.step_size, cfg.training.epochs) == (4, 5)
+    assert (cfg.training.scheduler.step_size, cfg.training.epochs) == (4, 6)
+    assert (cfg.study.n_trials, cfg.data.image_size) == (12, 224)
 
 
 def test_defaults_are_filled_in(path):
