@@ -35,6 +35,9 @@ run: install data
 	fi; \
 	echo "$(SWEEP) run $$study $(ARGS)"; $(SWEEP) run $$study $(ARGS)
 
+report: install
+	$(SWEEP) report $(or $(STUDY),studies/hymenoptera_offline.yaml) $(ARGS)
+
 status: install
 	$(SWEEP) status $(or $(STUDY),studies/hymenoptera_offline.yaml)
 

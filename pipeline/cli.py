@@ -31,8 +31,9 @@ TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLfl
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+    from pipeline.track import quiet_mlflow
+
+    quiet_mlflow()
     warnings.filterwarnings("ignore", category=FutureWarning)
     import mlflow  # noqa: F401  (configures its loggers on import; quieten them after)
     import optuna
@@ -58,8 +59,9 @@ def handled(fn):
             from pipeline.tune import Interrupted
 
             sig = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
-            err_console.print(f"[yellow]interrupted ({sig}):[/] the running trial is recorded FAIL and "
-                              "will not count; run the same command again to resume the study")
+            err_console.print(f"[yellow]interrupted ({sig}):[/] a trial that was running is recorded FAIL "
+                              "(it does not count and its parameters are retried); run the same command "
+                              "again to resume the study")
             raise typer.Exit(143 if sig == "SIGTERM" else 130) from None
 
     return wrapper

@@ -143,7 +143,8 @@ def build_splits(root: Path, train: str = "train", val: str = "val", test: str |
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: data root not found (set data.root, or run `make data`)")
+        where = "" if root.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+        raise DataError(f"{root}: data root not found{where}; set data.root, or run `make data`")
     class_to_idx, train_s = _scan_split(root, train, None)
     _, val_s = _scan_split(root, val, class_to_idx)
     if test is not None:

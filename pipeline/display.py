@@ -54,6 +54,10 @@ class RichReporter(Reporter):
             self.console.print(f"trial {number} started: {shown}")
 
     def epoch(self, number: int, result) -> None:
+        if not self.live and not self.quiet:  # logs: one line per epoch, so long trials are not silent
+            self.console.print(f"trial {number} epoch {result.epoch}: val_accuracy {result.val_accuracy:.4f} "
+                               f"val_loss {result.val_loss:.4f} train_loss {result.train_loss:.4f} "
+                               f"({result.seconds:.1f} s)", markup=False)
         if self.epochs is not None:
             self.progress.update(self.epochs, advance=1,
                                  info=f"val_acc {result.val_accuracy:.3f}  loss {result.train_loss:.3f}")

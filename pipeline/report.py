@@ -81,7 +81,8 @@ def trials_frame(study, cfg: StudyConfig) -> pd.DataFrame:
     (best value of the study's metric over the epochs run: the trial's value when COMPLETE), plus
     `best_val_accuracy` (fraction 0-1) when the metric is val_loss, best_epoch (0-based epoch of
     the best metric, the checkpoint's epoch), epochs_run, seconds (wall), mlflow_run_id.
-    Rows are sorted by `best_<metric>` in the study's direction, trials without a value last,
+    Rows are sorted by `best_<metric>` in the study's direction (FAIL/RUNNING trials and trials
+    without a value last),
     ties by trial number.
     """
     trials = study.get_trials(deepcopy=False)
@@ -102,8 +103,12 @@ def trials_frame(study, cfg: StudyConfig) -> pd.DataFrame:
     columns = [*BASE_COLUMNS, *names, *values, *RESULT_COLUMNS]
     frame = pd.DataFrame(rows, columns=columns)
     frame["best_epoch"] = frame["best_epoch"].astype("Int64")
-    return frame.sort_values([f"best_{metric}", "number"], ascending=[direction == "minimize", True],
-                             na_position="last", kind="stable").reset_index(drop=True)
+    # Unfinished trials (FAIL, RUNNING) go last: a partial best must not sit above the winner.
+    unfinished = ~frame["state"].isin(["COMPLETE", "PRUNED"])
+    return (frame.assign(_unfinished=unfinished)
+            .sort_values(["_unfinished", f"best_{metric}", "number"], ascending=[True, direction == "minimize", True],
+                         na_position="last", kind="stable")
+            .drop(columns="_unfinished").reset_index(drop=True))
 
 
 @dataclass(frozen=True)
@@ -576,6 +581,7 @@ def run_report(cfg: StudyConfig, *, storage: str | None = None, tracking: str | 
     parent = study.user_attrs.get(tune.PARENT_ATTR)
     if parent:  # trials run while the store was down get their runs now that it answers
         tracker.parent_id = parent
+        tune.close_stale_runs(study, tracker)
         synced = tune.sync_runs(study, tracker)
         if synced:
             notes.append(f"MLflow runs of trial(s) {', '.join(map(str, synced))} rebuilt from Optuna's record")

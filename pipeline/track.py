@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # keeps stdout for results
 
 
 class Tracker:
@@ -55,20 +57,29 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri, self.warn, self.healthy = uri, warn, True
-        self.client = MlflowClient(tracking_uri=uri)
-        try:
-            found = self.client.get_experiment_by_name(experiment)
-            if found is None:
-                location = artifact_root.resolve().as_uri() if artifact_root else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            elif found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-                self.experiment_id = found.experiment_id
-            else:
-                self.experiment_id = found.experiment_id
-        except Exception as err:  # sqlalchemy, requests and MlflowException all land here
-            raise TrackingError(f"MLflow tracking store {uri} cannot be used: {_short(err)}") from None
         self.parent_id: str | None = None
+        for attempt in range(3):
+            try:
+                self.client = MlflowClient(tracking_uri=uri)
+                self.experiment_id = self._experiment(experiment, artifact_root)
+                return
+            except Exception as err:  # sqlalchemy, requests and MlflowException all land here
+                # Workers starting together on a new store race through its schema migration
+                # or the experiment's creation; the loser succeeds on a second look.
+                if attempt == 2 or uri.startswith("http"):
+                    raise TrackingError(f"MLflow tracking store {uri} cannot be used: {_short(err)}"
+                                        + (" (is the tracking server running?)" if uri.startswith("http") else "")
+                                        ) from None
+                time.sleep(2 + 3 * attempt)
+
+    def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            location = artifact_root.resolve().as_uri() if artifact_root else None
+            return self.client.create_experiment(name, artifact_location=location)
+        if found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        return found.experiment_id
 
     # -- parent run --------------------------------------------------------------------------
     def open_parent(self, study_name: str, run_id: str | None, tags: dict[str, str]) -> str:
@@ -124,8 +135,6 @@ class Tracker:
             return
         from mlflow.entities import Metric
 
-        import time
-
         now = int(time.time() * 1000)
         self._safe(self.client.log_batch, run_id,
                    metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
@@ -144,15 +153,6 @@ class Tracker:
         all_tags = {STATE_TAG: state, **(tags or {})}
         self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
         self._safe(self.client.set_terminated, run_id, status=status or TRIAL_STATUS[state])
-
-    def close_stale(self, run_id: str, reason: str) -> None:
-        """Close a nested run whose process died (still RUNNING in the store) as FAILED."""
-        try:
-            run = self.client.get_run(run_id)
-        except Exception:
-            return
-        if run.info.status == "RUNNING":
-            self.end_trial(run_id, "FAIL", {REASON_TAG: reason})
 
     # -- artifacts ---------------------------------------------------------------------------
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
@@ -193,6 +193,8 @@ class Tracker:
 
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "NewConnectionError" in text or "Connection refused" in text:
+        return "connection refused"  # urllib3's retry dump says no more than this
     return text[:300]
 
 

@@ -133,15 +133,27 @@ class Prepared:
     load_report: M.LoadReport
 
 
-def prepare(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None) -> Prepared:
+def prepare(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None,
+            warn: Callable[[str], None] = print) -> Prepared:
     """Pre-flight: scan data, resolve and load weights, check freeze depths fit the arch.
+
+    Data warnings (a class missing from val/test) and skipped images go to `warn`, one line each.
 
     Raises:
         DataError, ModelError: with a message naming the folder, file or key.
     """
+    import warnings
+
     d = cfg.data
-    splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)
+    for w in caught:
+        warn(f"warning: {w.message}")
     splits = D.scan_images(splits, d.bad_images, progress)
+    if splits.skipped:
+        warn(f"data.bad_images: skip: training without {len(splits.skipped)} unreadable image(s): "
+             f"{', '.join(splits.skipped)} (listed in splits.json)")
     spec = M.resolve_weights(cfg.model.arch, cfg.model.weights)
     state = M.pretrained_state(spec)
     model, report = M.build_model(spec, len(splits.class_to_idx), state)
@@ -407,8 +419,10 @@ def run_study(cfg: StudyConfig, *, storage: str | None = None, tracking: str | N
     _check_local_paths(storage, tracking)
     if tracking.startswith("sqlite:///"):
         check_writable(home() / "artifacts")
+    # Pre-flight first: a bad data folder or weights value must not leave a stored study behind
+    # whose fingerprint would then refuse the corrected study file.
+    prep = prepare(cfg, reporter.preflight, reporter.message)
     study = open_study(cfg, storage, accept_changes)
-    prep = prepare(cfg, reporter.preflight)
     tracker = Tracker(tracking, cfg.experiment_name, home() / "artifacts", warn=reporter.message)
     parent = tracker.open_parent(cfg.study.name, study.user_attrs.get(PARENT_ATTR),
                                  {"sweep.storage": storage, "sweep.arch": cfg.model.arch})
@@ -418,7 +432,7 @@ def run_study(cfg: StudyConfig, *, storage: str | None = None, tracking: str | N
     tracker.set_tags(parent, {"sweep.load_report": prep.load_report.describe(),
                               "sweep.preprocess": json.dumps(prep.preprocess.to_dict())})
     recover(study, cfg.study.max_retries)
-    _close_stale_runs(study, tracker)
+    close_stale_runs(study, tracker)
     synced = sync_runs(study, tracker)
     if synced:
         reporter.message(f"MLflow: created the missing runs of trial(s) {', '.join(map(str, synced))} from Optuna's record")
@@ -458,7 +472,31 @@ def _loop(study: optuna.Study, objective: Objective, cfg: StudyConfig, reporter:
             return "too many failed trials"
         if grid_size is not None and count(study) >= grid_size:
             return "grid exhausted"
+        reseed(study, cfg.study.sampler.seed)
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+
+
+def reseed(study: optuna.Study, seed: int | None) -> None:
+    """Seed the sampler from the number of trials so far, before each trial.
+
+    A sampler seeded once per process replays the same draws in every process: each resume
+    would re-try trial 0's parameters and two workers would duplicate each other. Seeding with
+    `seed + len(trials)` keeps one worker's study reproducible and gives concurrent workers
+    different draws (another worker's running trial shifts the seed by this process's pid).
+    QMC samplers index their sequence by trial number already and are left alone.
+    """
+    if seed is None:
+        return
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    trials = study.get_trials(deepcopy=False)
+    busy = any(t.state == TrialState.RUNNING for t in trials)
+    value = (seed + len(trials) + (os.getpid() if busy else 0)) % (2**32)
+    sampler = study.sampler
+    for owner in (sampler, getattr(sampler, "_random_sampler", None), getattr(sampler, "_independent_sampler", None)):
+        for attr in ("_rng", "_cma_rng"):
+            if owner is not None and isinstance(getattr(owner, attr, None), LazyRandomState):
+                setattr(owner, attr, LazyRandomState(value))
 
 
 RETRIED_ATTR = "retried_trials"
@@ -519,7 +557,6 @@ def sync_runs(study: optuna.Study, tracker: Tracker) -> list[int]:
     Returns:
         Numbers of the trials whose runs were created.
     """
-    from pipeline.train import EpochResult
     from pipeline.track import TRIAL_TAG
 
     found = tracker._safe(tracker.client.search_runs, [tracker.experiment_id],
@@ -532,8 +569,8 @@ def sync_runs(study: optuna.Study, tracker: Tracker) -> list[int]:
         if str(t.number) in logged:
             continue
         run_id = tracker.start_trial(study.study_name, t.number, t.params)
-        for h in t.user_attrs.get("history") or []:
-            tracker.log_metrics(run_id, EpochResult(**h).metrics(), step=h["epoch"])
+        if run_id:
+            _backfill_epochs(tracker, run_id, t)
         tags = {"sweep.synced": "true"}
         if t.user_attrs.get("fail_reason"):
             tags[REASON_TAG] = t.user_attrs["fail_reason"]
@@ -543,12 +580,36 @@ def sync_runs(study: optuna.Study, tracker: Tracker) -> list[int]:
     return created
 
 
-def _close_stale_runs(study: optuna.Study, tracker: Tracker) -> None:
-    """Trials failed by the heartbeat check (a killed process) still have RUNNING MLflow runs."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and not t.user_attrs.get("fail_reason"):
-            tracker.close_stale(run_id, "stale: the process running this trial stopped (heartbeat lost)")
+def close_stale_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """Close nested runs left RUNNING although their trial is over: the process died (kill -9)
+    or the MLflow store was down when the trial ended. The run gets the trial's state."""
+    if tracker.parent_id is None:
+        return
+    from pipeline.track import TRIAL_TAG
+
+    running = tracker._safe(tracker.client.search_runs, [tracker.experiment_id], probe=True, filter_string=(
+        f"tags.mlflow.parentRunId = '{tracker.parent_id}' and attributes.status = 'RUNNING'")) or []
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for run in running:
+        trial = trials.get(int(run.data.tags.get(TRIAL_TAG, -1)))
+        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        reason = trial.user_attrs.get("fail_reason")
+        if trial.state == TrialState.FAIL and not reason:
+            reason = "stale: the process running this trial stopped (heartbeat lost)"
+        _backfill_epochs(tracker, run.info.run_id, trial)
+        tracker.end_trial(run.info.run_id, trial.state.name, {REASON_TAG: reason} if reason else {})
+
+
+def _backfill_epochs(tracker: Tracker, run_id: str, trial) -> None:
+    """Log the epochs Optuna recorded after the run's last logged step (store outage)."""
+    from pipeline.train import EpochResult
+
+    logged = tracker._safe(tracker.client.get_metric_history, run_id, "val_accuracy") or []
+    last = max((m.step for m in logged), default=-1)
+    for h in trial.user_attrs.get("history") or []:
+        if h["epoch"] > last:
+            tracker.log_metrics(run_id, EpochResult(**h).metrics(), step=h["epoch"])
 
 
 def _check_local_paths(*uris: str) -> None:

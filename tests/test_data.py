@@ -101,7 +101,7 @@ def test_missing_test_folder_when_named(tmp_path):
 def test_missing_root(tmp_path):
     with pytest.raises(DataError) as info:
         D.build_splits(tmp_path / "nowhere")
-    assert str(info.value) == f"{tmp_path / 'nowhere'}: data root not found (set data.root, or run `make data`)"
+    assert str(info.value) == f"{tmp_path / 'nowhere'}: data root not found; set data.root, or run `make data`"
 
 
 def test_split_without_class_folders(tmp_path):

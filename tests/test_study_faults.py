@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 
 from pipeline import tune
 from pipeline.config import load_study
-from pipeline.errors import StudyStateError, TrackingError
+from pipeline.errors import DataError, StudyStateError, TrackingError
 from pipeline.track import Tracker
-from pipeline.tune import Reporter, open_study, run_study, storage_url, sync_runs
+from pipeline.tune import Reporter, close_stale_runs, open_study, run_study, storage_url, sync_runs
 
 from conftest import study_dict, write_study
 
@@ -186,11 +186,11 @@ def test_tracking_server_down_mid_study_keeps_results_in_optuna(sweep_home, tmp_
     tree = study_dict(image_root, study={"n_trials": 3}, tracking={"uri": uri})
     cfg = load_study(write_study(tmp_path / "study.yaml", tree))
 
-    def down_after_first(number):
-        if number == 0:
+    def down_during_second(number):
+        if number == 1:  # its run exists, but the store is gone before it can be ended
             _stop_server(server["proc"])
 
-    reporter = Recorder(on_end=down_after_first)
+    reporter = Recorder(on_start=down_during_second)
     try:
         outcome = run_study(cfg, reporter=reporter)
     finally:
@@ -200,13 +200,16 @@ def test_tracking_server_down_mid_study_keeps_results_in_optuna(sweep_home, tmp_
     assert not outcome.tracking_ok
     assert len(reporter.messages) == 1 and reporter.messages[0].startswith(f"MLflow store {uri} failed (")
     assert reporter.messages[0].endswith("run `sweep report` once the store is back")
-    # Back up: trial 0 was logged before the outage; the missing runs are rebuilt from Optuna.
+    # Back up: trial 0 was logged, trial 1's run was left RUNNING, trial 2 has none. The next
+    # start (or report) closes the stuck run and rebuilds the missing one from Optuna's record.
     server["proc"] = _start_server(tmp_path, port)
     try:
-        assert sorted(_nested_runs(cfg)) == [0]
+        stuck = _nested_runs(cfg)
+        assert sorted(stuck) == [0, 1] and stuck[1].info.status == "RUNNING"
         tracker = Tracker(uri, cfg.experiment_name)
         tracker.open_parent("tiny", outcome.parent_run_id, {})
-        assert sync_runs(outcome.study, tracker) == [1, 2]
+        close_stale_runs(outcome.study, tracker)
+        assert sync_runs(outcome.study, tracker) == [2]
         assert sync_runs(outcome.study, tracker) == [], "a second sync creates nothing"
         runs = _nested_runs(cfg)
         assert sorted(runs) == [0, 1, 2]
@@ -215,6 +218,33 @@ def test_tracking_server_down_mid_study_keeps_results_in_optuna(sweep_home, tmp_
             history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_accuracy")
             expected = outcome.study.trials[number].user_attrs["history"]
             assert [m.value for m in history] == pytest.approx([h["val_accuracy"] for h in expected])
-        assert runs[1].data.tags["sweep.synced"] == "true"
+        assert runs[2].data.tags["sweep.synced"] == "true"
     finally:
         _stop_server(server["proc"])
+
+
+def test_failed_preflight_leaves_no_study_behind(sweep_home, tmp_path, image_root):
+    tree = study_dict(image_root, study={"n_trials": 1})
+    tree["data"]["root"] = str(tmp_path / "missing")
+    with pytest.raises(DataError):
+        run_study(load_study(write_study(tmp_path / "study.yaml", tree)))
+    assert optuna.get_all_study_names(storage_url(load_study(tmp_path / "study.yaml"))) == []
+    tree["data"]["root"] = str(image_root)  # the corrected file runs without --accept-changes
+    outcome = run_study(load_study(write_study(tmp_path / "study.yaml", tree)))
+    assert [t.state for t in outcome.study.trials] == [TrialState.COMPLETE]
+
+
+def test_data_warnings_and_skipped_images_reach_the_user(sweep_home, tmp_path):
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "images", {"train": 6})
+    make_folder(root, {"val": 6}, classes=("ants",))
+    (root / "train" / "bees" / "broken.png").write_bytes(b"not an image")
+    tree = study_dict(root, study={"n_trials": 1}, data={"bad_images": "skip"})
+    reporter = Recorder()
+    run_study(load_study(write_study(tmp_path / "study.yaml", tree)), reporter=reporter)
+    assert reporter.messages[:2] == [
+        f"warning: {root / 'val'}: no folder for class(es) bees",
+        "data.bad_images: skip: training without 1 unreadable image(s): train/bees/broken.png "
+        "(listed in splits.json)",
+    ]

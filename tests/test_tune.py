@@ -55,3 +55,17 @@ def test_resume_reaches_n_trials_and_reuses_parent(sweep_home, study_file):
     assert len(second.study.get_trials(states=(TrialState.COMPLETE,))) == 3
     _, parents, children = _runs(cfg)
     assert len(parents) == 1 and len(children) == 3
+
+
+def test_each_resume_draws_new_parameters(sweep_home, tmp_path, image_root):
+    # A sampler seeded once per process would replay trial 0's draw in every new process.
+    tree = study_dict(image_root, study={"n_trials": 1}, training={"epochs": 1})
+    cfg = load_study(write_study(tmp_path / "study.yaml", tree))
+    run_study(cfg)
+    run_study(load_study(tmp_path / "study.yaml", ["study.n_trials=2"]))
+    study = run_study(load_study(tmp_path / "study.yaml", ["study.n_trials=3"])).study
+    params = [t.params for t in study.trials]
+    assert len(params) == 3 and params[0] != params[1] and params[1] != params[2] and params[0] != params[2]
+    # and the draws are a function of the trial count, so a fresh study repeats them exactly
+    again = load_study(tmp_path / "study.yaml", ["study.n_trials=3", "study.name=again"])
+    assert [t.params for t in run_study(again).study.trials] == params
