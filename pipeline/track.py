@@ -10,6 +10,8 @@ can run once the store is back.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 import time
@@ -60,8 +62,9 @@ class Tracker:
         self.parent_id: str | None = None
         for attempt in range(3):
             try:
-                self.client = MlflowClient(tracking_uri=uri)
-                self.experiment_id = self._experiment(experiment, artifact_root)
+                with store_lock(uri):
+                    self.client = MlflowClient(tracking_uri=uri)
+                    self.experiment_id = self._experiment(experiment, artifact_root)
                 return
             except Exception as err:  # sqlalchemy, requests and MlflowException all land here
                 # Workers starting together on a new store race through its schema migration
@@ -196,6 +199,27 @@ def _short(err: Exception) -> str:
     if "NewConnectionError" in text or "Connection refused" in text:
         return "connection refused"  # urllib3's retry dump says no more than this
     return text[:300]
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Hold an exclusive file lock beside an embedded SQLite store while it is created/migrated.
+
+    Two processes creating the same new SQLite store race through its schema migration and can
+    leave it half-migrated for good; a lock file next to it serialises them. Other URIs are
+    servers that handle concurrency themselves.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_writable(path: Path) -> None:

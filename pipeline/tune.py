@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from pipeline import data as D
 from pipeline import model as M
 from pipeline.config import CategoricalParam, FloatParam, IntParam, StudyConfig
 from pipeline.errors import ModelError, StudyStateError, TrackingError
-from pipeline.track import REASON_TAG, Tracker, check_writable, default_tracking_uri
+from pipeline.track import REASON_TAG, Tracker, check_writable, default_tracking_uri, store_lock
 from pipeline.train import NonFiniteLossError, build_training, fit, pick_device
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -215,13 +216,14 @@ def open_study(cfg: StudyConfig, storage: str, accept_changes: bool = False) -> 
     grace = cfg.study.grace_period or 2 * cfg.study.heartbeat_interval
     _check_local_paths(storage)
     try:
-        rdb = optuna.storages.RDBStorage(
-            storage, heartbeat_interval=cfg.study.heartbeat_interval, grace_period=grace,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=cfg.study.max_retries),
-            engine_kwargs={"connect_args": {"timeout": 30}} if storage.startswith("sqlite") else None,
-        )
-        study = optuna.create_study(storage=rdb, study_name=cfg.study.name, direction=cfg.study.direction,
-                                    sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
+        with store_lock(storage):
+            rdb = optuna.storages.RDBStorage(
+                storage, heartbeat_interval=cfg.study.heartbeat_interval, grace_period=grace,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=cfg.study.max_retries),
+                engine_kwargs={"connect_args": {"timeout": 30}} if storage.startswith("sqlite") else None,
+            )
+            study = optuna.create_study(storage=rdb, study_name=cfg.study.name, direction=cfg.study.direction,
+                                        sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
     except Exception as err:
         raise TrackingError(f"Optuna storage {storage} cannot be opened: {str(err).splitlines()[0]}") from None
     new = fingerprint(cfg)
@@ -491,7 +493,9 @@ def reseed(study: optuna.Study, seed: int | None) -> None:
 
     trials = study.get_trials(deepcopy=False)
     busy = any(t.state == TrialState.RUNNING for t in trials)
-    value = (seed + len(trials) + (os.getpid() if busy else 0)) % (2**32)
+    value = (seed + len(trials)) % (2**32)
+    if busy:  # mix, not add: pids and counts both step by one, and sums of them collide
+        value = zlib.crc32(f"{seed}:{len(trials)}:{os.getpid()}".encode())
     sampler = study.sampler
     for owner in (sampler, getattr(sampler, "_random_sampler", None), getattr(sampler, "_independent_sampler", None)):
         for attr in ("_rng", "_cma_rng"):
