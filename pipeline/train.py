@@ -7,7 +7,6 @@ driver (the Optuna objective, the report stage, a notebook) can reuse them. `fit
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -203,7 +202,3 @@ def build_training(model: nn.Module, training, epochs: int | None = None):
     sched = make_scheduler(opt, training.scheduler.type, epochs or training.epochs,
                            training.scheduler.step_size, training.scheduler.gamma)
     return opt, sched
-
-
-def copy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return copy.deepcopy(state)
