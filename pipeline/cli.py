@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional

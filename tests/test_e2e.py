@@ -57,7 +57,7 @@ def test_sweep_run_on_real_images(tmp_path):
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 3 and len(trials) == 3
     assert trials[0].state == TrialState.COMPLETE
-    assert f"study 'e2e': " in result.stdout
+    assert "study 'e2e': " in result.stdout
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     exp = client.get_experiment_by_name("hymenoptera")

@@ -4,7 +4,6 @@ and the weights' preprocessing. Uses the real offline checkpoints in ../shared/w
 from __future__ import annotations
 
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
