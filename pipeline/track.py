@@ -157,6 +157,22 @@ class Tracker:
         self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
         self._safe(self.client.set_terminated, run_id, status=status or TRIAL_STATUS[state])
 
+    def trial_runs(self, status: str | None = None) -> dict[int, str] | None:
+        """Nested runs under the parent as {trial number: run id}, optionally of one status;
+        None when the store does not answer."""
+        where = f"tags.mlflow.parentRunId = '{self.parent_id}'"
+        if status:
+            where += f" and attributes.status = '{status}'"
+        runs = self._safe(self.client.search_runs, [self.experiment_id], filter_string=where, probe=True)
+        if runs is None:
+            return None
+        return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+
+    def last_step(self, run_id: str, metric: str) -> int:
+        """Highest step logged for `metric` on the run (-1 when none or the store is down)."""
+        history = self._safe(self.client.get_metric_history, run_id, metric) or []
+        return max((m.step for m in history), default=-1)
+
     # -- artifacts ---------------------------------------------------------------------------
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
         if run_id:

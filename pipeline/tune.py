@@ -561,16 +561,12 @@ def sync_runs(study: optuna.Study, tracker: Tracker) -> list[int]:
     Returns:
         Numbers of the trials whose runs were created.
     """
-    from pipeline.track import TRIAL_TAG
-
-    found = tracker._safe(tracker.client.search_runs, [tracker.experiment_id],
-                          filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'", probe=True)
-    if found is None:
+    logged = tracker.trial_runs()
+    if logged is None:
         return []
-    logged = {r.data.tags.get(TRIAL_TAG) for r in found}
     created = []
     for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
-        if str(t.number) in logged:
+        if t.number in logged:
             continue
         run_id = tracker.start_trial(study.study_name, t.number, t.params)
         if run_id:
@@ -589,28 +585,23 @@ def close_stale_runs(study: optuna.Study, tracker: Tracker) -> None:
     or the MLflow store was down when the trial ended. The run gets the trial's state."""
     if tracker.parent_id is None:
         return
-    from pipeline.track import TRIAL_TAG
-
-    running = tracker._safe(tracker.client.search_runs, [tracker.experiment_id], probe=True, filter_string=(
-        f"tags.mlflow.parentRunId = '{tracker.parent_id}' and attributes.status = 'RUNNING'")) or []
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for run in running:
-        trial = trials.get(int(run.data.tags.get(TRIAL_TAG, -1)))
+    for number, run_id in (tracker.trial_runs(status="RUNNING") or {}).items():
+        trial = trials.get(number)
         if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         reason = trial.user_attrs.get("fail_reason")
         if trial.state == TrialState.FAIL and not reason:
             reason = "stale: the process running this trial stopped (heartbeat lost)"
-        _backfill_epochs(tracker, run.info.run_id, trial)
-        tracker.end_trial(run.info.run_id, trial.state.name, {REASON_TAG: reason} if reason else {})
+        _backfill_epochs(tracker, run_id, trial)
+        tracker.end_trial(run_id, trial.state.name, {REASON_TAG: reason} if reason else {})
 
 
 def _backfill_epochs(tracker: Tracker, run_id: str, trial) -> None:
     """Log the epochs Optuna recorded after the run's last logged step (store outage)."""
     from pipeline.train import EpochResult
 
-    logged = tracker._safe(tracker.client.get_metric_history, run_id, "val_accuracy") or []
-    last = max((m.step for m in logged), default=-1)
+    last = tracker.last_step(run_id, "val_accuracy")
     for h in trial.user_attrs.get("history") or []:
         if h["epoch"] > last:
             tracker.log_metrics(run_id, EpochResult(**h).metrics(), step=h["epoch"])
