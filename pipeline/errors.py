@@ -41,3 +41,10 @@ class RegistryError(SweepError):
     """Selecting, registering or loading the model failed."""
 
     exit_code = 7
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of `str(err)`, at most `limit` characters; the exception's class
+    name when its message is empty (some raise with no message at all)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[0].strip() if lines else type(err).__name__)[:limit]
