@@ -290,12 +290,12 @@ def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None
             undecodable images (naming those of the first batch that holds any).
         RegistryError: the model cannot be loaded or lacks sweep metadata.
     """
-    from pipeline.track import default_tracking_uri, quiet_mlflow
-    from pipeline.tune import home
+    from pipeline.stores import default_tracking_uri
+    from pipeline.track import quiet_mlflow
 
     quiet_mlflow()
     files = image_files(paths)
-    model, meta = load_model(model_uri, tracking or default_tracking_uri(home()))
+    model, meta = load_model(model_uri, tracking or default_tracking_uri())
     classes = list(meta["classes"])
     predictions = []
     for start in range(0, len(files), batch_size):

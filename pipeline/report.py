@@ -570,7 +570,7 @@ def run_report(cfg: StudyConfig, *, storage: str | None = None, tracking: str | 
         DataError: the test split cannot be read (only when it has to be evaluated).
     """
     from pipeline import tune
-    from pipeline.track import Tracker
+    from pipeline.track import PARENT_ATTR, Tracker, reconcile
 
     study = tune.load_existing(cfg, storage)
     trials = study.get_trials(deepcopy=False)
@@ -578,11 +578,10 @@ def run_report(cfg: StudyConfig, *, storage: str | None = None, tracking: str | 
     notes: list[str] = []
     tracker = Tracker(tune.tracking_uri(cfg, tracking), cfg.experiment_name, tune.home() / "artifacts",
                       warn=notes.append)
-    parent = study.user_attrs.get(tune.PARENT_ATTR)
+    parent = study.user_attrs.get(PARENT_ATTR)
     if parent:  # trials run while the store was down get their runs now that it answers
         tracker.parent_id = parent
-        tune.close_stale_runs(study, tracker)
-        synced = tune.sync_runs(study, tracker)
+        synced = reconcile(tracker, trials, cfg.study.name)
         if synced:
             notes.append(f"MLflow runs of trial(s) {', '.join(map(str, synced))} rebuilt from Optuna's record")
     frame, compute = trials_frame(study, cfg), compute_spent(trials, cfg.training.epochs)
@@ -635,7 +634,7 @@ def _write_comparison(study, cfg, frame, folder: Path, selected) -> tuple[list[P
 def _register(cfg: StudyConfig, tracker, study, selected: FrozenTrial, checkpoint: dict, sha: str,
               evaluation: TestEvaluation):
     from pipeline import registry
-    from pipeline.tune import PARENT_ATTR
+    from pipeline.track import PARENT_ATTR
 
     parent = study.user_attrs.get(PARENT_ATTR)
     run_id = _existing_run(tracker, selected.user_attrs.get("mlflow_run_id")) or _existing_run(tracker, parent)

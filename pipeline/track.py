@@ -10,26 +10,23 @@ can run once the store is back.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optuna.trial import FrozenTrial, TrialState
+
 from pipeline.errors import TrackingError
+from pipeline.stores import store_lock
 
 TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 STUDY_TAG = "sweep.study"
 TRIAL_TAG = "sweep.trial_number"
 STATE_TAG = "sweep.state"
 REASON_TAG = "sweep.fail_reason"
-
-
-def default_tracking_uri(home: Path) -> str:
-    """`sqlite:///<abs>/mlruns/mlflow.db`: embedded, no server needed."""
-    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run id
 
 
 def quiet_mlflow() -> None:
@@ -217,37 +214,67 @@ def _short(err: Exception) -> str:
     return text[:300]
 
 
-@contextlib.contextmanager
-def store_lock(uri: str):
-    """Hold an exclusive file lock beside an embedded SQLite store while it is created/migrated.
+# ---- reconciliation: MLflow catches up with Optuna's record ---------------------------------
 
-    Two processes creating the same new SQLite store race through its schema migration and can
-    leave it half-migrated for good; a lock file next to it serialises them. Other URIs are
-    servers that handle concurrency themselves.
+def reconcile(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) -> list[int]:
+    """Make the nested runs agree with the trials after an outage or a dead process.
+
+    1. Runs left RUNNING whose trial is over (the process died, or the store was down when the
+       trial ended) get the trial's state, with the epochs Optuna recorded backfilled.
+    2. Finished trials without a run (the store was down when they started) get one, rebuilt from
+       Optuna's record (params, per-epoch history, state, fail reason), tagged `sweep.synced=true`.
+    Calling it again changes nothing. Does nothing while `tracker.parent_id` is unset or the store
+    does not answer.
+
+    Returns:
+        Numbers of the trials whose runs were created.
     """
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    path = Path(uri.removeprefix("sqlite:///") + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    if tracker.parent_id is None:
+        return []
+    close_stale_runs(tracker, trials)
+    return sync_runs(tracker, trials, study_name)
 
 
-def check_writable(path: Path) -> None:
-    """Raise `TrackingError` naming `path` when a file cannot be created there (perms, disk full)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-") as handle:
-            handle.write(b"x" * 4096)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as err:
-        raise TrackingError(
-            f"{path}: cannot write there ({err.strerror or err}); free disk space or fix its "
-            "permissions, or point --storage/--tracking-uri elsewhere"
-        ) from None
+def sync_runs(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) -> list[int]:
+    """Create the nested runs of finished trials that never reached MLflow; returns their numbers."""
+    logged = tracker.trial_runs()
+    if logged is None:
+        return []
+    created = []
+    for t in trials:
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) or t.number in logged:
+            continue
+        run_id = tracker.start_trial(study_name, t.number, t.params)
+        if run_id:
+            _backfill_epochs(tracker, run_id, t)
+        tags = {"sweep.synced": "true"}
+        if t.user_attrs.get("fail_reason"):
+            tags[REASON_TAG] = t.user_attrs["fail_reason"]
+        tracker.end_trial(run_id, t.state.name, tags)
+        if run_id:
+            created.append(t.number)
+    return created
+
+
+def close_stale_runs(tracker: Tracker, trials: Sequence[FrozenTrial]) -> None:
+    """Close nested runs left RUNNING although their trial is over, with the trial's state."""
+    by_number = {t.number: t for t in trials}
+    for number, run_id in (tracker.trial_runs(status="RUNNING") or {}).items():
+        trial = by_number.get(number)
+        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        reason = trial.user_attrs.get("fail_reason")
+        if trial.state == TrialState.FAIL and not reason:
+            reason = "stale: the process running this trial stopped (heartbeat lost)"
+        _backfill_epochs(tracker, run_id, trial)
+        tracker.end_trial(run_id, trial.state.name, {REASON_TAG: reason} if reason else {})
+
+
+def _backfill_epochs(tracker: Tracker, run_id: str, trial: FrozenTrial) -> None:
+    """Log the epochs Optuna recorded after the run's last logged step (store outage)."""
+    from pipeline.train import EpochResult
+
+    last = tracker.last_step(run_id, "val_accuracy")
+    for h in trial.user_attrs.get("history") or []:
+        if h["epoch"] > last:
+            tracker.log_metrics(run_id, EpochResult(**h).metrics(), step=h["epoch"])

@@ -35,11 +35,11 @@ from pipeline import data as D
 from pipeline import model as M
 from pipeline.config import CategoricalParam, FloatParam, IntParam, StudyConfig
 from pipeline.errors import ModelError, StudyStateError, TrackingError
-from pipeline.track import REASON_TAG, Tracker, check_writable, default_tracking_uri, store_lock
+from pipeline.stores import check_writable, default_tracking_uri, store_lock
+from pipeline.track import PARENT_ATTR, REASON_TAG, Tracker, reconcile
 from pipeline.train import NonFiniteLossError, build_training, fit, pick_device
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-PARENT_ATTR = "mlflow_parent_run_id"
 FINGERPRINT_ATTR = "sweep_fingerprint"
 
 
@@ -434,8 +434,7 @@ def run_study(cfg: StudyConfig, *, storage: str | None = None, tracking: str | N
     tracker.set_tags(parent, {"sweep.load_report": prep.load_report.describe(),
                               "sweep.preprocess": json.dumps(prep.preprocess.to_dict())})
     recover(study, cfg.study.max_retries)
-    close_stale_runs(study, tracker)
-    synced = sync_runs(study, tracker)
+    synced = reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
     if synced:
         reporter.message(f"MLflow: created the missing runs of trial(s) {', '.join(map(str, synced))} from Optuna's record")
     objective = Objective(cfg, prep, tracker, reporter)
@@ -549,62 +548,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def sync_runs(study: optuna.Study, tracker: Tracker) -> list[int]:
-    """Create the nested runs of finished trials that never reached MLflow (store was down).
-
-    Runs are rebuilt from Optuna's record (params, per-epoch history, state, fail reason) and
-    tagged `sweep.synced=true`. Trials that already have a run under the parent are left alone,
-    so calling this again is harmless.
-
-    Returns:
-        Numbers of the trials whose runs were created.
-    """
-    logged = tracker.trial_runs()
-    if logged is None:
-        return []
-    created = []
-    for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
-        if t.number in logged:
-            continue
-        run_id = tracker.start_trial(study.study_name, t.number, t.params)
-        if run_id:
-            _backfill_epochs(tracker, run_id, t)
-        tags = {"sweep.synced": "true"}
-        if t.user_attrs.get("fail_reason"):
-            tags[REASON_TAG] = t.user_attrs["fail_reason"]
-        tracker.end_trial(run_id, t.state.name, tags)
-        if run_id:
-            created.append(t.number)
-    return created
-
-
-def close_stale_runs(study: optuna.Study, tracker: Tracker) -> None:
-    """Close nested runs left RUNNING although their trial is over: the process died (kill -9)
-    or the MLflow store was down when the trial ended. The run gets the trial's state."""
-    if tracker.parent_id is None:
-        return
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for number, run_id in (tracker.trial_runs(status="RUNNING") or {}).items():
-        trial = trials.get(number)
-        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
-            continue
-        reason = trial.user_attrs.get("fail_reason")
-        if trial.state == TrialState.FAIL and not reason:
-            reason = "stale: the process running this trial stopped (heartbeat lost)"
-        _backfill_epochs(tracker, run_id, trial)
-        tracker.end_trial(run_id, trial.state.name, {REASON_TAG: reason} if reason else {})
-
-
-def _backfill_epochs(tracker: Tracker, run_id: str, trial) -> None:
-    """Log the epochs Optuna recorded after the run's last logged step (store outage)."""
-    from pipeline.train import EpochResult
-
-    last = tracker.last_step(run_id, "val_accuracy")
-    for h in trial.user_attrs.get("history") or []:
-        if h["epoch"] > last:
-            tracker.log_metrics(run_id, EpochResult(**h).metrics(), step=h["epoch"])
 
 
 def _check_local_paths(*uris: str) -> None:

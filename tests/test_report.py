@@ -30,7 +30,8 @@ from pipeline import train
 from pipeline.cli import app
 from pipeline.config import load_study
 from pipeline.errors import RegistryError
-from pipeline.tune import PARENT_ATTR, checkpoint_dir, open_study, run_study, storage_url, tracking_uri
+from pipeline.track import PARENT_ATTR
+from pipeline.tune import checkpoint_dir, open_study, run_study, storage_url, tracking_uri
 
 from conftest import COLOURS, make_folder, study_dict, write_image, write_study
 

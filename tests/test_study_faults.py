@@ -19,7 +19,8 @@ from pipeline import tune
 from pipeline.config import load_study
 from pipeline.errors import DataError, StudyStateError, TrackingError
 from pipeline.track import Tracker
-from pipeline.tune import Reporter, close_stale_runs, open_study, run_study, storage_url, sync_runs
+from pipeline.track import reconcile
+from pipeline.tune import Reporter, open_study, run_study, storage_url
 
 from conftest import study_dict, write_study
 
@@ -208,9 +209,9 @@ def test_tracking_server_down_mid_study_keeps_results_in_optuna(sweep_home, tmp_
         assert sorted(stuck) == [0, 1] and stuck[1].info.status == "RUNNING"
         tracker = Tracker(uri, cfg.experiment_name)
         tracker.open_parent("tiny", outcome.parent_run_id, {})
-        close_stale_runs(outcome.study, tracker)
-        assert sync_runs(outcome.study, tracker) == [2]
-        assert sync_runs(outcome.study, tracker) == [], "a second sync creates nothing"
+        trials = outcome.study.get_trials(deepcopy=False)
+        assert reconcile(tracker, trials, outcome.study.study_name) == [2]
+        assert reconcile(tracker, trials, outcome.study.study_name) == [], "a second sync creates nothing"
         runs = _nested_runs(cfg)
         assert sorted(runs) == [0, 1, 2]
         for number, run in runs.items():
