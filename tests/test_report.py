@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import optuna
 import pandas as pd
 import pytest
+from conftest import COLOURS, make_folder, study_dict, write_image, write_study
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
@@ -30,10 +31,9 @@ from pipeline import train
 from pipeline.cli import app
 from pipeline.config import load_study
 from pipeline.errors import RegistryError
+from pipeline.stores import checkpoint_dir, storage_url, tracking_uri
 from pipeline.track import PARENT_ATTR
-from pipeline.tune import checkpoint_dir, open_study, run_study, storage_url, tracking_uri
-
-from conftest import COLOURS, make_folder, study_dict, write_image, write_study
+from pipeline.tune import open_study, run_study
 
 # Measured on this data: frozen random features (freeze_depth 5) + a head trained at lr 0.2 separate
 # the two colours within 2 epochs of 4 batches; training layer4 at lr 0.01 stays at chance.
@@ -172,6 +172,16 @@ def test_report_files(done):
     text = (folder / "report.md").read_text()
     assert "**Trial 1**" in text and "`tiny-classifier` version 1" in text
     assert "trial 3: ValueError: boom at train.py:1" in text
+    trials_table = text.split("## Trials", 1)[1].split("\n\n")[2].splitlines()
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in trials_table]
+    assert cells[0] == [c for c in frame.columns if c != "mlflow_run_id"]
+    assert [row[:2] for row in cells[2:]] == [["1", "COMPLETE"], ["2", "PRUNED"], ["0", "COMPLETE"], ["3", "FAIL"]]
+    assert cells[-1][cells[0].index("best_val_accuracy")] == "" and cells[-1][cells[0].index("best_epoch")] == ""
+    assert f"{done.first.test.n_images} images" in text and "| true ants |" in text
+    assert [p.name for p in done.first.files] == [
+        "trials.csv", "optimization_history.png", "param_importances.png", "learning_curves.png",
+        *(f"val_accuracy_vs_{p}.png" for p in ("lr", "momentum", "freeze_depth", "aug_strength")),
+        "confusion_matrix.png", "report.md"]
     for name in ("optimization_history", "param_importances", "learning_curves", "confusion_matrix",
                  *(f"val_accuracy_vs_{p}" for p in ("lr", "momentum", "freeze_depth", "aug_strength"))):
         png = folder / f"{name}.png"
@@ -327,78 +337,6 @@ def test_report_cli_prints_summary_and_changes_nothing(done, monkeypatch):
     assert "model 'tiny-classifier' version 1 already registered" in result.stdout
     client = MlflowClient(tracking_uri(done.cfg), registry_uri=tracking_uri(done.cfg))
     assert len(client.search_model_versions("name='tiny-classifier'")) == 1
-
-
-# ---- selection and clean-up on hand-made trials (no training) -----------------------------------
-
-def _study_with(values_states: list[tuple[float | None, TrialState]], folder: Path | None = None) -> optuna.Study:
-    """An in-memory study; with `folder`, each trial gets a checkpoint file there."""
-    study = optuna.create_study()
-    dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True)}
-    for number, (value, state) in enumerate(values_states):
-        extra = {"intermediate_values": {0: value}} if state == TrialState.PRUNED else {}
-        attrs = {}
-        if folder is not None:
-            (folder / f"trial-{number}.pt").write_bytes(b"x")
-            attrs["checkpoint"] = str(folder / f"trial-{number}.pt")
-        study.add_trial(create_trial(state=state, value=value, params={"lr": 0.01}, distributions=dist,
-                                     user_attrs=attrs, **extra))
-    return study
-
-
-def test_selection_ties_go_to_the_lower_trial_number_and_follow_direction():
-    C, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
-    study = _study_with([(0.8, C), (0.9, C), (0.9, C), (1.0, P), (None, F)])
-    assert R.select_trial(study.trials, "maximize").number == 1
-    assert [t.number for t in R.ranked_complete(study.trials, "maximize")] == [1, 2, 0]
-    assert R.select_trial(study.trials, "minimize").number == 0
-
-
-def test_no_complete_trial_message_counts_states():
-    study = _study_with([(0.5, TrialState.PRUNED), (None, TrialState.FAIL), (None, TrialState.FAIL)])
-    with pytest.raises(RegistryError) as err:
-        R.select_trial(study.trials, "maximize", "s")
-    assert str(err.value).startswith("study 's' has no COMPLETE trial (1 pruned, 2 failed): nothing to test")
-
-
-@pytest.mark.parametrize("keep_top_k, kept", [(0, [2]), (1, [2]), (2, [0, 2]), (9, [0, 1, 2])])
-def test_clean_checkpoints_keeps_top_k_complete_and_selected(tmp_path, keep_top_k, kept):
-    C, P = TrialState.COMPLETE, TrialState.PRUNED
-    study = _study_with([(0.8, C), (0.7, C), (0.9, C), (1.0, P)], tmp_path)
-    trials = study.get_trials()
-    selected = R.select_trial(trials, "maximize")
-    result = R.clean_checkpoints(trials, selected, "maximize", keep_top_k, "unused")
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted([f"trial-{n}.pt" for n in kept] + ["trial-3.pt"])  # PRUNED file untouched
-    assert sorted(p.name for p in result.kept) == [f"trial-{n}.pt" for n in kept]
-
-
-def test_best_of_history_keeps_the_earlier_epoch_on_ties():
-    h = [{"epoch": i, "val_accuracy": a, "val_loss": l} for i, (a, l) in enumerate([(0.5, 0.9), (0.8, 0.4),
-                                                                                   (0.8, 0.4), (0.7, 0.6)])]
-    assert R.best_of_history(h, "val_accuracy", "maximize") == (0.8, 1)
-    assert R.best_of_history(h, "val_loss", "minimize") == (0.4, 1)
-    assert R.best_of_history([], "val_accuracy", "maximize")[1] is None
-
-
-def test_trials_frame_of_a_val_loss_study_sorts_ascending(tmp_path):
-    from pipeline.config import StudyConfig
-
-    tree = study_dict(tmp_path, study={"name": "loss", "metric": "val_loss", "direction": "minimize"})
-    cfg = StudyConfig.model_validate(tree)
-    study = optuna.create_study(direction="minimize")
-    dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True),
-            "freeze_depth": optuna.distributions.IntDistribution(0, 2)}
-    for loss, acc in [(0.6, 0.7), (0.3, 0.9), (0.9, 0.5)]:
-        history = [{"epoch": 0, "val_loss": loss + 0.1, "val_accuracy": acc - 0.1},
-                   {"epoch": 1, "val_loss": loss, "val_accuracy": acc}]
-        study.add_trial(create_trial(value=loss, params={"lr": 0.01, "freeze_depth": 1}, distributions=dist,
-                                     user_attrs={"history": history, "epochs_run": 2, "seconds": 1.0}))
-    frame = R.trials_frame(study, cfg)
-    assert list(frame.columns) == ["number", "state", "lr", "freeze_depth", "best_val_loss", "best_val_accuracy",
-                                   "best_epoch", "epochs_run", "seconds", "mlflow_run_id"]
-    assert list(frame["number"]) == [1, 0, 2] and list(frame["best_epoch"]) == [1, 1, 1]
-    assert list(frame["best_val_loss"]) == [0.3, 0.6, 0.9]
 
 
 def test_unwritable_report_folder_is_one_line(tmp_path, monkeypatch, study_file):
