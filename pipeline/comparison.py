@@ -25,11 +25,16 @@ from pipeline.errors import RegistryError
 
 BASE_COLUMNS = ("number", "state")
 RESULT_COLUMNS = ("best_epoch", "epochs_run", "seconds", "mlflow_run_id")
-STATE_WORDS = {TrialState.PRUNED: "pruned", TrialState.FAIL: "failed", TrialState.RUNNING: "running",
-               TrialState.WAITING: "waiting"}
+STATE_WORDS = {
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
 
 
 # ---- the trials table --------------------------------------------------------------------------
+
 
 def best_of_history(history: Sequence[dict[str, Any]], metric: str, direction: str) -> tuple[float, int | None]:
     """Best value of `metric` over a trial's epochs and its 0-based epoch.
@@ -85,21 +90,38 @@ def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
     for t in trials:
         history = t.user_attrs.get("history", [])
         best, epoch = best_of_history(history, metric, direction)
-        rows.append({"number": t.number, "state": t.state.name, **{p: t.params.get(p) for p in names},
-                     "best_val_accuracy": best_of_history(history, "val_accuracy", "maximize")[0],
-                     f"best_{metric}": best, "best_epoch": epoch, "epochs_run": epochs_run(t),
-                     "seconds": trial_seconds(t), "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                **{p: t.params.get(p) for p in names},
+                "best_val_accuracy": best_of_history(history, "val_accuracy", "maximize")[0],
+                f"best_{metric}": best,
+                "best_epoch": epoch,
+                "epochs_run": epochs_run(t),
+                "seconds": trial_seconds(t),
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            }
+        )
     values = ["best_val_accuracy"] if metric == "val_accuracy" else [f"best_{metric}", "best_val_accuracy"]
     frame = pd.DataFrame(rows, columns=[*BASE_COLUMNS, *names, *values, *RESULT_COLUMNS])
     frame["best_epoch"] = frame["best_epoch"].astype("Int64")
     unfinished = ~frame["state"].isin(["COMPLETE", "PRUNED"])
-    return (frame.assign(_unfinished=unfinished)
-            .sort_values(["_unfinished", f"best_{metric}", "number"], ascending=[True, direction == "minimize", True],
-                         na_position="last", kind="stable")
-            .drop(columns="_unfinished").reset_index(drop=True))
+    return (
+        frame.assign(_unfinished=unfinished)
+        .sort_values(
+            ["_unfinished", f"best_{metric}", "number"],
+            ascending=[True, direction == "minimize", True],
+            na_position="last",
+            kind="stable",
+        )
+        .drop(columns="_unfinished")
+        .reset_index(drop=True)
+    )
 
 
 # ---- compute ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Compute:
@@ -150,6 +172,7 @@ def compute_spent(trials: Sequence[FrozenTrial], planned_epochs: int) -> Compute
 
 # ---- ranking and selection ----------------------------------------------------------------------
 
+
 def ranked_complete(trials: Sequence[FrozenTrial], direction: str) -> list[FrozenTrial]:
     """COMPLETE trials with a value, best first in `direction`; ties: lower trial number first."""
     sign = -1.0 if direction == "maximize" else 1.0
@@ -182,6 +205,7 @@ def checkpoint_path(trial: FrozenTrial, study_name: str) -> Path:
 
 # ---- which checkpoints stay ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Cleanup:
     """Checkpoint files of COMPLETE trials after `clean_checkpoints`."""
@@ -190,8 +214,9 @@ class Cleanup:
     deleted: tuple[Path, ...]  # deleted by this call (empty when an earlier report deleted them)
 
 
-def clean_checkpoints(trials: Sequence[FrozenTrial], selected: FrozenTrial, direction: str,
-                      keep_top_k: int, study_name: str) -> Cleanup:
+def clean_checkpoints(
+    trials: Sequence[FrozenTrial], selected: FrozenTrial, direction: str, keep_top_k: int, study_name: str
+) -> Cleanup:
     """Delete the checkpoints of COMPLETE trials outside the top `keep_top_k`; the selected trial's
     is always kept. Only COMPLETE trials' files are touched: a trial still running elsewhere may be
     writing its own, and PRUNED/FAIL trials never write one."""

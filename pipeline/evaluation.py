@@ -10,6 +10,7 @@ choose anything.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,8 +61,8 @@ class TestEvaluation:
     __test__ = False  # not a pytest class
 
     def to_record(self) -> dict[str, Any]:
-        """Plain JSON values (lists for tuples), as stored in the study user attr."""
-        return asdict(self)
+        """Plain JSON values (lists for tuples): what the study user attr holds once stored."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> TestEvaluation:
@@ -71,13 +72,21 @@ class TestEvaluation:
 
     def per_class(self) -> pd.DataFrame:
         """One row per class: class, precision, recall, f1, support."""
-        return pd.DataFrame({"class": self.classes, "precision": self.precision, "recall": self.recall,
-                             "f1": self.f1, "support": self.support})
+        return pd.DataFrame(
+            {
+                "class": self.classes,
+                "precision": self.precision,
+                "recall": self.recall,
+                "f1": self.f1,
+                "support": self.support,
+            }
+        )
 
     def confusion_frame(self) -> pd.DataFrame:
         """The confusion matrix with `true <class>` rows and `pred <class>` columns."""
-        return pd.DataFrame(self.confusion, index=[f"true {c}" for c in self.classes],
-                            columns=[f"pred {c}" for c in self.classes])
+        return pd.DataFrame(
+            self.confusion, index=[f"true {c}" for c in self.classes], columns=[f"pred {c}" for c in self.classes]
+        )
 
 
 def evaluation_key(trial_number: int, sha256: str) -> str:
@@ -126,25 +135,38 @@ def evaluate_on_test(cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str)
             f"{cfg.data.root}: classes {splits.class_to_idx} differ from the selected checkpoint's "
             f"{checkpoint.class_to_idx}; restore the data the study was run on"
         )
-    loader = D.make_loader(splits.root, splits.test, D.eval_transform(eval_preprocess(checkpoint)),
-                           cfg.data.batch_size, cfg.data.num_workers, shuffle=False)
+    loader = D.make_loader(
+        splits.root,
+        splits.test,
+        D.eval_transform(eval_preprocess(checkpoint)),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        shuffle=False,
+    )
     device = TR.pick_device(cfg.training.device)
     result = TR.evaluate(rebuild(checkpoint).to(device), loader, torch.nn.CrossEntropyLoss(), device)
     labels, preds = result.labels.numpy(), result.predictions.numpy()
     idx = list(range(len(splits.classes)))
     precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
     return TestEvaluation(
-        trial_number=checkpoint.trial_number, checkpoint_sha256=sha256, classes=tuple(splits.classes),
-        n_images=len(labels), accuracy=float(result.accuracy), loss=float(result.loss),
-        precision=tuple(map(float, precision)), recall=tuple(map(float, recall)), f1=tuple(map(float, f1)),
+        trial_number=checkpoint.trial_number,
+        checkpoint_sha256=sha256,
+        classes=tuple(splits.classes),
+        n_images=len(labels),
+        accuracy=float(result.accuracy),
+        loss=float(result.loss),
+        precision=tuple(map(float, precision)),
+        recall=tuple(map(float, recall)),
+        f1=tuple(map(float, f1)),
         support=tuple(map(int, support)),
         confusion=tuple(tuple(map(int, row)) for row in confusion_matrix(labels, preds, labels=idx)),
         evaluated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
 
 
-def evaluate_once(study: optuna.Study, cfg: StudyConfig, checkpoint: TrialCheckpoint,
-                  sha256: str) -> tuple[TestEvaluation, bool]:
+def evaluate_once(
+    study: optuna.Study, cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str
+) -> tuple[TestEvaluation, bool]:
     """The test evaluation of this exact checkpoint: the one stored in the study, else evaluate
     it now and store it.
 

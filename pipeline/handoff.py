@@ -15,8 +15,15 @@ from pipeline.evaluation import TestEvaluation, eval_preprocess, rebuild
 from pipeline.track import Tracker
 
 
-def register_selected(cfg: StudyConfig, tracker: Tracker, parent: str | None, selected: FrozenTrial,
-                      checkpoint: TrialCheckpoint, sha256: str, evaluation: TestEvaluation) -> registry.Registered:
+def register_selected(
+    cfg: StudyConfig,
+    tracker: Tracker,
+    parent: str | None,
+    selected: FrozenTrial,
+    checkpoint: TrialCheckpoint,
+    sha256: str,
+    evaluation: TestEvaluation,
+) -> registry.Registered:
     """Register the selected checkpoint once under `registry.model_name` and point the alias at it.
 
     The model is attached to the selected trial's nested run when it is in `tracker`'s store, else
@@ -29,9 +36,16 @@ def register_selected(cfg: StudyConfig, tracker: Tracker, parent: str | None, se
     """
     run_id = existing_run(tracker, selected.user_attrs.get("mlflow_run_id")) or existing_run(tracker, parent)
     return registry.register(
-        lambda: export(cfg, selected, checkpoint, sha256, evaluation, parent), study=cfg.study.name,
-        sha256=sha256, tracking=tracker.uri, experiment_id=tracker.experiment_id, run_id=run_id,
-        name=cfg.registry.model_name, alias=cfg.registry.alias, serialization_format=cfg.registry.serialization_format)
+        lambda: export(cfg, selected, checkpoint, sha256, evaluation, parent),
+        study=cfg.study.name,
+        sha256=sha256,
+        tracking=tracker.uri,
+        experiment_id=tracker.experiment_id,
+        run_id=run_id,
+        name=cfg.registry.model_name,
+        alias=cfg.registry.alias,
+        serialization_format=cfg.registry.serialization_format,
+    )
 
 
 def existing_run(tracker: Tracker, run_id: str | None) -> str | None:
@@ -50,13 +64,21 @@ def existing_run(tracker: Tracker, run_id: str | None) -> str | None:
     except MlflowException as err:
         if registry.not_found(err):
             return None  # the run lives in another store (a different --tracking-uri)
-        raise RegistryError(f"looking up MLflow run {run_id} in {tracker.uri} failed: {first_line(err)}; "
-                            "nothing was registered: run `sweep report` again once the store answers") from None
+        raise RegistryError(
+            f"looking up MLflow run {run_id} in {tracker.uri} failed: {first_line(err)}; "
+            "nothing was registered: run `sweep report` again once the store answers"
+        ) from None
     return run_id
 
 
-def export(cfg: StudyConfig, selected: FrozenTrial, checkpoint: TrialCheckpoint, sha256: str,
-           evaluation: TestEvaluation, parent: str | None) -> registry.Export:
+def export(
+    cfg: StudyConfig,
+    selected: FrozenTrial,
+    checkpoint: TrialCheckpoint,
+    sha256: str,
+    evaluation: TestEvaluation,
+    parent: str | None,
+) -> registry.Export:
     """The registered model with the metadata that makes it usable alone, and its lineage tags.
 
     Metadata: classes (index order), class_to_idx, preprocess, arch, weights_origin, study,
@@ -68,22 +90,35 @@ def export(cfg: StudyConfig, selected: FrozenTrial, checkpoint: TrialCheckpoint,
     """
     metric = cfg.study.metric
     metadata = {
-        "classes": list(evaluation.classes), "class_to_idx": dict(checkpoint.class_to_idx),
-        "preprocess": dict(checkpoint.preprocess), "arch": checkpoint.arch,
-        "weights_origin": checkpoint.weights_origin, "study": cfg.study.name,
-        "trial_number": selected.number, "best_epoch": checkpoint.best_epoch,
-        "params": dict(checkpoint.params), metric: checkpoint.value,
-        "test_accuracy": evaluation.accuracy, "checkpoint_sha256": sha256,
+        "classes": list(evaluation.classes),
+        "class_to_idx": dict(checkpoint.class_to_idx),
+        "preprocess": dict(checkpoint.preprocess),
+        "arch": checkpoint.arch,
+        "weights_origin": checkpoint.weights_origin,
+        "study": cfg.study.name,
+        "trial_number": selected.number,
+        "best_epoch": checkpoint.best_epoch,
+        "params": dict(checkpoint.params),
+        metric: checkpoint.value,
+        "test_accuracy": evaluation.accuracy,
+        "checkpoint_sha256": sha256,
         "output": "class probabilities (softmax), columns in `classes` order",
     }
-    tags = {registry.STUDY_TAG: cfg.study.name, registry.TRIAL_TAG: str(selected.number),
-            registry.PARENT_TAG: parent or "", registry.RUN_TAG: selected.user_attrs.get("mlflow_run_id") or "",
-            registry.SHA_TAG: sha256}
-    description = (f"study {cfg.study.name}, trial {selected.number} (epoch {checkpoint.best_epoch}): "
-                   f"{metric} {checkpoint.value:.4f}, test accuracy {evaluation.accuracy:.4f} "
-                   f"on {evaluation.n_images} images; {checkpoint.arch} from {checkpoint.weights_origin}")
-    return registry.Export(registry.export_module(rebuild(checkpoint)), input_example(cfg, checkpoint),
-                           metadata, tags, description)
+    tags = {
+        registry.STUDY_TAG: cfg.study.name,
+        registry.TRIAL_TAG: str(selected.number),
+        registry.PARENT_TAG: parent or "",
+        registry.RUN_TAG: selected.user_attrs.get("mlflow_run_id") or "",
+        registry.SHA_TAG: sha256,
+    }
+    description = (
+        f"study {cfg.study.name}, trial {selected.number} (epoch {checkpoint.best_epoch}): "
+        f"{metric} {checkpoint.value:.4f}, test accuracy {evaluation.accuracy:.4f} "
+        f"on {evaluation.n_images} images; {checkpoint.arch} from {checkpoint.weights_origin}"
+    )
+    return registry.Export(
+        registry.export_module(rebuild(checkpoint)), input_example(cfg, checkpoint), metadata, tags, description
+    )
 
 
 def input_example(cfg: StudyConfig, checkpoint: TrialCheckpoint) -> np.ndarray:

@@ -33,9 +33,16 @@ def table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
     return cells.to_markdown(index=False, floatfmt=floatfmt)
 
 
-def write_markdown(folder: Path, cfg: StudyConfig, trials: Sequence[FrozenTrial], frame: pd.DataFrame,
-                   compute: Compute, outcome: Outcome | None = None, notes: Sequence[str] = (),
-                   plots: Sequence[Path] = ()) -> Path:
+def write_markdown(
+    folder: Path,
+    cfg: StudyConfig,
+    trials: Sequence[FrozenTrial],
+    frame: pd.DataFrame,
+    compute: Compute,
+    outcome: Outcome | None = None,
+    notes: Sequence[str] = (),
+    plots: Sequence[Path] = (),
+) -> Path:
     """Write `folder/report.md` (UTF-8) and return its path.
 
     Sections: header with trial counts by state, the selected trial / test split / registered
@@ -46,25 +53,42 @@ def write_markdown(folder: Path, cfg: StudyConfig, trials: Sequence[FrozenTrial]
         OSError: the file cannot be written.
     """
     counts = frame["state"].value_counts().to_dict()
-    lines = [f"# Study report: {cfg.study.name}", "",
-             f"Metric: `{cfg.study.metric}` ({cfg.study.direction}); trials: "
-             + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())), ""]
+    lines = [
+        f"# Study report: {cfg.study.name}",
+        "",
+        f"Metric: `{cfg.study.metric}` ({cfg.study.direction}); trials: "
+        + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
+        "",
+    ]
     if outcome is None:
         lines += ["**No COMPLETE trial**: nothing was tested or registered.", ""]
     else:
         lines += selection_lines(cfg, outcome)
     lines += compute_lines(compute)
-    lines += ["## Trials", "", f"Sorted by `{cfg.study.metric}`; `seconds` is wall time; epochs are 0-based.",
-              "", table(frame.drop(columns=["mlflow_run_id"])), ""]
+    lines += [
+        "## Trials",
+        "",
+        f"Sorted by `{cfg.study.metric}`; `seconds` is wall time; epochs are 0-based.",
+        "",
+        table(frame.drop(columns=["mlflow_run_id"])),
+        "",
+    ]
     failed = fail_reasons(trials)
     if failed:
         lines += ["Failed trials:", "", *[f"- trial {n}: {r}" for n, r in failed], ""]
     lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     if outcome is not None:
         c = outcome.cleanup
-        lines += ["## Checkpoints", "", (f"Kept: {', '.join(p.name for p in c.kept) or 'none'}; "
-                  f"deleted by this report: {', '.join(p.name for p in c.deleted) or 'none'} "
-                  f"(registry.keep_top_k = {cfg.registry.keep_top_k}, the selected trial is always kept)."), ""]
+        lines += [
+            "## Checkpoints",
+            "",
+            (
+                f"Kept: {', '.join(p.name for p in c.kept) or 'none'}; "
+                f"deleted by this report: {', '.join(p.name for p in c.deleted) or 'none'} "
+                f"(registry.keep_top_k = {cfg.registry.keep_top_k}, the selected trial is always kept)."
+            ),
+            "",
+        ]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     path = folder / "report.md"
@@ -77,35 +101,58 @@ def selection_lines(cfg: StudyConfig, outcome: Outcome) -> list[str]:
     selected, test, registered = outcome.selected, outcome.test, outcome.registered
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in selected.params.items())
     return [
-        "## Selected trial", "",
-        (f"**Trial {selected.number}**: {cfg.study.metric} {selected.value:.4f} at epoch "
-        f"{selected.user_attrs.get('best_epoch')} ({params}). Chosen among COMPLETE trials by "
-        f"`{cfg.study.metric}` (ties: lower trial number); test figures never choose anything."), "",
-        f"## Test split (sealed; evaluated once, {test.evaluated_at})", "",
-        (f"Accuracy **{test.accuracy:.4f}** on {test.n_images} images "
-        f"(mean cross-entropy {test.loss:.4f}); checkpoint sha256 `{test.checkpoint_sha256[:16]}…`."), "",
-        table(test.per_class(), floatfmt=".4f"), "",
-        "Confusion matrix (rows: true class, columns: predicted):", "",
-        table(test.confusion_frame().reset_index(names="")), "",
-        "![confusion matrix](confusion_matrix.png)", "",
-        "## Registered model", "",
-        (f"`{registered.name}` version {registered.version}, alias `{registered.alias}`: "
-        f"load it with `{registered.uri}`."), "",
+        "## Selected trial",
+        "",
+        (
+            f"**Trial {selected.number}**: {cfg.study.metric} {selected.value:.4f} at epoch "
+            f"{selected.user_attrs.get('best_epoch')} ({params}). Chosen among COMPLETE trials by "
+            f"`{cfg.study.metric}` (ties: lower trial number); test figures never choose anything."
+        ),
+        "",
+        f"## Test split (sealed; evaluated once, {test.evaluated_at})",
+        "",
+        (
+            f"Accuracy **{test.accuracy:.4f}** on {test.n_images} images "
+            f"(mean cross-entropy {test.loss:.4f}); checkpoint sha256 `{test.checkpoint_sha256[:16]}…`."
+        ),
+        "",
+        table(test.per_class(), floatfmt=".4f"),
+        "",
+        "Confusion matrix (rows: true class, columns: predicted):",
+        "",
+        table(test.confusion_frame().reset_index(names="")),
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "## Registered model",
+        "",
+        (
+            f"`{registered.name}` version {registered.version}, alias `{registered.alias}`: "
+            f"load it with `{registered.uri}`."
+        ),
+        "",
     ]
 
 
 def compute_lines(c: Compute) -> list[str]:
     """The compute section: trial-epochs and seconds spent, and what pruning saved."""
     return [
-        "## Compute", "",
+        "## Compute",
+        "",
         f"Spent: {c.trial_epochs} trial-epochs, {c.seconds:.1f} s of trial wall time.",
-        (f"Pruning stopped {c.pruned_trials} trial(s) early and saved {c.epochs_saved} trial-epochs "
-        f"(about {c.seconds_saved:.1f} s at each pruned trial's mean epoch time), "
-        f"{100 * c.saved_fraction:.0f}% of running every trial to its last epoch."), "",
+        (
+            f"Pruning stopped {c.pruned_trials} trial(s) early and saved {c.epochs_saved} trial-epochs "
+            f"(about {c.seconds_saved:.1f} s at each pruned trial's mean epoch time), "
+            f"{100 * c.saved_fraction:.0f}% of running every trial to its last epoch."
+        ),
+        "",
     ]
 
 
 def fail_reasons(trials: Sequence[FrozenTrial]) -> list[tuple[int, str]]:
     """(trial number, recorded `fail_reason`) of every FAIL trial, in trial order."""
-    return [(t.number, t.user_attrs.get("fail_reason") or "no reason recorded (process stopped)")
-            for t in trials if t.state == TrialState.FAIL]
+    return [
+        (t.number, t.user_attrs.get("fail_reason") or "no reason recorded (process stopped)")
+        for t in trials
+        if t.state == TrialState.FAIL
+    ]

@@ -33,8 +33,9 @@ STATE_STYLE: dict[str, dict[str, Any]] = {
 STATE_COLOUR = {"COMPLETE": "tab:green", "PRUNED": "grey", "FAIL": "tab:red", "RUNNING": "tab:purple"}
 
 
-def write_plots(study: optuna.Study, cfg: StudyConfig, frame: pd.DataFrame, folder: Path,
-                selected: int | None) -> tuple[list[Path], list[str]]:
+def write_plots(
+    study: optuna.Study, cfg: StudyConfig, frame: pd.DataFrame, folder: Path, selected: int | None
+) -> tuple[list[Path], list[str]]:
     """Write the comparison plots as PNG files into `folder` (an existing folder).
 
     A plot that cannot be drawn yet (no COMPLETE trial, no epoch reported) is skipped with a note,
@@ -110,24 +111,32 @@ def history_plot(study: optuna.Study, cfg: StudyConfig, path: Path) -> str | Non
 
 
 def importance_plot(study: optuna.Study, cfg: StudyConfig, path: Path) -> str | None:
-    """Optuna's parameter importances (fANOVA over COMPLETE trials) of the parameters that vary.
+    """Optuna's parameter importances (its default evaluator, PED-ANOVA, over COMPLETE trials) of
+    the parameters that vary.
 
     Returns:
-        None when written, else why it was skipped (fewer than 2 COMPLETE trials, no parameter
-        that varies, or an evaluator that rejects the study).
+        None when written, else why it was skipped: fewer than 2 COMPLETE trials, no parameter
+        that varies, or one value for every trial (the evaluator would draw equal bars that mean
+        nothing).
     """
     from optuna.visualization.matplotlib import plot_param_importances
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varying = [p for p in cfg.search_space if len({repr(t.params.get(p)) for t in done}) > 1]
     if len(done) < 2 or not varying:
-        return (f"parameter importances skipped: they need at least 2 COMPLETE trials whose "
-                f"parameters differ (this study has {len(done)} COMPLETE trial(s))")
+        return (
+            f"parameter importances skipped: they need at least 2 COMPLETE trials whose "
+            f"parameters differ (this study has {len(done)} COMPLETE trial(s))"
+        )
+    values = {t.value for t in done}
+    if len(values) == 1:
+        return (
+            f"parameter importances skipped: every COMPLETE trial has the same {cfg.study.metric} "
+            f"({values.pop():.4g}), so no parameter explains a difference"
+        )
     try:
         _save_optuna_plot(lambda: plot_param_importances(study, params=varying, target_name=cfg.study.metric), path)
-    except (ValueError, RuntimeError) as err:
-        # ValueError: a search space that changed between trials; RuntimeError: fANOVA finds zero
-        # variance (every trial has the same value).
+    except ValueError as err:  # a parameter no COMPLETE trial sampled (the search space changed)
         return f"parameter importances skipped: {first_line(err)}"
     return None
 
@@ -155,15 +164,28 @@ def learning_curves(study: optuna.Study, cfg: StudyConfig, path: Path, selected:
             style.update(linewidth=2.8, color="black", alpha=1.0)
         x, y = [h["epoch"] for h in history], [h["val_accuracy"] for h in history]
         (line,) = ax.plot(x, y, marker=".", **style)
-        ax.annotate(str(t.number), (x[-1], y[-1]), xytext=(4, 0), textcoords="offset points",
-                    fontsize="x-small", color=line.get_color())
-    proxies = {"complete (one colour per trial)": {**STATE_STYLE["COMPLETE"], "color": "tab:blue"},
-               "pruned": STATE_STYLE["PRUNED"], "fail": STATE_STYLE["FAIL"]}
+        ax.annotate(
+            str(t.number),
+            (x[-1], y[-1]),
+            xytext=(4, 0),
+            textcoords="offset points",
+            fontsize="x-small",
+            color=line.get_color(),
+        )
+    proxies = {
+        "complete (one colour per trial)": {**STATE_STYLE["COMPLETE"], "color": "tab:blue"},
+        "pruned": STATE_STYLE["PRUNED"],
+        "fail": STATE_STYLE["FAIL"],
+    }
     if selected is not None:
         proxies[f"selected (trial {selected})"] = {"color": "black", "linewidth": 2.8}
     ax.legend(handles=[Line2D([], [], label=k, **v) for k, v in proxies.items()], loc="best", fontsize="small")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch (step)", ylabel="val accuracy", title=f"val accuracy per epoch, labelled by trial\n{cfg.study.name}")
+    ax.set(
+        xlabel="epoch (step)",
+        ylabel="val accuracy",
+        title=f"val accuracy per epoch, labelled by trial\n{cfg.study.name}",
+    )
     ax.grid(alpha=0.3)
     _save(fig, path)
     return path
@@ -183,8 +205,13 @@ def param_plot(frame: pd.DataFrame, cfg: StudyConfig, name: str, path: Path) -> 
         return f"val accuracy vs {name} skipped: no trial has reported an epoch yet"
     fig, ax = _figure(5, 3.6)
     for state, group in rows.groupby("state"):
-        ax.scatter(group[name], group["best_val_accuracy"], label=str(state).lower(), alpha=0.8,
-                   color=STATE_COLOUR.get(str(state), "tab:purple"))
+        ax.scatter(
+            group[name],
+            group["best_val_accuracy"],
+            label=str(state).lower(),
+            alpha=0.8,
+            color=STATE_COLOUR.get(str(state), "tab:purple"),
+        )
     p = cfg.search_space[name]
     if isinstance(p, (FloatParam, IntParam)) and p.log:
         ax.set_xscale("log")
@@ -203,7 +230,8 @@ def confusion_plot(evaluation: TestEvaluation, path: Path) -> Path:
     n = len(evaluation.classes)
     fig, ax = _figure(2.2 + 0.6 * n, 1.8 + 0.6 * n)
     ConfusionMatrixDisplay(np.array(evaluation.confusion), display_labels=list(evaluation.classes)).plot(
-        ax=ax, colorbar=False, cmap="Blues")
+        ax=ax, colorbar=False, cmap="Blues"
+    )
     ax.set_title(f"test split, trial {evaluation.trial_number} (accuracy {evaluation.accuracy:.3f})")
     _save(fig, path)
     return path

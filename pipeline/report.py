@@ -84,11 +84,16 @@ class ReportResult:
         r, t = self.registered, self.test
         tested = "evaluated now" if self.evaluated_now else "stored evaluation, not re-run"
         version = "registered" if r.created else "already registered"
-        alias = (f"alias '{r.alias}' -> version {r.version}" if r.previous_alias_version in (None, r.version)
-                 else f"alias '{r.alias}' moved from version {r.previous_alias_version} to {r.version}")
+        alias = (
+            f"alias '{r.alias}' -> version {r.version}"
+            if r.previous_alias_version in (None, r.version)
+            else f"alias '{r.alias}' moved from version {r.previous_alias_version} to {r.version}"
+        )
         lines = [
-            (f"selected trial {self.selected_trial} of study '{self.study_name}': {self.metric} "
-            f"{self.val_value:.4f} (epoch {self.best_epoch})"),
+            (
+                f"selected trial {self.selected_trial} of study '{self.study_name}': {self.metric} "
+                f"{self.val_value:.4f} (epoch {self.best_epoch})"
+            ),
             f"test accuracy {t.accuracy:.4f} on {t.n_images} images ({tested})",
             f"model '{r.name}' version {r.version} {version}; {alias} ({r.uri})",
             f"checkpoints: kept {len(self.cleanup.kept)}, deleted {len(self.cleanup.deleted)}",
@@ -97,8 +102,9 @@ class ReportResult:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def run_report(cfg: StudyConfig, *, storage: str | None = None, tracking: str | None = None,
-               out: str | Path | None = None) -> ReportResult:
+def run_report(
+    cfg: StudyConfig, *, storage: str | None = None, tracking: str | None = None, out: str | Path | None = None
+) -> ReportResult:
     """Compare, select, test once, register, clean up and write the report (module docstring).
 
     Re-running on an unchanged study rewrites the report files but neither re-evaluates the test
@@ -117,14 +123,7 @@ def run_report(cfg: StudyConfig, *, storage: str | None = None, tracking: str | 
     trials = study.get_trials(deepcopy=False)
     folder = _make_folder(report_dir(cfg.study.name, out))
     notes: list[str] = []
-    tracker = Tracker(stores.tracking_uri(cfg, tracking), cfg.experiment_name, stores.artifact_root(),
-                      warn=notes.append)
-    parent = study.user_attrs.get(PARENT_ATTR)
-    if parent:  # trials run while the store was down get their runs now that it answers
-        tracker.parent_id = parent
-        synced = reconcile(tracker, trials, cfg.study.name)
-        if synced:
-            notes.append(f"MLflow runs of trial(s) {', '.join(map(str, synced))} rebuilt from Optuna's record")
+    tracker, parent = _open_tracker(cfg, tracking, study, trials, notes)
     frame, compute = trials_frame(study, cfg), compute_spent(trials, cfg.training.epochs)
     ranked = ranked_complete(trials, cfg.study.direction)
     frame.to_csv(folder / "trials.csv", index=False)
@@ -140,14 +139,48 @@ def run_report(cfg: StudyConfig, *, storage: str | None = None, tracking: str | 
     files = (folder / "trials.csv", *plots, confusion, md)
     _log_files(tracker, parent, files)
     _tag_parent(tracker, parent, outcome, fresh)
-    selected = outcome.selected  # COMPLETE: it has a value
-    return ReportResult(cfg.study.name, folder, cfg.study.metric, selected.number, cast(float, selected.value),
-                        selected.user_attrs.get("best_epoch"), outcome.test, fresh, outcome.registered,
-                        outcome.cleanup, compute, files, tuple(notes))
+    return ReportResult(
+        study_name=cfg.study.name,
+        folder=folder,
+        metric=cfg.study.metric,
+        selected_trial=outcome.selected.number,
+        val_value=cast(float, outcome.selected.value),  # COMPLETE: it has a value
+        best_epoch=outcome.selected.user_attrs.get("best_epoch"),
+        test=outcome.test,
+        evaluated_now=fresh,
+        registered=outcome.registered,
+        cleanup=outcome.cleanup,
+        compute=compute,
+        files=files,
+        notes=tuple(notes),
+    )
 
 
-def _hand_off(cfg: StudyConfig, study: optuna.Study, trials: Sequence[FrozenTrial], selected: FrozenTrial,
-              tracker: Tracker, parent: str | None) -> tuple[Outcome, bool]:
+def _open_tracker(
+    cfg: StudyConfig, tracking: str | None, study: optuna.Study, trials: Sequence[FrozenTrial], notes: list[str]
+) -> tuple[Tracker, str | None]:
+    """The study's tracker and parent run id; trials run while the store was down get their runs
+    now that it answers (`track.reconcile`)."""
+    tracker = Tracker(
+        stores.tracking_uri(cfg, tracking), cfg.experiment_name, stores.artifact_root(), warn=notes.append
+    )
+    parent = study.user_attrs.get(PARENT_ATTR)
+    if parent:
+        tracker.parent_id = parent
+        synced = reconcile(tracker, trials, cfg.study.name)
+        if synced:
+            notes.append(f"MLflow runs of trial(s) {', '.join(map(str, synced))} rebuilt from Optuna's record")
+    return tracker, parent
+
+
+def _hand_off(
+    cfg: StudyConfig,
+    study: optuna.Study,
+    trials: Sequence[FrozenTrial],
+    selected: FrozenTrial,
+    tracker: Tracker,
+    parent: str | None,
+) -> tuple[Outcome, bool]:
     """Test the selected checkpoint once, register it, then delete the checkpoints not kept."""
     path = checkpoint_path(selected, cfg.study.name)
     checkpoint = checkpoints.TrialCheckpoint.load(path)
@@ -162,8 +195,10 @@ def _make_folder(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise TrackingError(f"{folder}: cannot create the report folder ({err.strerror or err}); "
-                            f"pass --out DIR or set {REPORTS_ENV} to a writable folder") from None
+        raise TrackingError(
+            f"{folder}: cannot create the report folder ({err.strerror or err}); "
+            f"pass --out DIR or set {REPORTS_ENV} to a writable folder"
+        ) from None
     return folder
 
 
@@ -174,8 +209,13 @@ def _log_files(tracker: Tracker, parent: str | None, files: Sequence[Path]) -> N
 
 def _tag_parent(tracker: Tracker, parent: str | None, outcome: Outcome, fresh: bool) -> None:
     test, registered = outcome.test, outcome.registered
-    tracker.set_tags(parent, {"sweep.selected_trial": str(outcome.selected.number),
-                              "sweep.test_accuracy": f"{test.accuracy:.6f}",
-                              "sweep.registered_model": f"{registered.name}/{registered.version}"})
+    tracker.set_tags(
+        parent,
+        {
+            "sweep.selected_trial": str(outcome.selected.number),
+            "sweep.test_accuracy": f"{test.accuracy:.6f}",
+            "sweep.registered_model": f"{registered.name}/{registered.version}",
+        },
+    )
     if fresh:  # logged once, with the one evaluation
         tracker.log_metrics(parent, {"test_accuracy": test.accuracy, "test_loss": test.loss}, step=0)

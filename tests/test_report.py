@@ -39,10 +39,12 @@ from pipeline.tune import open_study, run_study
 # the two colours within 2 epochs of 4 batches; training layer4 at lr 0.01 stays at chance.
 BAD = {"lr": 0.01, "momentum": 0.9, "freeze_depth": 4, "aug_strength": 0.0}
 GOOD = {"lr": 0.2, "momentum": 0.9, "freeze_depth": 5, "aug_strength": 0.0}
-SPACE = {"lr": {"type": "float", "low": 0.005, "high": 0.3, "log": True},
-         "momentum": {"type": "float", "low": 0.5, "high": 0.95},
-         "freeze_depth": {"type": "int", "low": 0, "high": 5},
-         "aug_strength": {"type": "float", "low": 0.0, "high": 0.5}}
+SPACE = {
+    "lr": {"type": "float", "low": 0.005, "high": 0.3, "log": True},
+    "momentum": {"type": "float", "low": 0.5, "high": 0.95},
+    "freeze_depth": {"type": "int", "low": 0, "high": 5},
+    "aug_strength": {"type": "float", "low": 0.0, "high": 0.5},
+}
 PRUNED_SECONDS_PER_EPOCH = 2.5
 
 
@@ -53,17 +55,40 @@ def _sha(path: Path) -> str:
 def _add_synthetic_trials(study: optuna.Study) -> None:
     """A PRUNED trial whose value beats every COMPLETE one, and a FAIL trial."""
     dists = study.trials[0].distributions
-    history = [{"epoch": 0, "train_loss": 0.1, "train_accuracy": 1.0, "val_loss": 0.1, "val_accuracy": 1.0,
-                "lr": 0.1, "seconds": PRUNED_SECONDS_PER_EPOCH}]
-    study.add_trial(create_trial(
-        state=TrialState.PRUNED, value=1.0, params={**GOOD, "lr": 0.1}, distributions=dists,
-        intermediate_values={0: 1.0}, user_attrs={"history": history, "epochs_run": 1, "seconds": 3.0},
-    ))
-    study.add_trial(create_trial(
-        state=TrialState.FAIL, params={**GOOD, "lr": 0.05}, distributions=dists,
-        user_attrs={"history": [], "epochs_run": 0, "seconds": 0.5,
-                    "fail_reason": "ValueError: boom at train.py:1"},
-    ))
+    history = [
+        {
+            "epoch": 0,
+            "train_loss": 0.1,
+            "train_accuracy": 1.0,
+            "val_loss": 0.1,
+            "val_accuracy": 1.0,
+            "lr": 0.1,
+            "seconds": PRUNED_SECONDS_PER_EPOCH,
+        }
+    ]
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            value=1.0,
+            params={**GOOD, "lr": 0.1},
+            distributions=dists,
+            intermediate_values={0: 1.0},
+            user_attrs={"history": history, "epochs_run": 1, "seconds": 3.0},
+        )
+    )
+    study.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params={**GOOD, "lr": 0.05},
+            distributions=dists,
+            user_attrs={
+                "history": [],
+                "epochs_run": 0,
+                "seconds": 0.5,
+                "fail_reason": "ValueError: boom at train.py:1",
+            },
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +98,13 @@ def done(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SWEEP_HOME", str(tmp / "mlruns"))
         images = make_folder(tmp / "images")
-        tree = study_dict(images, data={"batch_size": 4}, search_space=SPACE,
-                          training={"epochs": 2, "aug_strength": 0.0},
-                          registry={"model_name": "tiny-classifier", "alias": "champion", "keep_top_k": 1})
+        tree = study_dict(
+            images,
+            data={"batch_size": 4},
+            search_space=SPACE,
+            training={"epochs": 2, "aug_strength": 0.0},
+            registry={"model_name": "tiny-classifier", "alias": "champion", "keep_top_k": 1},
+        )
         study_file = write_study(tmp / "study.yaml", tree)
         cfg = load_study(study_file)
         study = open_study(cfg, storage_url(cfg))
@@ -97,10 +126,19 @@ def done(tmp_path_factory):
         first = R.run_report(cfg)
         second = R.run_report(cfg)
         mp.setattr(train, "evaluate", real_evaluate)
-        yield SimpleNamespace(cfg=cfg, tmp=tmp, home=tmp / "mlruns", study_file=study_file, images=images,
-                              first=first, second=second, calls=calls, checkpoints_before=checkpoints_before,
-                              study=optuna.load_study(study_name=cfg.study.name, storage=storage_url(cfg)),
-                              env={"SWEEP_HOME": str(tmp / "mlruns")})
+        yield SimpleNamespace(
+            cfg=cfg,
+            tmp=tmp,
+            home=tmp / "mlruns",
+            study_file=study_file,
+            images=images,
+            first=first,
+            second=second,
+            calls=calls,
+            checkpoints_before=checkpoints_before,
+            study=optuna.load_study(study_name=cfg.study.name, storage=storage_url(cfg)),
+            env={"SWEEP_HOME": str(tmp / "mlruns")},
+        )
 
 
 def test_selects_best_complete_trial_not_pruned_one(done):
@@ -161,8 +199,19 @@ def test_report_files(done):
     folder = done.tmp / "reports" / "tiny"
     assert done.first.folder == folder
     frame = pd.read_csv(folder / "trials.csv")
-    assert list(frame.columns) == ["number", "state", "lr", "freeze_depth", "momentum", "aug_strength",
-                                   "best_val_accuracy", "best_epoch", "epochs_run", "seconds", "mlflow_run_id"]
+    assert list(frame.columns) == [
+        "number",
+        "state",
+        "lr",
+        "freeze_depth",
+        "momentum",
+        "aug_strength",
+        "best_val_accuracy",
+        "best_epoch",
+        "epochs_run",
+        "seconds",
+        "mlflow_run_id",
+    ]
     # sorted by val accuracy, ties by number; the FAIL trial (no epoch) last
     assert list(frame["number"]) == [1, 2, 0, 3]
     assert list(frame["state"]) == ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"]
@@ -179,11 +228,21 @@ def test_report_files(done):
     assert cells[-1][cells[0].index("best_val_accuracy")] == "" and cells[-1][cells[0].index("best_epoch")] == ""
     assert f"{done.first.test.n_images} images" in text and "| true ants |" in text
     assert [p.name for p in done.first.files] == [
-        "trials.csv", "optimization_history.png", "param_importances.png", "learning_curves.png",
+        "trials.csv",
+        "optimization_history.png",
+        "param_importances.png",
+        "learning_curves.png",
         *(f"val_accuracy_vs_{p}.png" for p in ("lr", "momentum", "freeze_depth", "aug_strength")),
-        "confusion_matrix.png", "report.md"]
-    for name in ("optimization_history", "param_importances", "learning_curves", "confusion_matrix",
-                 *(f"val_accuracy_vs_{p}" for p in ("lr", "momentum", "freeze_depth", "aug_strength"))):
+        "confusion_matrix.png",
+        "report.md",
+    ]
+    for name in (
+        "optimization_history",
+        "param_importances",
+        "learning_curves",
+        "confusion_matrix",
+        *(f"val_accuracy_vs_{p}" for p in ("lr", "momentum", "freeze_depth", "aug_strength")),
+    ):
         png = folder / f"{name}.png"
         assert png.stat().st_size > 1000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -222,8 +281,10 @@ def test_summary_lines(done):
     lines = done.second.summary().splitlines()
     assert lines[0].startswith("selected trial 1 of study 'tiny': val_accuracy 1.0000")
     assert "stored evaluation, not re-run" in lines[1]
-    assert lines[2] == ("model 'tiny-classifier' version 1 already registered; alias 'champion' -> "
-                        "version 1 (models:/tiny-classifier@champion)")
+    assert lines[2] == (
+        "model 'tiny-classifier' version 1 already registered; alias 'champion' -> "
+        "version 1 (models:/tiny-classifier@champion)"
+    )
 
 
 def test_status_prints_trials_and_writes_nothing(done, monkeypatch):
@@ -248,7 +309,11 @@ def test_predict_cli_gives_known_labels(done, monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert {Path(r["file"]).name: r["label"] for r in rows} == {
-        "ant_0.jpg": "ants", "ant_1.jpg": "ants", "bee_0.png": "bees", "bee_1.png": "bees"}
+        "ant_0.jpg": "ants",
+        "ant_1.jpg": "ants",
+        "bee_0.png": "bees",
+        "bee_1.png": "bees",
+    }
     for r in rows:
         assert r["probability"] == max(r["probabilities"].values())
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -263,12 +328,16 @@ def test_predict_cli_bad_inputs_are_one_line(done, monkeypatch, tmp_path):
     runner = CliRunner()
     uri = "models:/tiny-classifier@champion"
     cases = {
-        (uri, str(tmp_path / "missing.png")): (3, f"error: {tmp_path / 'missing.png'}: no such file or folder; "
-                                                  "give image files or folders of images"),
+        (uri, str(tmp_path / "missing.png")): (
+            3,
+            f"error: {tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images",
+        ),
         (uri, str(tmp_path / "empty")): (3, f"error: {tmp_path / 'empty'}: no image files in this folder"),
         (uri, str(tmp_path / "broken.jpg")): (3, f"error: cannot read 1 image file(s): {tmp_path / 'broken.jpg'} ("),
         ("models:/tiny-classifier@nope", str(tmp_path / "broken.jpg")): (
-            7, "error: models:/tiny-classifier@nope: cannot be loaded from sqlite:///"),
+            7,
+            "error: models:/tiny-classifier@nope: cannot be loaded from sqlite:///",
+        ),
     }
     for args, (code, start) in cases.items():
         result = runner.invoke(app, ["predict", *args])
@@ -300,7 +369,9 @@ def test_model_loads_in_fresh_cpu_process_both_flavours(done, tmp_path):
                           "cuda": torch.cuda.is_available(), "type": type(net).__name__}}))
     """)
     env = {**os.environ, **done.env, "CUDA_VISIBLE_DEVICES": "", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"label": "bees", "shape": [1, 2], "same": True, "cuda": False, "type": "Sequential"}
@@ -308,22 +379,30 @@ def test_model_loads_in_fresh_cpu_process_both_flavours(done, tmp_path):
 
 def test_no_complete_trial_is_a_clear_error(tmp_path, monkeypatch, image_root):
     monkeypatch.setenv("SWEEP_HOME", str(tmp_path / "mlruns"))
-    tree = study_dict(image_root, study={"name": "hopeless", "n_trials": 2, "pruner": {"type": "none"},
-                                         "sampler": {"type": "random", "seed": 0}})
+    tree = study_dict(
+        image_root,
+        study={"name": "hopeless", "n_trials": 2, "pruner": {"type": "none"}, "sampler": {"type": "random", "seed": 0}},
+    )
     study_file = write_study(tmp_path / "hopeless.yaml", tree)
     cfg = load_study(study_file)
     study = open_study(cfg, storage_url(cfg))
-    dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True),
-            "freeze_depth": optuna.distributions.IntDistribution(0, 2)}
+    dist = {
+        "lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True),
+        "freeze_depth": optuna.distributions.IntDistribution(0, 2),
+    }
     params = {"lr": 0.01, "freeze_depth": 0}
-    study.add_trial(create_trial(state=TrialState.PRUNED, value=0.5, params=params, distributions=dist,
-                                 intermediate_values={0: 0.5}))
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED, value=0.5, params=params, distributions=dist, intermediate_values={0: 0.5}
+        )
+    )
     study.add_trial(create_trial(state=TrialState.FAIL, params=params, distributions=dist))
     result = CliRunner().invoke(app, ["report", str(study_file)])
     assert result.exit_code == RegistryError.exit_code == 7
     assert result.stderr == (
         "error: study 'hopeless' has no COMPLETE trial (1 pruned, 1 failed): nothing to test or register; "
-        "run `sweep run` with this study file to add trials (raise --n-trials)\n")
+        "run `sweep run` with this study file to add trials (raise --n-trials)\n"
+    )
     # the comparison is still written, for a study whose every trial was pruned or failed
     assert (tmp_path / "reports" / "hopeless" / "trials.csv").is_file()
     assert "No COMPLETE trial" in (tmp_path / "reports" / "hopeless" / "report.md").read_text()
