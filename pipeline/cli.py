@@ -135,7 +135,7 @@ def report(
 @handled
 def status(study_file: StudyFile, set_: SetOpt = None, storage: StorageOpt = None) -> None:
     """Print the trials table so far (reads the Optuna storage only; changes nothing)."""
-    from pipeline.report import trials_frame
+    from pipeline.comparison import trials_frame
     from pipeline.tune import load_existing
 
     cfg = _load(study_file, set_)

@@ -29,11 +29,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import DataError, RegistryError, SweepError
+from pipeline.errors import DataError, RegistryError, first_line
 
 SHA_TAG = "sweep.checkpoint_sha256"
 STUDY_TAG = "sweep.study"
@@ -41,6 +41,10 @@ TRIAL_TAG = "sweep.trial_number"
 PARENT_TAG = "sweep.parent_run_id"
 RUN_TAG = "sweep.trial_run_id"
 ARTIFACT_NAME = "model"
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,32 @@ def pip_requirements(arch: str) -> list[str]:
     return [f"{n}=={md.version(n).split('+')[0]}" for n in names]
 
 
-def find_version(client, name: str, study: str, sha256: str):
-    """The model version of `name` registered for this study's checkpoint, or None."""
+def not_found(err: Exception) -> bool:
+    """True when `err` is MLflow's "resource does not exist" (no such run, registered model or
+    version); every other MLflow error is the store failing, not an answer."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    return isinstance(err, MlflowException) and err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def find_version(client: MlflowClient, name: str, study: str, sha256: str) -> ModelVersion | None:
+    """The model version of `name` registered for this study's checkpoint (the lowest one if
+    several), or None when there is none or no registered model `name` yet.
+
+    Raises:
+        RegistryError: the registry fails to answer: reading that as "not registered yet" would
+            register the same checkpoint a second time.
+    """
+    from mlflow.exceptions import MlflowException
+
     try:
         versions = client.search_model_versions(f"name='{name}'")
-    except Exception:
-        return None  # no such registered model yet
+    except MlflowException as err:
+        if not_found(err):
+            return None
+        raise RegistryError(f"looking up the versions of model '{name}' failed: {first_line(err)}; "
+                            "nothing was registered: run `sweep report` again once the store answers") from None
     found = [v for v in versions if v.tags.get(SHA_TAG) == sha256 and v.tags.get(STUDY_TAG) == study]
     return min(found, key=lambda v: int(v.version)) if found else None
 
@@ -127,6 +151,7 @@ def register(build: Callable[[], Export], *, study: str, sha256: str, tracking: 
         RegistryError: the model cannot be logged or registered (message has the store and cause).
         DataError, ModelError: from `build`.
     """
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
@@ -136,13 +161,13 @@ def register(build: Callable[[], Export], *, study: str, sha256: str, tracking: 
             version = _log_and_register(build(), tracking, experiment_id, run_id, name, serialization_format)
         else:
             version = str(existing.version)
-        previous = _alias_version(client, name, alias)
+        previous = alias_version(client, name, alias)
         if previous != version:
             client.set_registered_model_alias(name, alias, version)
-    except SweepError:
-        raise
-    except Exception as err:  # MlflowException, sqlalchemy, requests, torch.export
-        raise RegistryError(f"registering model '{name}' in {tracking} failed: {_first_line(err)}") from None
+    except (MlflowException, OSError, RuntimeError) as err:
+        # MlflowException: the tracking/registry store (its SQL and HTTP errors arrive wrapped in it);
+        # OSError: writing the model's artifacts; RuntimeError: torch.export ("pt2") rejecting the model.
+        raise RegistryError(f"registering model '{name}' in {tracking} failed: {first_line(err)}") from None
     return Registered(name, version, alias, existing is None, previous)
 
 
@@ -168,11 +193,23 @@ def _log_and_register(export: Export, tracking: str, experiment_id: str, run_id:
     return version
 
 
-def _alias_version(client, name: str, alias: str) -> str | None:
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version `alias` of registered model `name` points at; None when the alias is not set
+    or the registered model does not exist.
+
+    Raises:
+        MlflowException: the registry fails to answer (any error but "does not exist").
+    """
+    from mlflow.exceptions import MlflowException
+
     try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except Exception:
-        return None
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as err:
+        if not_found(err):
+            return None
+        raise
+    version = aliases.get(alias)
+    return None if version is None else str(version)
 
 
 # ---- load and predict ----------------------------------------------------------------------------
@@ -319,6 +356,5 @@ def render_predictions(predictions: list[Prediction], as_json: bool = False):
     return table
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+# The predict functions above move to pipeline/predict.py; until they do they use the one formatter.
+_first_line = first_line

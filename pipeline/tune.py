@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 
 from pipeline import data as D
 from pipeline import model as M
+from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import CategoricalParam, FloatParam, IntParam, StudyConfig
 from pipeline.errors import ModelError, StudyStateError, TrackingError
 from pipeline.stores import check_writable, default_tracking_uri, store_lock
@@ -341,23 +342,12 @@ class Objective:
                    channels_last=t.channels_last, on_epoch=on_epoch)
 
     def _save_checkpoint(self, cfg: StudyConfig, trial: optuna.Trial, fitted) -> Path:
-        folder = checkpoint_dir(cfg.study.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"trial-{trial.number}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save({
-            "state_dict": fitted.best_state,
-            "arch": cfg.model.arch,
-            "weights_origin": self.prep.spec.origin(),
-            "class_to_idx": self.prep.splits.class_to_idx,
-            "preprocess": self.prep.preprocess.to_dict(),
-            "trial_number": trial.number,
-            "best_epoch": fitted.best_epoch,
-            cfg.study.metric: fitted.best_value,
-            "params": trial.params,
-        }, tmp)
-        os.replace(tmp, path)  # a killed save never leaves a half-written checkpoint
-        return path
+        return TrialCheckpoint(
+            state_dict=fitted.best_state, arch=cfg.model.arch, weights_origin=self.prep.spec.origin(),
+            class_to_idx=self.prep.splits.class_to_idx, preprocess=self.prep.preprocess.to_dict(),
+            trial_number=trial.number, best_epoch=fitted.best_epoch, metric=cfg.study.metric,
+            value=fitted.best_value, params=trial.params,
+        ).save(TrialCheckpoint.path_for(cfg.study.name, trial.number))
 
     def _finish(self, trial, run_id, state: str, start: float, history: list, tags=None,
                 status: str | None = None) -> None:

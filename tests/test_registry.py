@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import COLOURS, write_image
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline import registry as G
 from pipeline.data import Preprocess, eval_transform, load_rgb
 from pipeline.errors import DataError, RegistryError
-
-from conftest import COLOURS, write_image
 
 PP = {"resize": 37, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
       "interpolation": "bilinear"}
@@ -76,13 +77,36 @@ def _export(sha: str) -> G.Export:
     return G.Export(module, np.zeros((2, 3, 8, 8), np.float32), meta, tags, "tiny")
 
 
-def test_register_once_per_checkpoint_and_move_the_alias(tmp_path, monkeypatch):
+def _store(tmp_path, monkeypatch) -> tuple[str, MlflowClient, dict]:
+    """An empty SQLite tracking/registry store with one experiment, and `register` kwargs for it."""
     monkeypatch.chdir(tmp_path)  # a model logged to experiment 0 would appear in ./mlruns/0
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
-    kwargs = dict(study="s", tracking=uri, experiment_id=exp, run_id=None, name="m", alias="champion",
-                  serialization_format="pickle")
+    kwargs = {"study": "s", "tracking": uri, "experiment_id": exp, "run_id": None, "name": "m", "alias": "champion",
+              "serialization_format": "pickle"}
+    return uri, client, kwargs
+
+
+def _fail_once(monkeypatch, method: str) -> list[str]:
+    """Make `MlflowClient.<method>` fail once as a briefly unavailable store does; returns the
+    record of the failures raised."""
+    real = getattr(MlflowClient, method)
+    raised: list[str] = []
+
+    def flaky(self, *args, **kwargs):
+        if not raised:
+            raised.append(method)
+            raise MlflowException("(sqlite3.OperationalError) database is locked",
+                                  error_code=TEMPORARILY_UNAVAILABLE)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, method, flaky)
+    return raised
+
+
+def test_register_once_per_checkpoint_and_move_the_alias(tmp_path, monkeypatch):
+    _, client, kwargs = _store(tmp_path, monkeypatch)
     first = G.register(lambda: _export("aaa"), sha256="aaa", **kwargs)
     assert (first.version, first.created, first.previous_alias_version) == ("1", True, None)
 
@@ -99,6 +123,49 @@ def test_register_once_per_checkpoint_and_move_the_alias(tmp_path, monkeypatch):
     # the logged model lives in the study's experiment, under its artifact location
     assert (tmp_path / "artifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert other.uri == "models:/m@champion"
+
+
+def test_store_failure_while_finding_versions_never_registers_a_duplicate(tmp_path, monkeypatch):
+    _, client, kwargs = _store(tmp_path, monkeypatch)
+    assert G.register(lambda: _export("aaa"), sha256="aaa", **kwargs).version == "1"
+    built = []
+
+    def build():
+        built.append(1)
+        return _export("aaa")
+
+    raised = _fail_once(monkeypatch, "search_model_versions")
+    with pytest.raises(RegistryError) as err:
+        G.register(build, sha256="aaa", **kwargs)
+    assert raised == ["search_model_versions"] and built == []
+    assert str(err.value) == ("looking up the versions of model 'm' failed: (sqlite3.OperationalError) database is "
+                              "locked; nothing was registered: run `sweep report` again once the store answers")
+    again = G.register(build, sha256="aaa", **kwargs)  # the store answers again
+    assert (again.version, again.created, built) == ("1", False, [])
+    assert [str(v.version) for v in client.search_model_versions("name='m'")] == ["1"]
+
+
+def test_store_failure_while_reading_the_alias_is_a_registry_error_and_moves_nothing(tmp_path, monkeypatch):
+    uri, client, kwargs = _store(tmp_path, monkeypatch)
+    G.register(lambda: _export("aaa"), sha256="aaa", **kwargs)
+    raised = _fail_once(monkeypatch, "get_registered_model")
+    with pytest.raises(RegistryError) as err:
+        G.register(lambda: _export("aaa"), sha256="aaa", **kwargs)
+    assert raised == ["get_registered_model"]
+    assert str(err.value) == (f"registering model 'm' in {uri} failed: (sqlite3.OperationalError) database is "
+                              "locked")
+    other = G.register(lambda: _export("bbb"), sha256="bbb", **kwargs)
+    assert (other.version, other.created, other.previous_alias_version) == ("2", True, "1")
+    assert sorted(str(v.version) for v in client.search_model_versions("name='m'")) == ["1", "2"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+
+
+def test_alias_and_versions_of_a_model_not_registered_yet(tmp_path, monkeypatch):
+    _, client, _ = _store(tmp_path, monkeypatch)
+    assert G.find_version(client, "nope", "s", "aaa") is None
+    assert G.alias_version(client, "nope", "champion") is None
+    client.create_registered_model("bare")
+    assert G.alias_version(client, "bare", "champion") is None
 
 
 def test_register_failure_is_one_registry_error(tmp_path):

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import optuna
 import pandas as pd
 import pytest
+from conftest import COLOURS, make_folder, study_dict, write_image, write_study
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
@@ -30,19 +31,20 @@ from pipeline import train
 from pipeline.cli import app
 from pipeline.config import load_study
 from pipeline.errors import RegistryError
+from pipeline.stores import checkpoint_dir, storage_url, tracking_uri
 from pipeline.track import PARENT_ATTR
-from pipeline.tune import checkpoint_dir, open_study, run_study, storage_url, tracking_uri
-
-from conftest import COLOURS, make_folder, study_dict, write_image, write_study
+from pipeline.tune import open_study, run_study
 
 # Measured on this data: frozen random features (freeze_depth 5) + a head trained at lr 0.2 separate
 # the two colours within 2 epochs of 4 batches; training layer4 at lr 0.01 stays at chance.
 BAD = {"lr": 0.01, "momentum": 0.9, "freeze_depth": 4, "aug_strength": 0.0}
 GOOD = {"lr": 0.2, "momentum": 0.9, "freeze_depth": 5, "aug_strength": 0.0}
-SPACE = {"lr": {"type": "float", "low": 0.005, "high": 0.3, "log": True},
-         "momentum": {"type": "float", "low": 0.5, "high": 0.95},
-         "freeze_depth": {"type": "int", "low": 0, "high": 5},
-         "aug_strength": {"type": "float", "low": 0.0, "high": 0.5}}
+SPACE = {
+    "lr": {"type": "float", "low": 0.005, "high": 0.3, "log": True},
+    "momentum": {"type": "float", "low": 0.5, "high": 0.95},
+    "freeze_depth": {"type": "int", "low": 0, "high": 5},
+    "aug_strength": {"type": "float", "low": 0.0, "high": 0.5},
+}
 PRUNED_SECONDS_PER_EPOCH = 2.5
 
 
@@ -53,17 +55,40 @@ def _sha(path: Path) -> str:
 def _add_synthetic_trials(study: optuna.Study) -> None:
     """A PRUNED trial whose value beats every COMPLETE one, and a FAIL trial."""
     dists = study.trials[0].distributions
-    history = [{"epoch": 0, "train_loss": 0.1, "train_accuracy": 1.0, "val_loss": 0.1, "val_accuracy": 1.0,
-                "lr": 0.1, "seconds": PRUNED_SECONDS_PER_EPOCH}]
-    study.add_trial(create_trial(
-        state=TrialState.PRUNED, value=1.0, params={**GOOD, "lr": 0.1}, distributions=dists,
-        intermediate_values={0: 1.0}, user_attrs={"history": history, "epochs_run": 1, "seconds": 3.0},
-    ))
-    study.add_trial(create_trial(
-        state=TrialState.FAIL, params={**GOOD, "lr": 0.05}, distributions=dists,
-        user_attrs={"history": [], "epochs_run": 0, "seconds": 0.5,
-                    "fail_reason": "ValueError: boom at train.py:1"},
-    ))
+    history = [
+        {
+            "epoch": 0,
+            "train_loss": 0.1,
+            "train_accuracy": 1.0,
+            "val_loss": 0.1,
+            "val_accuracy": 1.0,
+            "lr": 0.1,
+            "seconds": PRUNED_SECONDS_PER_EPOCH,
+        }
+    ]
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            value=1.0,
+            params={**GOOD, "lr": 0.1},
+            distributions=dists,
+            intermediate_values={0: 1.0},
+            user_attrs={"history": history, "epochs_run": 1, "seconds": 3.0},
+        )
+    )
+    study.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params={**GOOD, "lr": 0.05},
+            distributions=dists,
+            user_attrs={
+                "history": [],
+                "epochs_run": 0,
+                "seconds": 0.5,
+                "fail_reason": "ValueError: boom at train.py:1",
+            },
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +98,13 @@ def done(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SWEEP_HOME", str(tmp / "mlruns"))
         images = make_folder(tmp / "images")
-        tree = study_dict(images, data={"batch_size": 4}, search_space=SPACE,
-                          training={"epochs": 2, "aug_strength": 0.0},
-                          registry={"model_name": "tiny-classifier", "alias": "champion", "keep_top_k": 1})
+        tree = study_dict(
+            images,
+            data={"batch_size": 4},
+            search_space=SPACE,
+            training={"epochs": 2, "aug_strength": 0.0},
+            registry={"model_name": "tiny-classifier", "alias": "champion", "keep_top_k": 1},
+        )
         study_file = write_study(tmp / "study.yaml", tree)
         cfg = load_study(study_file)
         study = open_study(cfg, storage_url(cfg))
@@ -97,10 +126,19 @@ def done(tmp_path_factory):
         first = R.run_report(cfg)
         second = R.run_report(cfg)
         mp.setattr(train, "evaluate", real_evaluate)
-        yield SimpleNamespace(cfg=cfg, tmp=tmp, home=tmp / "mlruns", study_file=study_file, images=images,
-                              first=first, second=second, calls=calls, checkpoints_before=checkpoints_before,
-                              study=optuna.load_study(study_name=cfg.study.name, storage=storage_url(cfg)),
-                              env={"SWEEP_HOME": str(tmp / "mlruns")})
+        yield SimpleNamespace(
+            cfg=cfg,
+            tmp=tmp,
+            home=tmp / "mlruns",
+            study_file=study_file,
+            images=images,
+            first=first,
+            second=second,
+            calls=calls,
+            checkpoints_before=checkpoints_before,
+            study=optuna.load_study(study_name=cfg.study.name, storage=storage_url(cfg)),
+            env={"SWEEP_HOME": str(tmp / "mlruns")},
+        )
 
 
 def test_selects_best_complete_trial_not_pruned_one(done):
@@ -161,8 +199,19 @@ def test_report_files(done):
     folder = done.tmp / "reports" / "tiny"
     assert done.first.folder == folder
     frame = pd.read_csv(folder / "trials.csv")
-    assert list(frame.columns) == ["number", "state", "lr", "freeze_depth", "momentum", "aug_strength",
-                                   "best_val_accuracy", "best_epoch", "epochs_run", "seconds", "mlflow_run_id"]
+    assert list(frame.columns) == [
+        "number",
+        "state",
+        "lr",
+        "freeze_depth",
+        "momentum",
+        "aug_strength",
+        "best_val_accuracy",
+        "best_epoch",
+        "epochs_run",
+        "seconds",
+        "mlflow_run_id",
+    ]
     # sorted by val accuracy, ties by number; the FAIL trial (no epoch) last
     assert list(frame["number"]) == [1, 2, 0, 3]
     assert list(frame["state"]) == ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"]
@@ -172,8 +221,28 @@ def test_report_files(done):
     text = (folder / "report.md").read_text()
     assert "**Trial 1**" in text and "`tiny-classifier` version 1" in text
     assert "trial 3: ValueError: boom at train.py:1" in text
-    for name in ("optimization_history", "param_importances", "learning_curves", "confusion_matrix",
-                 *(f"val_accuracy_vs_{p}" for p in ("lr", "momentum", "freeze_depth", "aug_strength"))):
+    trials_table = text.split("## Trials", 1)[1].split("\n\n")[2].splitlines()
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in trials_table]
+    assert cells[0] == [c for c in frame.columns if c != "mlflow_run_id"]
+    assert [row[:2] for row in cells[2:]] == [["1", "COMPLETE"], ["2", "PRUNED"], ["0", "COMPLETE"], ["3", "FAIL"]]
+    assert cells[-1][cells[0].index("best_val_accuracy")] == "" and cells[-1][cells[0].index("best_epoch")] == ""
+    assert f"{done.first.test.n_images} images" in text and "| true ants |" in text
+    assert [p.name for p in done.first.files] == [
+        "trials.csv",
+        "optimization_history.png",
+        "param_importances.png",
+        "learning_curves.png",
+        *(f"val_accuracy_vs_{p}.png" for p in ("lr", "momentum", "freeze_depth", "aug_strength")),
+        "confusion_matrix.png",
+        "report.md",
+    ]
+    for name in (
+        "optimization_history",
+        "param_importances",
+        "learning_curves",
+        "confusion_matrix",
+        *(f"val_accuracy_vs_{p}" for p in ("lr", "momentum", "freeze_depth", "aug_strength")),
+    ):
         png = folder / f"{name}.png"
         assert png.stat().st_size > 1000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -212,8 +281,10 @@ def test_summary_lines(done):
     lines = done.second.summary().splitlines()
     assert lines[0].startswith("selected trial 1 of study 'tiny': val_accuracy 1.0000")
     assert "stored evaluation, not re-run" in lines[1]
-    assert lines[2] == ("model 'tiny-classifier' version 1 already registered; alias 'champion' -> "
-                        "version 1 (models:/tiny-classifier@champion)")
+    assert lines[2] == (
+        "model 'tiny-classifier' version 1 already registered; alias 'champion' -> "
+        "version 1 (models:/tiny-classifier@champion)"
+    )
 
 
 def test_status_prints_trials_and_writes_nothing(done, monkeypatch):
@@ -238,7 +309,11 @@ def test_predict_cli_gives_known_labels(done, monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert {Path(r["file"]).name: r["label"] for r in rows} == {
-        "ant_0.jpg": "ants", "ant_1.jpg": "ants", "bee_0.png": "bees", "bee_1.png": "bees"}
+        "ant_0.jpg": "ants",
+        "ant_1.jpg": "ants",
+        "bee_0.png": "bees",
+        "bee_1.png": "bees",
+    }
     for r in rows:
         assert r["probability"] == max(r["probabilities"].values())
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -253,12 +328,16 @@ def test_predict_cli_bad_inputs_are_one_line(done, monkeypatch, tmp_path):
     runner = CliRunner()
     uri = "models:/tiny-classifier@champion"
     cases = {
-        (uri, str(tmp_path / "missing.png")): (3, f"error: {tmp_path / 'missing.png'}: no such file or folder; "
-                                                  "give image files or folders of images"),
+        (uri, str(tmp_path / "missing.png")): (
+            3,
+            f"error: {tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images",
+        ),
         (uri, str(tmp_path / "empty")): (3, f"error: {tmp_path / 'empty'}: no image files in this folder"),
         (uri, str(tmp_path / "broken.jpg")): (3, f"error: cannot read 1 image file(s): {tmp_path / 'broken.jpg'} ("),
         ("models:/tiny-classifier@nope", str(tmp_path / "broken.jpg")): (
-            7, "error: models:/tiny-classifier@nope: cannot be loaded from sqlite:///"),
+            7,
+            "error: models:/tiny-classifier@nope: cannot be loaded from sqlite:///",
+        ),
     }
     for args, (code, start) in cases.items():
         result = runner.invoke(app, ["predict", *args])
@@ -290,7 +369,9 @@ def test_model_loads_in_fresh_cpu_process_both_flavours(done, tmp_path):
                           "cuda": torch.cuda.is_available(), "type": type(net).__name__}}))
     """)
     env = {**os.environ, **done.env, "CUDA_VISIBLE_DEVICES": "", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"label": "bees", "shape": [1, 2], "same": True, "cuda": False, "type": "Sequential"}
@@ -298,22 +379,30 @@ def test_model_loads_in_fresh_cpu_process_both_flavours(done, tmp_path):
 
 def test_no_complete_trial_is_a_clear_error(tmp_path, monkeypatch, image_root):
     monkeypatch.setenv("SWEEP_HOME", str(tmp_path / "mlruns"))
-    tree = study_dict(image_root, study={"name": "hopeless", "n_trials": 2, "pruner": {"type": "none"},
-                                         "sampler": {"type": "random", "seed": 0}})
+    tree = study_dict(
+        image_root,
+        study={"name": "hopeless", "n_trials": 2, "pruner": {"type": "none"}, "sampler": {"type": "random", "seed": 0}},
+    )
     study_file = write_study(tmp_path / "hopeless.yaml", tree)
     cfg = load_study(study_file)
     study = open_study(cfg, storage_url(cfg))
-    dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True),
-            "freeze_depth": optuna.distributions.IntDistribution(0, 2)}
+    dist = {
+        "lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True),
+        "freeze_depth": optuna.distributions.IntDistribution(0, 2),
+    }
     params = {"lr": 0.01, "freeze_depth": 0}
-    study.add_trial(create_trial(state=TrialState.PRUNED, value=0.5, params=params, distributions=dist,
-                                 intermediate_values={0: 0.5}))
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED, value=0.5, params=params, distributions=dist, intermediate_values={0: 0.5}
+        )
+    )
     study.add_trial(create_trial(state=TrialState.FAIL, params=params, distributions=dist))
     result = CliRunner().invoke(app, ["report", str(study_file)])
     assert result.exit_code == RegistryError.exit_code == 7
     assert result.stderr == (
         "error: study 'hopeless' has no COMPLETE trial (1 pruned, 1 failed): nothing to test or register; "
-        "run `sweep run` with this study file to add trials (raise --n-trials)\n")
+        "run `sweep run` with this study file to add trials (raise --n-trials)\n"
+    )
     # the comparison is still written, for a study whose every trial was pruned or failed
     assert (tmp_path / "reports" / "hopeless" / "trials.csv").is_file()
     assert "No COMPLETE trial" in (tmp_path / "reports" / "hopeless" / "report.md").read_text()
@@ -327,78 +416,6 @@ def test_report_cli_prints_summary_and_changes_nothing(done, monkeypatch):
     assert "model 'tiny-classifier' version 1 already registered" in result.stdout
     client = MlflowClient(tracking_uri(done.cfg), registry_uri=tracking_uri(done.cfg))
     assert len(client.search_model_versions("name='tiny-classifier'")) == 1
-
-
-# ---- selection and clean-up on hand-made trials (no training) -----------------------------------
-
-def _study_with(values_states: list[tuple[float | None, TrialState]], folder: Path | None = None) -> optuna.Study:
-    """An in-memory study; with `folder`, each trial gets a checkpoint file there."""
-    study = optuna.create_study()
-    dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True)}
-    for number, (value, state) in enumerate(values_states):
-        extra = {"intermediate_values": {0: value}} if state == TrialState.PRUNED else {}
-        attrs = {}
-        if folder is not None:
-            (folder / f"trial-{number}.pt").write_bytes(b"x")
-            attrs["checkpoint"] = str(folder / f"trial-{number}.pt")
-        study.add_trial(create_trial(state=state, value=value, params={"lr": 0.01}, distributions=dist,
-                                     user_attrs=attrs, **extra))
-    return study
-
-
-def test_selection_ties_go_to_the_lower_trial_number_and_follow_direction():
-    C, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
-    study = _study_with([(0.8, C), (0.9, C), (0.9, C), (1.0, P), (None, F)])
-    assert R.select_trial(study.trials, "maximize").number == 1
-    assert [t.number for t in R.ranked_complete(study.trials, "maximize")] == [1, 2, 0]
-    assert R.select_trial(study.trials, "minimize").number == 0
-
-
-def test_no_complete_trial_message_counts_states():
-    study = _study_with([(0.5, TrialState.PRUNED), (None, TrialState.FAIL), (None, TrialState.FAIL)])
-    with pytest.raises(RegistryError) as err:
-        R.select_trial(study.trials, "maximize", "s")
-    assert str(err.value).startswith("study 's' has no COMPLETE trial (1 pruned, 2 failed): nothing to test")
-
-
-@pytest.mark.parametrize("keep_top_k, kept", [(0, [2]), (1, [2]), (2, [0, 2]), (9, [0, 1, 2])])
-def test_clean_checkpoints_keeps_top_k_complete_and_selected(tmp_path, keep_top_k, kept):
-    C, P = TrialState.COMPLETE, TrialState.PRUNED
-    study = _study_with([(0.8, C), (0.7, C), (0.9, C), (1.0, P)], tmp_path)
-    trials = study.get_trials()
-    selected = R.select_trial(trials, "maximize")
-    result = R.clean_checkpoints(trials, selected, "maximize", keep_top_k, "unused")
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted([f"trial-{n}.pt" for n in kept] + ["trial-3.pt"])  # PRUNED file untouched
-    assert sorted(p.name for p in result.kept) == [f"trial-{n}.pt" for n in kept]
-
-
-def test_best_of_history_keeps_the_earlier_epoch_on_ties():
-    h = [{"epoch": i, "val_accuracy": a, "val_loss": l} for i, (a, l) in enumerate([(0.5, 0.9), (0.8, 0.4),
-                                                                                   (0.8, 0.4), (0.7, 0.6)])]
-    assert R.best_of_history(h, "val_accuracy", "maximize") == (0.8, 1)
-    assert R.best_of_history(h, "val_loss", "minimize") == (0.4, 1)
-    assert R.best_of_history([], "val_accuracy", "maximize")[1] is None
-
-
-def test_trials_frame_of_a_val_loss_study_sorts_ascending(tmp_path):
-    from pipeline.config import StudyConfig
-
-    tree = study_dict(tmp_path, study={"name": "loss", "metric": "val_loss", "direction": "minimize"})
-    cfg = StudyConfig.model_validate(tree)
-    study = optuna.create_study(direction="minimize")
-    dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True),
-            "freeze_depth": optuna.distributions.IntDistribution(0, 2)}
-    for loss, acc in [(0.6, 0.7), (0.3, 0.9), (0.9, 0.5)]:
-        history = [{"epoch": 0, "val_loss": loss + 0.1, "val_accuracy": acc - 0.1},
-                   {"epoch": 1, "val_loss": loss, "val_accuracy": acc}]
-        study.add_trial(create_trial(value=loss, params={"lr": 0.01, "freeze_depth": 1}, distributions=dist,
-                                     user_attrs={"history": history, "epochs_run": 2, "seconds": 1.0}))
-    frame = R.trials_frame(study, cfg)
-    assert list(frame.columns) == ["number", "state", "lr", "freeze_depth", "best_val_loss", "best_val_accuracy",
-                                   "best_epoch", "epochs_run", "seconds", "mlflow_run_id"]
-    assert list(frame["number"]) == [1, 0, 2] and list(frame["best_epoch"]) == [1, 1, 1]
-    assert list(frame["best_val_loss"]) == [0.3, 0.6, 0.9]
 
 
 def test_unwritable_report_folder_is_one_line(tmp_path, monkeypatch, study_file):
