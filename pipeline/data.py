@@ -133,7 +133,8 @@ class Listing:
 
 def list_images(folder: Path) -> Listing:
     """Recursively sort the regular files under `folder` into images and ignored files (sorted)."""
-    images, ignored = [], []
+    images: list[Path] = []
+    ignored: list[Path] = []
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             hidden = not all(_visible(part) for part in p.relative_to(folder).parts)
