@@ -142,7 +142,7 @@ def list_images(folder: Path) -> Listing:
     return Listing(images, ignored)
 
 
-def _kinds(files: list[Path], base: Path) -> str:
+def ignored_kinds(files: list[Path], base: Path) -> str:
     """'.txt: 2, no extension: 1, hidden: 3' for the files not used as images."""
     def kind(p: Path) -> str:
         if not all(_visible(part) for part in p.relative_to(base).parts):
@@ -156,7 +156,7 @@ def ignored_files_message(base: Path, files: list[Path], examples: int = 3) -> s
     """One line naming how many files under `base` are not used as images, by extension."""
     shown = ", ".join(str(p.relative_to(base)) for p in files[:examples])
     more = f" and {len(files) - examples} more" if len(files) > examples else ""
-    return (f"{base}: {len(files)} file(s) not used as images ({_kinds(files, base)}): {shown}{more}; "
+    return (f"{base}: {len(files)} file(s) not used as images ({ignored_kinds(files, base)}): {shown}{more}; "
             "only files whose extension Pillow opens as an image are used (.jpg, .jfif, .png, .webp, "
             "... see pipeline.data.IMAGE_EXTENSIONS): rename image files, move other files out")
 
@@ -187,7 +187,7 @@ def _scan_split(root: Path, split: str, class_to_idx: dict[str, int] | None
     for d in dirs:
         listing = list_images(d)
         if not listing.images:
-            held = f" ({_kinds(listing.ignored, d)})" if listing.ignored else ""
+            held = f" ({ignored_kinds(listing.ignored, d)})" if listing.ignored else ""
             empty.append(f"{d.name}{held}")
         samples += [(str(f.relative_to(root)), class_to_idx[d.name]) for f in listing.images]
         ignored += listing.ignored

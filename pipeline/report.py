@@ -685,14 +685,14 @@ def _input_example(cfg: StudyConfig, checkpoint: dict):
     the value ranges. B = 1 for "pickle" (the JSON example is ~1.5 MB per 160 px image); B = 2 for
     "pt2", whose export keeps a batch axis of size 1 static."""
     from pipeline import data as D
-    from pipeline import registry
+    from pipeline import predict
 
     d = cfg.data
     size = 2 if cfg.registry.serialization_format == "pt2" else 1
     splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)
     for rel, _ in splits.val:
         try:
-            example = registry.preprocess_images([splits.root / rel], checkpoint["preprocess"])
+            example = predict.preprocess_images([splits.root / rel], checkpoint["preprocess"])
         except DataError:
             continue  # an unreadable val image (bad_images: skip): take the next one
         return example.repeat(size, axis=0)

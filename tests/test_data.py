@@ -57,10 +57,10 @@ def test_hidden_entries_and_plain_files_are_not_classes(tmp_path):
                             ("train/bees/img_0.png", 1), ("train/bees/img_1.png", 1)]
     # Every file under a class folder is used or counted: one warning, by extension.
     assert [str(w.message) for w in record] == [
-        f"{root}: 3 file(s) not used as images (hidden: 2, .txt: 1): train/ants/.cache/y.png, "
+        (f"{root}: 3 file(s) not used as images (hidden: 2, .txt: 1): train/ants/.cache/y.png, "
         "train/ants/.hidden.png, train/ants/notes.txt; only files whose extension Pillow opens as an "
         "image are used (.jpg, .jfif, .png, .webp, ... see pipeline.data.IMAGE_EXTENSIONS): rename "
-        "image files, move other files out"]
+        "image files, move other files out")]
 
 
 def test_every_extension_pillow_opens_is_used_and_the_rest_named_in_one_warning(tmp_path):
@@ -79,10 +79,10 @@ def test_every_extension_pillow_opens_is_used_and_the_rest_named_in_one_warning(
         [(f"train/ants/extra_{i}.jfif", 0) for i in range(4)]
         + [(f"train/bees/extra_{i}.JPE", 1) for i in range(4)])
     assert [str(w.message) for w in record] == [
-        f"{root}: 5 file(s) not used as images (.txt: 2, no extension: 1, .json: 1, .mp4: 1): "
+        (f"{root}: 5 file(s) not used as images (.txt: 2, no extension: 1, .json: 1, .mp4: 1): "
         "train/bees/README, train/bees/labels.txt, train/bees/meta.json and 2 more; only files whose "
         "extension Pillow opens as an image are used (.jpg, .jfif, .png, .webp, ... see "
-        "pipeline.data.IMAGE_EXTENSIONS): rename image files, move other files out"]
+        "pipeline.data.IMAGE_EXTENSIONS): rename image files, move other files out")]
     assert D.scan_images(splits) is splits  # and they decode
 
 
@@ -393,9 +393,9 @@ def test_content_in_another_format_than_the_extension_is_used_with_one_warning(t
     assert kept is writeable and ("train/ants/scraped.jpg", 0) in kept.train
     assert D.check_image(root / "train" / "ants" / "scraped.jpg") is None
     assert [str(w.message) for w in record] == [
-        f"{root}: 2 image(s) hold another format than their extension says and are used as decoded: "
+        (f"{root}: 2 image(s) hold another format than their extension says and are used as decoded: "
         f"{root}/train/ants/scraped.jpg is WEBP, {root}/train/bees/scraped.jpg is PNG; rename them to "
-        "their format's extension to silence this"]
+        "their format's extension to silence this")]
 
 
 def _corrupt_exif_jpeg(path: Path) -> Path:
@@ -535,7 +535,7 @@ def test_merged_last_batch_still_sees_every_image_once_per_epoch(image_root):
     loader = D.make_loader(image_root, samples, D.eval_transform(PP), 4, 0, shuffle=True, seed=3)
     labels = [y.tolist() for _, y in loader]
     assert [len(b) for b in labels] == [4, 5]
-    assert sorted(sum(labels, [])) == sorted(y for _, y in samples)
+    assert sorted(y for batch in labels for y in batch) == sorted(y for _, y in samples)
 
 
 def test_nine_train_images_in_batches_of_eight_train_a_batchnorm_net(tmp_path):
