@@ -565,3 +565,39 @@ def test_image_list_reports_a_file_broken_after_the_scan(image_root):
     data = D.ImageList(image_root, [("train/ants/img_0.png", 0)], D.eval_transform(PP))
     with pytest.raises(DataError, match=r"img_0.png: cannot be decoded mid-training \("):
         data[0]
+
+
+def test_one_class_is_refused_before_the_study_is_stored(sweep_home, tmp_path):
+    import optuna
+
+    from pipeline.config import load_study
+    from pipeline.stores import storage_url
+    from pipeline.tune import run_study
+
+    from conftest import study_dict, write_study
+
+    root = make_folder(tmp_path / "images", {"train": 4, "val": 4}, classes=("ants",))
+    path = write_study(tmp_path / "study.yaml", study_dict(root, study={"n_trials": 1}))
+    with pytest.raises(DataError, match=r"/train: only one class folder, 'ants': a classifier needs"):
+        run_study(load_study(path))
+    assert optuna.get_all_study_names(storage_url(load_study(path))) == []
+
+
+def test_preflight_passes_the_scan_warnings_to_the_user(tmp_path):
+    from pipeline.config import load_study
+    from pipeline.preflight import prepare
+
+    from conftest import study_dict, write_study
+
+    root = make_folder(tmp_path / "images", {"train": 3, "val": 2})
+    write_image(root / "train" / "ants" / "scraped.jpg", COLOURS["ants"], fmt="WEBP")
+    (root / "train" / "ants" / "notes.txt").write_text("x")
+    cfg = load_study(write_study(tmp_path / "study.yaml", study_dict(root, data={"test": "val"})))
+    said: list[str] = []
+    prepared = prepare(cfg, warn=said.append)
+    assert ("train/ants/scraped.jpg", 0) in prepared.splits.train
+    assert [line.split(": ", 2)[:2] for line in said] == [["warning", str(root)], ["warning", str(root)]]
+    assert said[0].startswith(f"warning: {root}: 1 file(s) not used as images (.txt: 1): train/ants/notes.txt;")
+    assert said[1] == (f"warning: {root}: 1 image(s) hold another format than their extension says and are "
+                       f"used as decoded: {root}/train/ants/scraped.jpg is WEBP; rename them to their "
+                       "format's extension to silence this")
