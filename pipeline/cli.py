@@ -154,7 +154,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
 ) -> None:
     """Predict the class of each image with a registered model (label and probability)."""
-    from pipeline.registry import predict_files, render_predictions
+    from pipeline.predict import predict_files, render_predictions
 
     rendered = render_predictions(predict_files(model_uri, images, tracking_uri, batch_size), json_)
     if json_:

@@ -6,22 +6,42 @@ the dotted key path, the reason and, where there is a closed set, the allowed va
 
 Relative paths in the file (`data.root`, `model.weights`, `study.storage`) are resolved against the
 current working directory, the way `make run` and the CLI are used from the project root.
+
+Checked before anything runs, so a bad file never leaves a stored study or a failed trial:
+- duplicate keys (YAML would keep the last silently), with the key path and both lines;
+- types are strict: `n_trials: true` is not 1; a YAML 1.1 boolean or number where text belongs
+  (`pruner: {type: off}`) is named as such, with the hint to quote it;
+- every search-space entry is built as the Optuna distribution the sampler will use;
+- `registry.model_name` and `registry.alias` follow MLflow's registry rules (no '/', ':' in names;
+  `latest` and `v<digits>` are reserved aliases);
+- `model.arch` is a torchvision classification model or `timm/NAME`, and a batch of one image is
+  refused for architectures with BatchNorm.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import re
+import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, first_line
+from pipeline.rules import alias_problem, check_arch, has_batch_norm, model_name_problem
+from pipeline.studyfile import Words, apply_override, describe, parse, where
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
@@ -44,6 +64,12 @@ TUNABLE: dict[str, tuple[str, str]] = {
 }
 
 
+# Strict scalars: pydantic's lax mode reads `true` as 1 and `1` as True; a study file means what it says.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # still takes whole numbers (lr: 1)
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,45 +80,34 @@ def _fail(at: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("sweep", "{message}", {"message": message, "at": at})
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write both)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
 class SamplerConfig(_Frozen):
     type: Literal["tpe", "random", "grid", "cmaes", "qmc"] = "tpe"
-    seed: int | None = 0
+    seed: Int | None = 0
 
 
 class PrunerConfig(_Frozen):
     type: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
-    n_startup_trials: int = Field(2, ge=0)
-    n_warmup_steps: int = Field(1, ge=0)
-    percentile: float = Field(25.0, gt=0, lt=100)
+    n_startup_trials: Int = Field(2, ge=0)
+    n_warmup_steps: Int = Field(1, ge=0)
+    percentile: Float = Field(25.0, gt=0, lt=100)
 
 
 class StudySection(_Frozen):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    n_trials: int = Field(10, ge=1)
-    timeout: float | None = Field(None, gt=0, description="seconds")
+    n_trials: Int = Field(10, ge=1)
+    timeout: Float | None = Field(None, gt=0, description="seconds")
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
-    storage: str | None = None
-    heartbeat_interval: int = Field(30, ge=1, description="seconds between trial heartbeats")
-    grace_period: int | None = Field(None, ge=1, description="seconds before a silent trial is stale")
-    max_retries: int = Field(2, ge=0, description="re-runs of a trial that died (kill -9, SIGTERM)")
-    max_failed_trials: int = Field(5, ge=1, description="stop the study after this many FAIL trials")
+    storage: Str | None = None
+    heartbeat_interval: Int = Field(30, ge=1, description="seconds between trial heartbeats")
+    grace_period: Int | None = Field(None, ge=1, description="seconds before a silent trial is stale")
+    max_retries: Int = Field(2, ge=0, description="re-runs of a trial that died (kill -9, SIGTERM)")
+    max_failed_trials: Int = Field(5, ge=1, description="stop the study after this many FAIL trials")
 
     @model_validator(mode="after")
-    def _direction_fits_metric(self) -> "StudySection":
+    def _direction_fits_metric(self) -> StudySection:
         if METRICS[self.metric] != self.direction:
             raise _fail("direction", f"'{self.direction}' does not fit metric '{self.metric}' "
                                      f"(use direction: {METRICS[self.metric]})")
@@ -101,88 +116,100 @@ class StudySection(_Frozen):
 
 class DataSection(_Frozen):
     root: Path
-    train: str = "train"
-    val: str = "val"
-    test: str | None = None
-    test_fraction: float = Field(0.5, gt=0, lt=1)
-    image_size: int | None = Field(None, ge=16, description="crop side in pixels; null = weights'")
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0)
-    seed: int = 0
+    train: Str = "train"
+    val: Str = "val"
+    test: Str | None = None
+    test_fraction: Float = Field(0.5, gt=0, lt=1)
+    image_size: Int | None = Field(None, ge=16, description="crop side in pixels; null = weights'")
+    batch_size: Int = Field(32, ge=1)
+    num_workers: Int = Field(2, ge=0)
+    seed: Int = 0
     bad_images: Literal["stop", "skip"] = "stop"
 
 
 class PreprocessConfig(_Frozen):
     """Eval preprocessing; each null field falls back to the weights' own metadata."""
 
-    resize: int | None = Field(None, ge=16)
-    crop: int | None = Field(None, ge=16)
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    resize: Int | None = Field(None, ge=16)
+    crop: Int | None = Field(None, ge=16)
+    mean: tuple[Float, Float, Float] | None = None
+    std: tuple[Float, Float, Float] | None = None
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
 
 
 class ModelSection(_Frozen):
-    arch: str
-    weights: str = "DEFAULT"
+    arch: Str
+    weights: Str = "DEFAULT"
     preprocess: PreprocessConfig = PreprocessConfig()
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from pipeline.model import check_arch  # heavy imports only when validating
-
         check_arch(arch)
         return arch
 
 
 class SchedulerConfig(_Frozen):
     type: Literal["step", "cosine", "none"] = "step"
-    step_size: int = Field(7, ge=1, description="epochs")
-    gamma: float = Field(0.1, gt=0, le=1)
+    step_size: Int = Field(7, ge=1, description="epochs")
+    gamma: Float = Field(0.1, gt=0, le=1)
 
 
 class TrainingSection(_Frozen):
-    epochs: int = Field(8, ge=1)
+    epochs: Int = Field(8, ge=1)
     optimizer: Literal["sgd", "adamw", "adam"] = "sgd"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    freeze_depth: int = Field(0, ge=0)
-    aug_strength: float = Field(1.0, ge=0, le=1)
+    lr: Float = Field(1e-3, gt=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    nesterov: Bool = False
+    weight_decay: Float = Field(0.0, ge=0)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    freeze_depth: Int = Field(0, ge=0)
+    aug_strength: Float = Field(1.0, ge=0, le=1)
     scheduler: SchedulerConfig = SchedulerConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = False
-    channels_last: bool = False
+    amp: Bool = False
+    channels_last: Bool = False
 
 
 class FloatParam(_Frozen):
     type: Literal["float"]
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = Field(None, gt=0)
+    low: Float
+    high: Float
+    log: Bool = False
+    step: Float | None = Field(None, gt=0)
+
+    def distribution(self):
+        """The `optuna.distributions.FloatDistribution` that `trial.suggest_float` builds."""
+        from optuna.distributions import FloatDistribution
+
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
     @model_validator(mode="after")
-    def _range(self) -> "FloatParam":
+    def _range(self) -> FloatParam:
         _check_range(self.low, self.high, self.log)
         if self.log and self.step is not None:
             raise _fail("step", "step cannot be combined with log: true")
+        _optuna_accepts(self)
         return self
 
 
 class IntParam(_Frozen):
     type: Literal["int"]
-    low: int
-    high: int
-    log: bool = False
-    step: int = Field(1, ge=1)
+    low: Int
+    high: Int
+    log: Bool = False
+    step: Int = Field(1, ge=1)
+
+    def distribution(self):
+        """The `optuna.distributions.IntDistribution` that `trial.suggest_int` builds."""
+        from optuna.distributions import IntDistribution
+
+        return IntDistribution(self.low, self.high, log=self.log, step=self.step)
 
     @model_validator(mode="after")
-    def _range(self) -> "IntParam":
+    def _range(self) -> IntParam:
         _check_range(self.low, self.high, self.log)
+        _optuna_accepts(self)
         return self
 
 
@@ -190,8 +217,30 @@ class CategoricalParam(_Frozen):
     type: Literal["categorical"]
     choices: tuple[str | int | float | bool, ...] = Field(min_length=1)
 
+    def distribution(self):
+        """The `optuna.distributions.CategoricalDistribution` of `trial.suggest_categorical`."""
+        from optuna.distributions import CategoricalDistribution
 
-Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
+        return CategoricalDistribution(self.choices)
+
+    @model_validator(mode="after")
+    def _optuna(self) -> CategoricalParam:
+        _optuna_accepts(self)
+        return self
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+def _optuna_accepts(p: FloatParam | IntParam | CategoricalParam) -> None:
+    """Build the Optuna distribution now, so a range Optuna refuses (an int `log: true` with a step)
+    fails here and not inside the sampler in every trial."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a high off the step grid: Optuna rounds it down (_reachable_high)
+        try:
+            p.distribution()
+        except ValueError as err:
+            raise _fail("", f"Optuna cannot sample this distribution: {first_line(err)}") from None
 
 
 def _check_range(low: float, high: float, log: bool) -> None:
@@ -203,7 +252,7 @@ def _check_range(low: float, high: float, log: bool) -> None:
         raise _fail("low", f"a log range must be > 0, but low is {low}; raise low or set log: false")
 
 
-def _reachable_high(p: "FloatParam | IntParam") -> float:
+def _reachable_high(p: FloatParam | IntParam) -> float:
     """The largest value the sampler can return (Optuna rounds `high` down onto the step grid)."""
     if p.step is None or p.log:
         return p.high
@@ -212,15 +261,31 @@ def _reachable_high(p: "FloatParam | IntParam") -> float:
 
 
 class TrackingSection(_Frozen):
-    uri: str | None = None
-    experiment: str | None = Field(None, description="MLflow experiment; null = study name")
+    uri: Str | None = None
+    experiment: Str | None = Field(None, description="MLflow experiment; null = study name")
 
 
 class RegistrySection(_Frozen):
-    model_name: str = Field("sweep-classifier", min_length=1)
-    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    keep_top_k: int = Field(1, ge=0, description="trial checkpoints kept after the report")
+    model_name: Str = "sweep-classifier"
+    alias: Str = "champion"
+    keep_top_k: Int = Field(1, ge=0, description="trial checkpoints kept after the report")
     serialization_format: Literal["pickle", "pt2"] = "pickle"
+
+    @field_validator("model_name")
+    @classmethod
+    def _mlflow_name(cls, name: str) -> str:
+        problem = model_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("alias")
+    @classmethod
+    def _mlflow_alias(cls, alias: str) -> str:
+        problem = alias_problem(alias)
+        if problem:
+            raise ValueError(problem)
+        return alias
 
 
 class StudyConfig(_Frozen):
@@ -260,7 +325,7 @@ class StudyConfig(_Frozen):
         return space
 
     @model_validator(mode="after")
-    def _grid_needs_discrete_space(self) -> "StudyConfig":
+    def _grid_needs_discrete_space(self) -> StudyConfig:
         if self.study.sampler.type == "grid":
             for name, p in self.search_space.items():
                 if isinstance(p, FloatParam) and p.step is None:
@@ -272,7 +337,24 @@ class StudyConfig(_Frozen):
         return self
 
     @model_validator(mode="after")
-    def _space_fits_fields(self) -> "StudyConfig":
+    def _batches_of_two(self) -> StudyConfig:
+        """BatchNorm computes statistics over each train batch: one image per batch fails outright
+        wherever a feature map is 1x1 and otherwise trains on single-image statistics."""
+        p = self.search_space.get("batch_size")
+        if isinstance(p, IntParam):
+            at = "search_space.batch_size.low" if p.low == 1 else None
+        elif isinstance(p, CategoricalParam):
+            one = any(c == 1 and not isinstance(c, bool) for c in p.choices)
+            at = "search_space.batch_size.choices" if one else None
+        else:
+            at = "data.batch_size" if self.data.batch_size == 1 else None
+        if at and has_batch_norm(self.model.arch):
+            raise _fail(at, f"a train batch of 1 image cannot train {self.model.arch}: its BatchNorm "
+                            "layers need at least 2 images per batch; use 2 or more")
+        return self
+
+    @model_validator(mode="after")
+    def _space_fits_fields(self) -> StudyConfig:
         """Every value the sampler can draw must be valid where it lands, so a bad range fails
         here, before the study, and not in every trial (e.g. momentum high 1.5, float freeze_depth)."""
         for name, p in self.search_space.items():
@@ -303,7 +385,7 @@ class StudyConfig(_Frozen):
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.study.name
 
-    def with_params(self, params: dict[str, Any]) -> "StudyConfig":
+    def with_params(self, params: dict[str, Any]) -> StudyConfig:
         """Return a copy with sampled search-space values placed into their sections.
 
         Raises:
@@ -341,90 +423,28 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not path.is_file():
         raise ConfigError(f"{path}: study file not found (give the path to a .yaml study file)")
     try:
-        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        tree, words = parse(path.read_text(encoding="utf-8"), path)
     except yaml.MarkedYAMLError as err:
-        raise ConfigError(f"{path}: YAML syntax error at {_where(err)}") from None
+        raise ConfigError(f"{path}: YAML syntax error at {where(err)}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read as YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys study, data, model, ...")
     for item in overrides:
-        _apply_override(tree, item, path)
-    return _validate(tree, source=str(path))
+        apply_override(tree, item, path, words)
+    return _validate(tree, source=str(path), words=words)
 
 
-def _where(err: yaml.MarkedYAMLError) -> str:
-    """'line L, column C: problem' plus where the unfinished construct started, 1-based."""
-    def at(mark) -> str:
-        return f"line {mark.line + 1}, column {mark.column + 1}"
-
-    text = f"{at(err.problem_mark)}: {err.problem}" if err.problem_mark else f"unknown position: {err.problem}"
-    if err.context and err.context_mark and err.context_mark.line != getattr(err.problem_mark, "line", None):
-        text += f" ({err.context} at {at(err.context_mark)})"
-    return text
-
-
-def _apply_override(tree: dict, item: str, path: Path) -> None:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(
-            f"{path}: --set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3"
-        )
-    try:
-        value = yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError:
-        value = raw
-    parts = key.strip().split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{path}: --set {key}: '{part}' is not a mapping")
-        node = child
-    node[parts[-1]] = value
-
-
-def _validate(tree: dict, source: str) -> StudyConfig:
+def _validate(tree: dict, source: str, words: Words | None = None) -> StudyConfig:
     try:
         cfg = StudyConfig.model_validate(tree)
         cfg._source = source
         return cfg
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors()]
+        lines = [describe(e, words or {}, _allowed_keys) for e in err.errors()]
         head = f"{source}: {len(lines)} problem(s) in the study file:" if len(lines) > 1 else f"{source}:"
         body = "\n  ".join(lines) if len(lines) > 1 else lines[0]
         raise ConfigError(f"{head}\n  {body}" if len(lines) > 1 else f"{head} {body}") from None
-
-
-def _describe(error: dict) -> str:
-    raw_loc = list(error["loc"])
-    # Drop the union tag pydantic inserts: search_space.lr.float.low -> search_space.lr.low.
-    loc = [str(p) for i, p in enumerate(raw_loc)
-           if not (i == 2 and raw_loc[0] == "search_space" and p in ("float", "int", "categorical"))]
-    if error["type"] == "sweep" and error["ctx"]["at"]:
-        loc += error["ctx"]["at"].split(".")
-    key = ".".join(loc) or "<top level>"
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(tuple(raw_loc[:-1]))
-        close = difflib.get_close_matches(str(raw_loc[-1]), allowed, n=1)
-        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-        hint += f"; did you mean {close[0]}?" if close else ""
-        return f"{key}: unknown key{hint}"
-    if error["type"] == "missing":
-        return f"{key}: required key is missing"
-    msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
-        msg = "expected a mapping (key: value lines)"
-    if error["type"] == "union_tag_invalid":
-        msg = "type must be one of float, int, categorical"
-    if error["type"] == "union_tag_not_found":
-        msg = "missing 'type' (one of float, int, categorical)"
-    value = error.get("input")
-    # Our own messages quote the bad string already ("unknown arch 'resnet19'"): no second copy.
-    if "input" in error and not isinstance(value, dict) and not (
-            isinstance(value, str) and repr(value) in msg):
-        msg += f" (got {error['input']!r})"
-    return f"{key}: {msg}"
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

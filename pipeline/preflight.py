@@ -46,9 +46,9 @@ def prepare(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)
+        splits = D.scan_images(splits, d.bad_images, progress)  # warns: extensions, Pillow's notes
     for w in caught:
         warn(f"warning: {w.message}")
-    splits = D.scan_images(splits, d.bad_images, progress)
     if splits.skipped:
         warn(f"data.bad_images: skip: training without {len(splits.skipped)} unreadable image(s): "
              f"{', '.join(splits.skipped)} (listed in splits.json)")

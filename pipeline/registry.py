@@ -1,4 +1,5 @@
-"""Model hand-off: log the selected model, register it, move the alias, load it back to predict.
+"""Model hand-off: log the selected model, register it, move the alias (loading it back to
+predict is `pipeline.predict`).
 
 What is registered (one MLflow model per selected checkpoint):
 - `torch.nn.Sequential(net=<classifier>, probabilities=Softmax(dim=1))` in eval mode on the CPU.
@@ -24,16 +25,14 @@ A selected checkpoint is registered once: a later report finds the version by it
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import DataError, RegistryError, first_line
+from pipeline.errors import RegistryError, first_line
 
 SHA_TAG = "sweep.checkpoint_sha256"
 STUDY_TAG = "sweep.study"
@@ -212,149 +211,3 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-# ---- load and predict ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image: the most probable class and every class probability (0-1)."""
-
-    file: str
-    label: str
-    probability: float
-    probabilities: dict[str, float]
-
-    def to_json(self) -> str:
-        return json.dumps({"file": self.file, "label": self.label, "probability": self.probability,
-                           "probabilities": self.probabilities})
-
-
-def image_files(paths: list[Path]) -> list[Path]:
-    """Expand files and folders (recursively, hidden entries skipped) into image files.
-
-    Raises:
-        DataError: a path does not exist, or a folder holds no image file.
-    """
-    from pipeline.data import IMAGE_EXTENSIONS
-
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise DataError(f"{path}: no image files in this folder (extensions "
-                                f"{', '.join(IMAGE_EXTENSIONS)}); give image files or a folder of them")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"{path}: no such file or folder; give image files or folders of images")
-    return files
-
-
-def load_model(model_uri: str, tracking: str):
-    """Load a registered model with the pyfunc flavour.
-
-    Returns:
-        (pyfunc model, its sweep metadata dict).
-
-    Raises:
-        RegistryError: unknown URI/alias/version, unreadable artifacts, or a model that was not
-            registered by `sweep report` (no classes/preprocess metadata).
-    """
-    import mlflow
-
-    store = Path(tracking.removeprefix("sqlite:///"))
-    if tracking.startswith("sqlite:///") and model_uri.startswith("models:/") and not store.is_file():
-        # MLflow would create an empty store there and then report an unknown model
-        raise RegistryError(f"no MLflow store at {store}: pass --tracking-uri (or set SWEEP_HOME) to the "
-                            "store `sweep report` registered the model in")
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except Exception as err:
-        raise RegistryError(f"{model_uri}: cannot be loaded from {tracking} ({_first_line(err)}); "
-                            "check the name, version or alias (`mlflow ui`, `sweep report`) and "
-                            "--tracking-uri") from None
-    meta = (model.metadata.metadata or {}) if model.metadata else {}
-    if not {"classes", "preprocess"} <= set(meta):
-        raise RegistryError(f"{model_uri}: has no sweep metadata (classes, preprocess); only models "
-                            "registered by `sweep report` can be used with `sweep predict`")
-    return model, meta
-
-
-def preprocess_images(files: list[Path], preprocess: dict[str, Any]) -> np.ndarray:
-    """Decode (`data.load_rgb`) and eval-transform images exactly as the study's val/test images.
-
-    Returns:
-        float32 array `(len(files), 3, crop, crop)`.
-
-    Raises:
-        DataError: one or more files are not decodable images (all of them named, on one line).
-    """
-    from pipeline import data as D
-
-    pp = D.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
-                      tuple(preprocess["std"]), preprocess.get("interpolation", "bilinear"))
-    transform = D.eval_transform(pp)
-    arrays, bad = [], []
-    for path in files:
-        try:
-            arrays.append(transform(D.load_rgb(path)).numpy())
-        except (OSError, ValueError, SyntaxError) as err:
-            bad.append(f"{path} ({_first_line(err)})")
-    if bad:
-        raise DataError(f"cannot read {len(bad)} image file(s): {'; '.join(bad[:5])}"
-                        f"{'; ...' if len(bad) > 5 else ''}; remove them or convert them to JPEG/PNG")
-    return np.stack(arrays).astype(np.float32)
-
-
-def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None,
-                  batch_size: int = 32) -> list[Prediction]:
-    """Predict the class of every image under `paths` with a registered model.
-
-    Images are decoded and predicted `batch_size` at a time, so memory stays bounded for large
-    folders.
-
-    Args:
-        model_uri: e.g. `models:/hymenoptera-classifier@champion`, `models:/NAME/3`, `runs:/...`.
-        tracking: MLflow tracking/registry URI; default the embedded store (`$SWEEP_HOME`).
-        batch_size: images per forward pass.
-
-    Raises:
-        DataError: a missing path or an image-less folder (before the model is loaded), or
-            undecodable images (naming those of the first batch that holds any).
-        RegistryError: the model cannot be loaded or lacks sweep metadata.
-    """
-    from pipeline.stores import default_tracking_uri
-    from pipeline.track import quiet_mlflow
-
-    quiet_mlflow()
-    files = image_files(paths)
-    model, meta = load_model(model_uri, tracking or default_tracking_uri())
-    classes = list(meta["classes"])
-    predictions = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        probs = np.asarray(model.predict(preprocess_images(chunk, meta["preprocess"])))
-        predictions += [Prediction(str(f), classes[int(p.argmax())], float(p.max()),
-                                   {c: float(v) for c, v in zip(classes, p)}) for f, p in zip(chunk, probs)]
-    return predictions
-
-
-def render_predictions(predictions: list[Prediction], as_json: bool = False):
-    """JSON lines (one object per image) or a rich table: file, label, probability."""
-    if as_json:
-        return "\n".join(p.to_json() for p in predictions)
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table("file", "label", "probability", box=None, pad_edge=False)
-    for p in predictions:  # Text: a '[' in a file name is not rich markup
-        table.add_row(Text(p.file, overflow="fold"), Text(p.label), f"{p.probability:.4f}")
-    return table
-
-
-# The predict functions above move to pipeline/predict.py; until they do they use the one formatter.
-_first_line = first_line

@@ -115,3 +115,13 @@ def check_local_paths(*uris: str) -> None:
         path = sqlite_path(uri)
         if path is not None:
             check_writable(path.parent)
+
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def resolve_tracking(flag: str | None, cfg_value: str | None) -> str:
+    """The MLflow tracking URI, by precedence: `flag` (--tracking-uri), then `cfg_value` (the study
+    file's `tracking.uri`), then `$MLFLOW_TRACKING_URI` (how users point every MLflow tool at a
+    store), then the embedded store (`default_tracking_uri()`). Empty values count as unset."""
+    return flag or cfg_value or os.environ.get(TRACKING_ENV) or default_tracking_uri()

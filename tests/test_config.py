@@ -143,8 +143,7 @@ def test_unknown_key_deep_in_a_section(path):
 
 def test_wrong_type(path):
     assert error(path, ["training.epochs=three"]) == (
-        f"{path}: training.epochs: Input should be a valid integer, unable to parse string as an "
-        "integer (got 'three')")
+        f"{path}: training.epochs: Input should be a valid integer (got 'three')")
 
 
 def test_section_that_is_not_a_mapping(path):
@@ -358,3 +357,216 @@ def test_with_params_twice_keeps_naming_the_file(path):
     cfg = load_study(path).with_params({"lr": 0.02})
     with pytest.raises(ConfigError, match=rf"^{path} \(trial parameters epochs=0\): training.epochs"):
         cfg.with_params({"epochs": 0})
+
+
+# ---- duplicate keys -------------------------------------------------------------------------------
+
+DUPLICATED = """\
+study: {name: tiny, n_trials: 2}
+data: {root: images, batch_size: 8}
+model: {arch: resnet18, weights: none}
+training:
+  epochs: 1
+search_space:
+  lr: {type: float, low: 0.001, high: 0.05, log: true}
+  freeze_depth: {type: int, low: 0, high: 2}
+  lr: {type: float, low: 0.1, high: 0.5}
+training:
+  lr: 0.01
+"""
+
+
+def test_duplicate_keys_are_named_with_both_lines(path):
+    # The users' input: a second `training:` block appended, a stale second `lr:` in the space.
+    assert error(path, text=DUPLICATED) == (
+        f"{path}: 2 duplicate keys:\n"
+        "  search_space.lr: duplicate key (lines 7 and 9); YAML would keep only the last one: merge "
+        "them or delete one\n"
+        "  training: duplicate key (lines 4 and 10); YAML would keep only the last one: merge them or "
+        "delete one")
+
+
+def test_one_duplicate_key_deep_in_a_section(path):
+    text = "study:\n  name: tiny\n  sampler:\n    type: tpe\n    seed: 1\n    seed: 2\n"
+    assert error(path, text=text) == (
+        f"{path}: study.sampler.seed: duplicate key (lines 5 and 6); YAML would keep only the last "
+        "one: merge them or delete one")
+
+
+def test_duplicate_key_inside_a_set_value(path):
+    assert error(path, ["search_space.lr={type: float, low: 0.1, low: 0.2, high: 0.3}"]) == (
+        f"{path}: --set search_space.lr: low: duplicate key (lines 1 and 1); YAML would keep only "
+        "the last one: merge them or delete one")
+
+
+def test_yaml_merge_keys_are_not_duplicates(path):
+    tree = yaml.safe_load(path.read_text())
+    del tree["training"]
+    text = yaml.safe_dump(tree, sort_keys=False) + "training:\n  <<: {epochs: 3, lr: 0.1}\n  lr: 0.02\n"
+    path.write_text(text)
+    cfg = load_study(path)
+    assert (cfg.training.epochs, cfg.training.lr) == (3, 0.02)
+
+
+# ---- every distribution built as Optuna builds it ----------------------------------------------
+
+def test_int_log_range_with_a_step_is_refused_as_optuna_would(path):
+    assert error(path, ["search_space.batch_size={type: int, low: 8, high: 64, log: true, step: 8}"]) == (
+        f"{path}: search_space.batch_size: Optuna cannot sample this distribution: Samplers and other "
+        "components in Optuna only accept step is 1 when `log` argument is True.")
+
+
+def test_each_parameter_is_the_optuna_distribution_the_sampler_uses(path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    cfg = load_study(path, ["search_space.optimizer={type: categorical, choices: [sgd, adam]}",
+                            "search_space.step_size={type: int, low: 1, high: 10, step: 4}"])
+    space = cfg.search_space
+    assert space["lr"].distribution() == FloatDistribution(0.001, 0.05, log=True)
+    assert space["freeze_depth"].distribution() == IntDistribution(0, 2)
+    assert space["optimizer"].distribution() == CategoricalDistribution(("sgd", "adam"))
+    with pytest.warns(UserWarning, match=r"It will be replaced with \[1, 9\]"):  # Optuna's rounding
+        assert space["step_size"].distribution() == IntDistribution(1, 9, step=4)
+
+
+def test_validation_does_not_leak_optunas_rounding_warning(path, recwarn):
+    load_study(path, ["search_space.step_size={type: int, low: 1, high: 10, step: 4}"])
+    assert [str(w.message) for w in recwarn] == []
+
+
+# ---- registry names -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, why", [
+    ("team/classifier", ("'team/classifier' contains '/': MLflow registered model names cannot contain "
+                        "'/', ':' or '%' ('?' breaks models:/ URIs); use e.g. 'team-classifier'")),
+    ("ants:bees", ("'ants:bees' contains ':': MLflow registered model names cannot contain '/', ':' or "
+                  "'%' ('?' breaks models:/ URIs); use e.g. 'ants-bees'")),
+    ("..hidden", ("'..hidden': MLflow treats model names as paths and refuses '.' and names starting "
+                 "with '..'")),
+    ("  ", "a registered model name cannot be blank (got '  ')"),
+])
+def test_registry_model_names_mlflow_refuses(path, name, why):
+    assert error(path, [f"registry.model_name='{name}'"]) == f"{path}: registry.model_name: {why}"
+
+
+@pytest.mark.parametrize("alias, why", [
+    ("latest", ("'latest' is reserved by MLflow (models:/NAME@latest always means the newest version); "
+               "choose another alias, e.g. champion")),
+    ("Latest", ("'Latest' is reserved by MLflow (models:/NAME@latest always means the newest version); "
+               "choose another alias, e.g. champion")),
+    ("v2", ("'v2' is reserved by MLflow for version aliases (models:/NAME@v2 means version 2); choose "
+           "another alias, e.g. champion")),
+    ("V10", ("'V10' is reserved by MLflow for version aliases (models:/NAME@V10 means version 10); "
+            "choose another alias, e.g. champion")),
+    ("best model", ("'best model': an MLflow alias may only contain letters, digits, underscores (_) "
+                   "and dashes (-)")),
+])
+def test_registry_aliases_mlflow_reserves_or_refuses(path, alias, why):
+    assert error(path, [f"registry.alias='{alias}'"]) == f"{path}: registry.alias: {why}"
+
+
+def test_registry_rules_match_what_the_mlflow_store_does(tmp_path):
+    # Our up-front rules against MLflow's own store: every name refused here is refused there
+    # ('%' and '?' are refused on top: MLflow's file store and models:/ URIs), the rest accepted.
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import alias_problem, model_name_problem
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    for name in ("a/b", "a:b", "..x", ".", " ", "ok-name", "naïve model", "a.b", "2024"):
+        try:
+            client.create_registered_model(name)
+            accepted = True
+        except Exception:  # noqa: BLE001  MlflowException: refused
+            accepted = False
+        assert accepted == (model_name_problem(name) is None), name
+    client.create_model_version("ok-name", (tmp_path / "m").as_uri())
+    for alias in ("latest", "LATEST", "v2", "V3", "a b", "a.b", "x" * 256, "champion", "-x", "1st", "v2b"):
+        try:
+            client.set_registered_model_alias("ok-name", alias, "1")
+            accepted = True
+        except Exception:  # noqa: BLE001  MlflowException: refused
+            accepted = False
+        assert accepted == (alias_problem(alias) is None), alias
+
+
+# ---- strict types and YAML 1.1 words ------------------------------------------------------------
+
+def test_a_boolean_count_is_not_one(path):
+    tree = yaml.safe_load(path.read_text())
+    text = yaml.safe_dump(tree, sort_keys=False).replace("n_trials: 2", "n_trials: true")
+    assert error(path, text=text) == (
+        f"{path}: study.n_trials: Input should be a valid integer (got True: YAML read the unquoted "
+        "true as a boolean)")
+
+
+def test_yaml_boolean_where_a_name_belongs_says_so_and_suggests_quotes(path):
+    # The users' input: `pruner: {type: off}`.
+    text = path.read_text().replace("pruner:\n    type: none", "pruner: {type: off}")
+    assert "type: off" in text
+    assert error(path, text=text) == (
+        f"{path}: study.pruner.type: Input should be 'median', 'percentile', 'successive_halving', "
+        "'hyperband' or 'none' (got False: YAML read the unquoted off as a boolean; write it in quotes "
+        "('off') for the text)")
+
+
+def test_yaml_number_where_a_name_belongs(path):
+    assert error(path, ["study.name=2024"]) == (
+        f"{path}: study.name: Input should be a valid string (got 2024: YAML read the unquoted 2024 as "
+        "a number; write it in quotes ('2024') for the text)")
+
+
+def test_quoted_number_where_a_count_belongs(path):
+    assert error(path, ["training.epochs='3'"]) == (
+        f"{path}: training.epochs: Input should be a valid integer (got '3': quoted, it is text; "
+        "remove the quotes)")
+
+
+def test_yaml_boolean_in_a_set_value_is_named_too(path):
+    assert error(path, ["data.bad_images=no"]) == (
+        f"{path}: data.bad_images: Input should be 'stop' or 'skip' (got False: YAML read the unquoted "
+        "no as a boolean; write it in quotes ('no') for the text)")
+
+
+def test_whole_numbers_still_fill_float_fields(path):
+    cfg = load_study(path, ["training.lr=1", "search_space.momentum={type: float, low: 0, high: 0.5}"])
+    assert cfg.training.lr == 1.0 and cfg.search_space["momentum"].low == 0.0
+
+
+# ---- batches of one image and BatchNorm ---------------------------------------------------------
+
+def test_batch_size_one_is_refused_for_a_batchnorm_arch(path):
+    assert error(path, ["data.batch_size=1"]) == (
+        f"{path}: data.batch_size: a train batch of 1 image cannot train resnet18: its BatchNorm "
+        "layers need at least 2 images per batch; use 2 or more")
+
+
+def test_batch_size_one_in_the_search_space_is_refused(path):
+    assert error(path, ["search_space.batch_size={type: int, low: 1, high: 8}"]) == (
+        f"{path}: search_space.batch_size.low: a train batch of 1 image cannot train resnet18: its "
+        "BatchNorm layers need at least 2 images per batch; use 2 or more")
+    assert error(path, ["search_space.batch_size={type: categorical, choices: [4, 1]}"]).startswith(
+        f"{path}: search_space.batch_size.choices: a train batch of 1 image cannot train resnet18")
+
+
+@pytest.mark.parametrize("arch, refused", [("vit_b_16", False), ("regnet_x_400mf", True),
+                                           ("timm/efficientnet_lite0", True)])
+def test_batch_size_one_depends_on_batchnorm(path, arch, refused):
+    overrides = [f"model.arch={arch}", "data.batch_size=1"]
+    if refused:
+        assert error(path, overrides).startswith(f"{path}: data.batch_size: a train batch of 1 image")
+    else:
+        assert load_study(path, overrides).data.batch_size == 1
+
+
+def test_config_does_not_import_the_model_module(path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.config import load_study; "
+            f"load_study({str(path)!r}, ['data.batch_size=1', 'model.arch=vit_b_16']); "
+            "print('pipeline.model' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.stdout.strip() == "False", result.stderr

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import struct
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -46,11 +49,57 @@ def test_hidden_entries_and_plain_files_are_not_classes(tmp_path):
     write_image(root / "train" / "ants" / ".cache" / "y.png", COLOURS["ants"])   # hidden subdir
     (root / "train" / "ants" / "notes.txt").write_text("not an image")
     write_image(root / "train" / "ants" / "more" / "deep.PNG", COLOURS["ants"])  # nested, upper-case
-    splits = D.build_splits(root, test="val")
+    with pytest.warns(D.DataWarning) as record:
+        splits = D.build_splits(root, test="val")
     assert splits.class_to_idx == {"ants": 0, "bees": 1}
     assert splits.train == [("train/ants/img_0.png", 0), ("train/ants/img_1.png", 0),
                             ("train/ants/more/deep.PNG", 0),
                             ("train/bees/img_0.png", 1), ("train/bees/img_1.png", 1)]
+    # Every file under a class folder is used or counted: one warning, by extension.
+    assert [str(w.message) for w in record] == [
+        (f"{root}: 3 file(s) not used as images (hidden: 2, .txt: 1): train/ants/.cache/y.png, "
+        "train/ants/.hidden.png, train/ants/notes.txt; only files whose extension Pillow opens as an "
+        "image are used (.jpg, .jfif, .png, .webp, ... see pipeline.data.IMAGE_EXTENSIONS): rename "
+        "image files, move other files out")]
+
+
+def test_every_extension_pillow_opens_is_used_and_the_rest_named_in_one_warning(tmp_path):
+    # The users' input: 20 train images of which 8 are JPEG data named .jfif or .jpe.
+    root = make_folder(tmp_path, {"train": 6, "val": 2})
+    for i in range(4):
+        write_image(root / "train" / "ants" / f"extra_{i}.jfif", COLOURS["ants"], seed=50 + i, fmt="JPEG")
+        write_image(root / "train" / "bees" / f"extra_{i}.JPE", COLOURS["bees"], seed=60 + i, fmt="JPEG")
+    for name in ("notes.txt", "labels.txt", "meta.json", "README"):
+        (root / "train" / "bees" / name).write_text("x")
+    (root / "val" / "ants" / "clip.mp4").write_bytes(b"\0" * 8)
+    with pytest.warns(D.DataWarning) as record:
+        splits = D.build_splits(root, test="val")
+    assert len(splits.train) == 20
+    assert [s for s in splits.train if s[0].endswith((".jfif", ".JPE"))] == (
+        [(f"train/ants/extra_{i}.jfif", 0) for i in range(4)]
+        + [(f"train/bees/extra_{i}.JPE", 1) for i in range(4)])
+    assert [str(w.message) for w in record] == [
+        (f"{root}: 5 file(s) not used as images (.txt: 2, no extension: 1, .json: 1, .mp4: 1): "
+        "train/bees/README, train/bees/labels.txt, train/bees/meta.json and 2 more; only files whose "
+        "extension Pillow opens as an image are used (.jpg, .jfif, .png, .webp, ... see "
+        "pipeline.data.IMAGE_EXTENSIONS): rename image files, move other files out")]
+    assert D.scan_images(splits) is splits  # and they decode
+
+
+def test_image_extensions_are_the_formats_pillow_opens():
+    for ext in (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".tif", ".bmp", ".gif", ".mpo"):
+        assert ext in D.IMAGE_EXTENSIONS, ext
+    for ext in (".pdf", ".mpg", ".h5", ".wmf", ".txt"):  # save-only, video, stubs, text
+        assert ext not in D.IMAGE_EXTENSIONS, ext
+
+
+def test_one_class_only_is_refused_naming_it(tmp_path):
+    root = make_folder(tmp_path, {"train": 4, "val": 4}, classes=("ants",))
+    with pytest.raises(DataError) as info:
+        D.build_splits(root)
+    assert str(info.value) == (
+        f"{root / 'train'}: only one class folder, 'ants': a classifier needs at least two classes; "
+        f"add a folder of images per class ({root / 'train'}/<class>/<image>)")
 
 
 def test_val_class_missing_from_train_is_named(tmp_path):
@@ -80,8 +129,8 @@ def test_empty_class_folders_are_named(tmp_path):
     with pytest.raises(DataError) as info:
         D.build_splits(root)
     assert str(info.value) == (
-        f"{root / 'train'}: empty class folder(s) bees, wasps (no files with extensions "
-        f"{', '.join(D.IMAGE_EXTENSIONS)}); add images or remove the folders")
+        f"{root / 'train'}: no image files in class folder(s) bees, wasps (.txt: 1); add images "
+        "(extensions Pillow opens, e.g. .jpg, .png, .webp) or remove the folders")
 
 
 def test_missing_split_folder(tmp_path):
@@ -264,12 +313,10 @@ def with_bad_files(tmp_path) -> tuple[Path, dict[str, str]]:
     (root / "train" / "ants" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "train" / "bees" / "empty.png").write_bytes(b"")
     (root / "test" / "ants" / "text.jpg").write_text("this is not an image")
-    write_image(root / "test" / "bees" / "jpeg.png", COLOURS["bees"], fmt="JPEG")
     return root, {
         "train/ants/truncated.png": "cannot be decoded (image file is truncated)",
         "train/bees/empty.png": "empty file",
         "test/ants/text.jpg": "not an image file",
-        "test/bees/jpeg.png": "is a JPEG image but has the extension .png",
     }
 
 
@@ -302,7 +349,7 @@ def test_scan_images_stop_lists_every_bad_file_in_one_message(with_bad_files):
         D.scan_images(splits, "stop", progress=lambda done, total: seen.append((done, total)))
     listing = "\n  ".join(f"{root / rel}: {why}" for rel, why in bad.items())
     assert str(info.value) == (
-        f"4 unreadable image(s) under {root}:\n  {listing}\n"
+        f"3 unreadable image(s) under {root}:\n  {listing}\n"
         "Fix or remove them, or set data.bad_images: skip to train without them")
     total = len(splits.train) + len(splits.val) + len(splits.test)
     assert seen == [(i, total) for i in range(1, total + 1)]
@@ -333,6 +380,45 @@ def test_scan_images_skip_refuses_a_class_left_without_train_images(tmp_path):
         D.scan_images(splits, "skip")
     assert str(info.value) == (
         f"{root}: every train image of class(es) bees is unreadable; fix the files or remove the class")
+
+
+def test_content_in_another_format_than_the_extension_is_used_with_one_warning(tmp_path):
+    # Scraped data: a WEBP and a PNG named .jpg decode fine, so they train (not "unreadable").
+    root = make_folder(tmp_path, {"train": 3, "val": 2})
+    write_image(root / "train" / "ants" / "scraped.jpg", COLOURS["ants"], fmt="WEBP")
+    write_image(root / "train" / "bees" / "scraped.jpg", COLOURS["bees"], fmt="PNG")
+    writeable = D.build_splits(root, test="val")
+    with pytest.warns(D.DataWarning) as record:
+        kept = D.scan_images(writeable, "stop")
+    assert kept is writeable and ("train/ants/scraped.jpg", 0) in kept.train
+    assert D.check_image(root / "train" / "ants" / "scraped.jpg") is None
+    assert [str(w.message) for w in record] == [
+        (f"{root}: 2 image(s) hold another format than their extension says and are used as decoded: "
+        f"{root}/train/ants/scraped.jpg is WEBP, {root}/train/bees/scraped.jpg is PNG; rename them to "
+        "their format's extension to silence this")]
+
+
+def _corrupt_exif_jpeg(path: Path) -> Path:
+    """A JPEG whose EXIF block announces two IFD entries but holds one."""
+    tiff = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 2) + struct.pack("<HHI4s", 0x0112, 3, 1, b"\1\0\0\0")
+    Image.new("RGB", (32, 32), COLOURS["ants"]).save(path, exif=b"Exif\0\0" + tiff)
+    return path
+
+
+def test_pillow_warnings_become_one_line_naming_the_files(tmp_path):
+    root = make_folder(tmp_path, {"train": 2, "val": 2})
+    _corrupt_exif_jpeg(root / "train" / "ants" / "exif.jpg")
+    _corrupt_exif_jpeg(root / "val" / "bees" / "exif.jpg")
+    splits = D.build_splits(root, test="val")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert D.scan_images(splits, "stop") is splits
+    # Only the product's warning: Pillow's own never reaches the terminal (val is scanned twice as
+    # val and test here, so the val file is named twice).
+    assert [(w.category, str(w.message)) for w in record] == [(D.DataWarning, (
+        f"{root}: while decoding 3 image(s) Pillow warned \"Corrupt EXIF data. Expecting to read 12 "
+        f"bytes but only got 0.\": {root}/train/ants/exif.jpg, {root}/val/bees/exif.jpg, "
+        f"{root}/val/bees/exif.jpg; the decoded images are used"))]
 
 
 # ---- transforms ---------------------------------------------------------------------------------
@@ -428,8 +514,90 @@ def test_make_loader_shuffle_is_seeded(image_root):
     assert a != c and sorted(a) == sorted(c) == [0] * 8 + [1] * 8
 
 
+def _sizes(loader) -> list[int]:
+    return [len(y) for _, y in loader]
+
+
+@pytest.mark.parametrize("n, expected", [(9, [9]), (17, [8, 9]), (16, [8, 8]), (10, [8, 2]), (1, [1])])
+def test_train_loader_never_ends_with_a_batch_of_one(tmp_path, n, expected):
+    root = make_folder(tmp_path, {"train": 1})
+    samples = [("train/ants/img_0.png", 0)] * n
+    train = D.make_loader(root, samples, D.eval_transform(PP), 8, 0, shuffle=True)
+    assert _sizes(train) == expected and len(train) == len(expected)
+    # eval loaders keep plain batches (no gradient, BatchNorm uses its running statistics)
+    plain = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    assert _sizes(D.make_loader(root, samples, D.eval_transform(PP), 8, 0, shuffle=False)) == plain
+
+
+def test_merged_last_batch_still_sees_every_image_once_per_epoch(image_root):
+    splits = D.build_splits(image_root, test="val")
+    samples = splits.train[:9]
+    loader = D.make_loader(image_root, samples, D.eval_transform(PP), 4, 0, shuffle=True, seed=3)
+    labels = [y.tolist() for _, y in loader]
+    assert [len(b) for b in labels] == [4, 5]
+    assert sorted(y for batch in labels for y in batch) == sorted(y for _, y in samples)
+
+
+def test_nine_train_images_in_batches_of_eight_train_a_batchnorm_net(tmp_path):
+    # The users' input: 9 train images, batch_size 8, 32 px, ResNet-18 (BatchNorm; its last stage
+    # is 1x1 at 32 px, so a batch of one image has one value per channel).
+    from torchvision.models import resnet18
+
+    from pipeline.train import train_one_epoch
+
+    root = make_folder(tmp_path, {"train": 5, "val": 1})
+    splits = D.build_splits(root, test="val")
+    samples = splits.train[:9]
+    torch.manual_seed(0)
+    model = resnet18(num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = torch.nn.CrossEntropyLoss()
+    plain = torch.utils.data.DataLoader(D.ImageList(root, samples, D.eval_transform(PP)), batch_size=8)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        train_one_epoch(model, plain, loss, optimizer, torch.device("cpu"))
+    train = D.make_loader(root, samples, D.train_transform(PP, 1.0), 8, 0, shuffle=True, seed=0)
+    mean_loss, accuracy = train_one_epoch(model, train, loss, optimizer, torch.device("cpu"))
+    assert math.isfinite(mean_loss) and 0 <= accuracy <= 1
+
+
 def test_image_list_reports_a_file_broken_after_the_scan(image_root):
     (image_root / "train" / "ants" / "img_0.png").write_bytes(b"gone bad")
     data = D.ImageList(image_root, [("train/ants/img_0.png", 0)], D.eval_transform(PP))
     with pytest.raises(DataError, match=r"img_0.png: cannot be decoded mid-training \("):
         data[0]
+
+
+def test_one_class_is_refused_before_the_study_is_stored(sweep_home, tmp_path):
+    import optuna
+
+    from pipeline.config import load_study
+    from pipeline.stores import storage_url
+    from pipeline.tune import run_study
+
+    from conftest import study_dict, write_study
+
+    root = make_folder(tmp_path / "images", {"train": 4, "val": 4}, classes=("ants",))
+    path = write_study(tmp_path / "study.yaml", study_dict(root, study={"n_trials": 1}))
+    with pytest.raises(DataError, match=r"/train: only one class folder, 'ants': a classifier needs"):
+        run_study(load_study(path))
+    assert optuna.get_all_study_names(storage_url(load_study(path))) == []
+
+
+def test_preflight_passes_the_scan_warnings_to_the_user(tmp_path):
+    from pipeline.config import load_study
+    from pipeline.preflight import prepare
+
+    from conftest import study_dict, write_study
+
+    root = make_folder(tmp_path / "images", {"train": 3, "val": 2})
+    write_image(root / "train" / "ants" / "scraped.jpg", COLOURS["ants"], fmt="WEBP")
+    (root / "train" / "ants" / "notes.txt").write_text("x")
+    cfg = load_study(write_study(tmp_path / "study.yaml", study_dict(root, data={"test": "val"})))
+    said: list[str] = []
+    prepared = prepare(cfg, warn=said.append)
+    assert ("train/ants/scraped.jpg", 0) in prepared.splits.train
+    assert [line.split(": ", 2)[:2] for line in said] == [["warning", str(root)], ["warning", str(root)]]
+    assert said[0].startswith(f"warning: {root}: 1 file(s) not used as images (.txt: 1): train/ants/notes.txt;")
+    assert said[1] == (f"warning: {root}: 1 image(s) hold another format than their extension says and are "
+                       f"used as decoded: {root}/train/ants/scraped.jpg is WEBP; rename them to their "
+                       "format's extension to silence this")

@@ -1,20 +1,19 @@
-"""Registry building blocks without a study: export, signature, registration once, alias moves,
-and the image handling of `sweep predict`."""
+"""Registry building blocks without a study: export, signature, registration once, alias moves
+(loading back and predicting: test_predict.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, write_image
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from pipeline import predict as P
 from pipeline import registry as G
-from pipeline.data import Preprocess, eval_transform, load_rgb
-from pipeline.errors import DataError, RegistryError
+from pipeline.errors import RegistryError
 
 PP = {"resize": 37, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
       "interpolation": "bilinear"}
@@ -37,36 +36,6 @@ def test_signature_is_float32_batch_of_images_to_class_scores():
     (inp,), (out,) = sig.inputs.inputs, sig.outputs.inputs
     assert (inp.type, inp.shape) == (np.dtype(np.float32), (-1, 3, 224, 224))
     assert (out.type, out.shape) == (np.dtype(np.float32), (-1, 5))
-
-
-def test_image_files_scans_folders_and_names_bad_paths(tmp_path):
-    write_image(tmp_path / "d" / "a.png", COLOURS["ants"])
-    write_image(tmp_path / "d" / "sub" / "b.JPG", COLOURS["bees"], fmt="JPEG")
-    write_image(tmp_path / "d" / ".hidden" / "c.png", COLOURS["bees"])
-    (tmp_path / "d" / "notes.txt").write_text("x")
-    single = write_image(tmp_path / "single.png", COLOURS["bees"])
-    found = G.image_files([tmp_path / "d", single])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["d/a.png", "d/sub/b.JPG", "single.png"]
-    with pytest.raises(DataError, match=r"missing\.png: no such file or folder; give image files"):
-        G.image_files([tmp_path / "missing.png"])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"empty: no image files in this folder"):
-        G.image_files([tmp_path / "empty"])
-
-
-def test_preprocess_images_matches_the_eval_transform_and_names_every_bad_file(tmp_path):
-    good = write_image(tmp_path / "good.png", COLOURS["ants"], size=50)
-    batch = G.preprocess_images([good, good], PP)
-    assert batch.shape == (2, 3, 32, 32) and batch.dtype == np.float32
-    pp = Preprocess(37, 32, tuple(PP["mean"]), tuple(PP["std"]), "bilinear")
-    assert np.array_equal(batch[0], eval_transform(pp)(load_rgb(good)).numpy())
-    (tmp_path / "bad1.jpg").write_bytes(b"")
-    (tmp_path / "bad2.png").write_bytes(b"garbage")
-    with pytest.raises(DataError) as err:
-        G.preprocess_images([good, tmp_path / "bad1.jpg", tmp_path / "bad2.png"], PP)
-    message = str(err.value)
-    assert message.startswith("cannot read 2 image file(s): ") and "\n" not in message
-    assert f"{tmp_path / 'bad1.jpg'} (" in message and f"{tmp_path / 'bad2.png'} (" in message
 
 
 def _export(sha: str) -> G.Export:
@@ -183,15 +152,8 @@ def test_pt2_format_loads_back_with_a_dynamic_batch(tmp_path, monkeypatch):
     exp = MlflowClient(uri).create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     G.register(lambda: _export("ccc"), study="s", sha256="ccc", tracking=uri, experiment_id=exp, run_id=None,
                name="m2", alias="champion", serialization_format="pt2")
-    model, meta = G.load_model("models:/m2@champion", uri)
+    model, meta = P.load_model("models:/m2@champion", uri)
     probs = model.predict(np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32))
     assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-6)
     assert meta["classes"] == ["ants", "bees"]
     assert type(mlflow.pytorch.load_model("models:/m2@champion")).__name__.startswith("GraphModule")
-
-
-def test_missing_store_is_named_and_not_created(tmp_path):
-    store = tmp_path / "nowhere" / "mlflow.db"
-    with pytest.raises(RegistryError, match=r"^no MLflow store at .*nowhere/mlflow\.db: pass --tracking-uri"):
-        G.load_model("models:/m@champion", f"sqlite:///{store}")
-    assert not store.parent.exists()

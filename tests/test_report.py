@@ -333,7 +333,7 @@ def test_predict_cli_bad_inputs_are_one_line(done, monkeypatch, tmp_path):
             f"error: {tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images",
         ),
         (uri, str(tmp_path / "empty")): (3, f"error: {tmp_path / 'empty'}: no image files in this folder"),
-        (uri, str(tmp_path / "broken.jpg")): (3, f"error: cannot read 1 image file(s): {tmp_path / 'broken.jpg'} ("),
+        (uri, str(tmp_path / "broken.jpg")): (3, f"error: {tmp_path / 'broken.jpg'}: not an image file"),
         ("models:/tiny-classifier@nope", str(tmp_path / "broken.jpg")): (
             7,
             "error: models:/tiny-classifier@nope: cannot be loaded from sqlite:///",
