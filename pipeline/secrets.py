@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit, urlunsplit
 
 MASK = "***"
 # Query parameters that carry a secret in database and HTTP URLs (libpq `password`, MySQL `passwd`,
@@ -22,7 +22,7 @@ SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "secret", "token", "acce
 _USERINFO_IN_TEXT = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:]*:)(?P<pw>[^\s/@]+)(?=@)")
 
 
-def _split(url: str):
+def _split(url: str) -> SplitResult | None:
     try:
         return urlsplit(url)
     except ValueError:  # e.g. an unbalanced IPv6 bracket: not a URL we can take apart

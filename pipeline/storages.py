@@ -52,6 +52,9 @@ JOURNAL_PREFIX = "journal:///"
 JOURNAL_SUFFIXES = (".journal", ".log")
 GRPC_DEFAULT_PORT = 13000  # Optuna's own default for run_grpc_proxy_server / GrpcStorageProxy
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+# PostgreSQL errors of a lost schema-creation race: unique_violation (pg_type), duplicate_table,
+# duplicate_object (enum types).
+RACE_SQLSTATES = frozenset({"23505", "42P07", "42710"})
 StaleTrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 
@@ -107,7 +110,8 @@ def _lock_key(name: str) -> int:
 
 
 @contextlib.contextmanager
-def creation_lock(url: str, name: str = "optuna-schema", timeout: float = 120.0) -> Iterator[None]:
+def creation_lock(url: str, name: str = "optuna-schema", timeout: float = 120.0,
+                  connect_timeout: float = 10.0) -> Iterator[None]:
     """Hold a lock named `name` in the database of `url` while a schema is created there.
 
     PostgreSQL: `pg_advisory_xact_lock` in a transaction of its own (released when the block ends, or
@@ -119,6 +123,7 @@ def creation_lock(url: str, name: str = "optuna-schema", timeout: float = 120.0)
         url: SQLAlchemy database URL.
         name: what is being created; different names do not block each other.
         timeout: seconds to wait for the lock.
+        connect_timeout: seconds to wait for the database server to answer.
 
     Raises:
         sqlalchemy.exc.OperationalError: the database cannot be reached, or the lock was not granted
@@ -136,7 +141,8 @@ def creation_lock(url: str, name: str = "optuna-schema", timeout: float = 120.0)
     if dialect not in ("postgresql", "mysql"):
         yield
         return
-    engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url), poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url, connect_timeout),
+                                      poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:
             if dialect == "postgresql":
@@ -185,14 +191,20 @@ def _open_rdb(url: str, *, heartbeat_interval: int | None, grace_period: int | N
         check_writable(path.parent)
     for attempt in range(attempts):
         try:
-            with creation_lock(url, timeout=lock_timeout) if lock else contextlib.nullcontext():
+            locked = creation_lock(url, timeout=lock_timeout, connect_timeout=connect_timeout)
+            with locked if lock else contextlib.nullcontext():
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs={"connect_args": _connect_args(url, connect_timeout)},
                     heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                     heartbeat_stale_trial_callback=stale_trial_callback)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             # Another process created the same table or type first (a dialect without a lock, or the
-            # lock disabled): the next attempt finds it and skips it.
+            # lock disabled): the next attempt finds it and skips it. Other errors are no race.
+            state = getattr(err.orig, "sqlstate", None)
+            if state is not None and state not in RACE_SQLSTATES:
+                raise TrackingError(f"Optuna storage {shown}: cannot create its tables "
+                                    f"({mask_text(first_line(err), [url])}); give the user the right to create "
+                                    "tables in that database, or create the schema once as its owner") from None
             if attempt == attempts - 1:
                 raise TrackingError(f"Optuna storage {shown}: schema creation kept colliding with other "
                                     f"workers ({mask_text(first_line(err), [url])}); start one worker "
@@ -203,7 +215,8 @@ def _open_rdb(url: str, *, heartbeat_interval: int | None, grace_period: int | N
                 raise TrackingError(f"Optuna storage {shown}: another worker held the schema lock for over "
                                     f"{lock_timeout:.0f} s; is one stuck creating the schema?") from None
             raise TrackingError(f"Optuna storage {shown}: cannot connect ({mask_text(first_line(err), [url])}); "
-                                "start the database server or fix --storage / study.storage") from None
+                                "start the database server, or fix the host, user or password in --storage / "
+                                "study.storage") from None
         except ImportError:
             raise TrackingError(f"Optuna storage {shown}: the database driver is not installed; "
                                 f"{_driver_hint(url)}") from None

@@ -80,7 +80,8 @@ def test_unreachable_postgres_names_the_storage_with_the_password_masked():
     assert message.startswith(f"Optuna storage postgresql+psycopg://sweep:***@127.0.0.1:{port}/optuna: "
                               "cannot connect (")
     assert "Connection refused" in message
-    assert message.endswith("); start the database server or fix --storage / study.storage")
+    assert message.endswith("); start the database server, or fix the host, user or password in --storage / "
+                            "study.storage")
     assert info.value.exit_code == 5
 
 
@@ -222,3 +223,21 @@ def test_creation_lock_also_serialises_mlflow_store_creation(postgres):
     with engine.connect() as conn:
         assert conn.execute(sqlalchemy.text("SELECT count(*) FROM alembic_version")).scalar() == 1
     engine.dispose()
+
+
+def test_a_user_without_create_rights_is_told_so_not_retried(postgres):
+    url = postgres("no_create")
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # PostgreSQL >= 15: only the owner may create in schema public
+        conn.execute(sqlalchemy.text("CREATE ROLE reader LOGIN"))
+    admin.dispose()
+    reader = url.replace("postgres@", "reader@")
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as info:
+        open_storage(reader)
+    message = str(info.value)
+    assert message.startswith(f"Optuna storage {reader}: cannot create its tables (")
+    assert "permission denied for schema public" in message
+    assert message.endswith("); give the user the right to create tables in that database, or create the "
+                            "schema once as its owner")
+    assert time.monotonic() - started < 5, "no retries with backoff"
