@@ -4,29 +4,40 @@ Run statuses mirror Optuna trial states (../shared/DESIGN.md): COMPLETE -> FINIS
 PRUNED -> KILLED (tag `sweep.state=PRUNED`), FAIL -> FAILED (tag `sweep.fail_reason`).
 Every call goes through `MlflowClient` with explicit run ids, so no global "active run" leaks
 between trials. When the store stops answering mid-study, trial writes are skipped with one
-warning (`Tracker.healthy` turns False) so the Optuna result is never lost; `sweep report`
-can run once the store is back.
+warning (`Tracker.healthy` turns False) so the Optuna result is never lost; `reconcile` (run at
+the next start and by `sweep report`) brings MLflow back in line with Optuna's record.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, first_line
 from pipeline.stores import store_lock
+from pipeline.train import EpochResult
+from pipeline.tune import TrialEnded, TrialObserver, TrialStarted
+
+if TYPE_CHECKING:
+    from mlflow.entities import RunInfo
 
 TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 STUDY_TAG = "sweep.study"
 TRIAL_TAG = "sweep.trial_number"
 STATE_TAG = "sweep.state"
 REASON_TAG = "sweep.fail_reason"
+RETRY_TAG = "sweep.retry_of"
+PARENT_TAG = "mlflow.parentRunId"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run id
+RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's nested run id
+RETRY_DELAYS = (1.0, 3.0)  # seconds between looks at a parent run while the store does not answer
+T = TypeVar("T")
 
 
 def quiet_mlflow() -> None:
@@ -38,6 +49,29 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # keeps stdout for results
 
 
+@functools.cache
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a tracking store raises when it is down, unreachable or cannot write: MLflow's own
+    errors (HTTP failures arrive wrapped in them), requests' and SQLAlchemy's, and OSError for
+    artifact files. Anything else is a bug and propagates."""
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError, OSError)
+
+
+def _not_found(err: BaseException) -> bool:
+    return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _problem(err: BaseException) -> str:
+    text = first_line(err)
+    if "NewConnectionError" in text or "Connection refused" in text:
+        return "connection refused"  # urllib3's retry dump says no more than this
+    return text
+
+
 class Tracker:
     """Parent/nested MLflow runs for one study.
 
@@ -45,13 +79,15 @@ class Tracker:
         uri: MLflow tracking URI (sqlite:///..., http://host:port, file path).
         experiment: experiment name; created with `artifact_root` when missing.
         artifact_root: where a new experiment stores artifacts (ignored by an existing one).
-        warn: callable(str) used once when the store fails mid-study.
+        warn: called with one line when the store fails mid-study and when it answers again.
 
     Raises:
         TrackingError: the store cannot be reached or written at start-up.
     """
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, warn=print):
+    def __init__(
+        self, uri: str, experiment: str, artifact_root: Path | None = None, warn: Callable[[str], None] = print
+    ) -> None:
         quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
@@ -63,89 +99,116 @@ class Tracker:
                     self.client = MlflowClient(tracking_uri=uri)
                     self.experiment_id = self._experiment(experiment, artifact_root)
                 return
-            except Exception as err:  # sqlalchemy, requests and MlflowException all land here
+            except store_errors() as err:
                 # Workers starting together on a new store race through its schema migration
                 # or the experiment's creation; the loser succeeds on a second look.
                 if attempt == 2 or uri.startswith("http"):
-                    raise TrackingError(f"MLflow tracking store {uri} cannot be used: {_short(err)}"
-                                        + (" (is the tracking server running?)" if uri.startswith("http") else "")
-                                        ) from None
+                    hint = " (is the tracking server running?)" if uri.startswith("http") else ""
+                    raise TrackingError(f"MLflow tracking store {uri} cannot be used: {_problem(err)}{hint}") from None
                 time.sleep(2 + 3 * attempt)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             location = artifact_root.resolve().as_uri() if artifact_root else None
-            return self.client.create_experiment(name, artifact_location=location)
+            return str(self.client.create_experiment(name, artifact_location=location))
         if found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
-        return found.experiment_id
+        return str(found.experiment_id)
 
     # -- parent run --------------------------------------------------------------------------
-    def open_parent(self, study_name: str, run_id: str | None, tags: dict[str, str]) -> str:
-        """Reuse the study's parent run (`run_id`, stored in the study) or create one."""
-        if run_id:
-            try:
-                run = self.client.get_run(run_id)
-                if run.info.lifecycle_stage == "active":
-                    self.client.update_run(run_id, status="RUNNING")
-                    self.parent_id = run_id
-                    return run_id
-            except Exception:
-                pass  # the run is in another store or was deleted: make a new one
-        run = self.client.create_run(self.experiment_id, run_name=study_name,
-                                     tags={STUDY_TAG: study_name, **tags})
-        self.parent_id = self._first_parent(study_name, run.info)
+    def open_parent(self, study_name: str, run_id: str | None, tags: Mapping[str, str]) -> str:
+        """Reuse the study's parent run (`run_id`, stored in the study) or create one.
+
+        A new parent run is made only when there is none, or the store says it does not exist
+        (deleted, or kept in another store); while the store does not answer, it is asked again
+        (`RETRY_DELAYS`), never replaced.
+
+        Raises:
+            TrackingError: the store did not answer.
+        """
+        if run_id and self._reuse_parent(run_id):
+            return run_id
+        try:
+            run = self.client.create_run(self.experiment_id, run_name=study_name, tags={STUDY_TAG: study_name, **tags})
+            self.parent_id = self._first_parent(study_name, run.info)
+        except store_errors() as err:
+            raise TrackingError(
+                f"MLflow tracking store {self.uri} cannot create the parent run: {_problem(err)}"
+            ) from None
         return self.parent_id
 
-    def _first_parent(self, study_name: str, mine) -> str:
+    def _reuse_parent(self, run_id: str) -> bool:
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                if self.client.get_run(run_id).info.lifecycle_stage != "active":
+                    return False
+                self.client.update_run(run_id, status="RUNNING")
+                self.parent_id = run_id
+                return True
+            except store_errors() as err:
+                if _not_found(err):
+                    return False
+                if delay is None:
+                    raise TrackingError(
+                        f"MLflow tracking store {self.uri} did not answer for the study's parent run {run_id}: "
+                        f"{_problem(err)}; run the same command again once it is back"
+                    ) from None
+                time.sleep(delay)
+        return False  # not reached: the last pass returns or raises
+
+    def _first_parent(self, study_name: str, mine: RunInfo) -> str:
         """Workers that start a new study together each create a parent run; all of them keep
         the earliest one (start time, then run id) and delete their own if it lost. Only RUNNING
         parents started within 10 minutes of ours count, so a deleted and re-created study of
         the same name never inherits the old study's run."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=(
-            f"tags.`{STUDY_TAG}` = '{study_name}' and attributes.status = 'RUNNING' "
-            f"and attributes.start_time >= {mine.start_time - 600_000}"))
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`{STUDY_TAG}` = '{study_name}' and attributes.status = 'RUNNING' "
+                f"and attributes.start_time >= {mine.start_time - 600_000}"
+            ),
+        )
+        parents = [r for r in runs if PARENT_TAG not in r.data.tags]
         first = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if parents else mine.run_id
         if first != mine.run_id:
             self.client.delete_run(mine.run_id)
-        return first
+        return str(first)
 
     def close_parent(self, status: str) -> None:
         """End the parent run as FINISHED (normal end), KILLED (interrupted) or FAILED."""
         self._safe(self.client.set_terminated, self.parent_id, status=status, probe=True)
 
     # -- nested runs -------------------------------------------------------------------------
-    def start_trial(self, study_name: str, number: int, params: dict[str, Any]) -> str | None:
-        """Create the nested run `trial-<number>` under the parent; None if the store is down."""
-        tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number)}
-        run = self._safe(self.client.create_run, self.experiment_id, run_name=f"trial-{number}",
-                         tags=tags, probe=True)
+    def start_nested_run(self, study_name: str, number: int, params: Mapping[str, Any]) -> str | None:
+        """Create the nested run `trial-<number>` under the parent with `params`; returns its id,
+        None while the store is down."""
+        tags = {PARENT_TAG: self.parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number)}
+        run = self._safe(self.client.create_run, self.experiment_id, run_name=f"trial-{number}", tags=tags, probe=True)
         if run is None:
             return None
         from mlflow.entities import Param
 
-        self._safe(self.client.log_batch, run.info.run_id,
-                   params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        return run.info.run_id
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        self._safe(self.client.log_batch, run.info.run_id, params=batch)
+        return str(run.info.run_id)
 
-    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
+        """Log `metrics` at `step` (the epoch index); nothing when `run_id` is None."""
         if run_id is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._safe(self.client.log_batch, run_id,
-                   metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._safe(self.client.log_batch, run_id, metrics=batch)
 
-    def end_trial(self, run_id: str | None, state: str, tags: dict[str, str] | None = None,
-                  status: str | None = None) -> None:
-        """Mirror the Optuna state onto the run (status + `sweep.state` tag, plus `tags`).
-
-        `status` overrides the mirrored run status (an interrupted trial is FAIL in Optuna but
-        its run ends KILLED, like the parent run).
-        """
+    def end_nested_run(
+        self, run_id: str | None, state: str, tags: Mapping[str, str] | None = None, status: str | None = None
+    ) -> None:
+        """Mirror the Optuna `state` (COMPLETE, PRUNED, FAIL) onto the run: its status and the
+        `sweep.state` tag, plus `tags`. `status` overrides the mirrored status (an interrupted
+        trial is FAIL in Optuna but its run ends KILLED, like the parent run)."""
         if run_id is None:
             return
         from mlflow.entities import RunTag
@@ -170,23 +233,26 @@ class Tracker:
         history = self._safe(self.client.get_metric_history, run_id, metric) or []
         return max((m.step for m in history), default=-1)
 
-    # -- artifacts ---------------------------------------------------------------------------
+    # -- artifacts and tags ------------------------------------------------------------------
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
+        """Store `text` as the run's artifact `artifact_file`."""
         if run_id:
             self._safe(self.client.log_text, run_id, text, artifact_file)
 
     def log_artifact(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        """Copy the file at `path` into the run's artifacts (under `artifact_path`)."""
         if run_id:
             self._safe(self.client.log_artifact, run_id, str(path), artifact_path)
 
-    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
+    def set_tags(self, run_id: str | None, tags: Mapping[str, str]) -> None:
+        """Set `tags` on the run."""
         if run_id:
             from mlflow.entities import RunTag
 
             self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def _safe(self, fn, *args, probe: bool = False, **kwargs):
-        """Call the store; on failure warn once and skip further writes until a probe succeeds.
+    def _safe(self, fn: Callable[..., T], *args: Any, probe: bool = False, **kwargs: Any) -> T | None:
+        """Call the store; on a store error warn once and skip further writes until a probe succeeds.
 
         Probes (a trial's run creation, the parent's close) retry the store, so a short outage
         costs the runs of the trials during it and not the rest of the study.
@@ -195,10 +261,12 @@ class Tracker:
             return None
         try:
             result = fn(*args, **kwargs)
-        except Exception as err:
+        except store_errors() as err:
             if self.healthy:
-                self.warn(f"MLflow store {self.uri} failed ({_short(err)}); trials go on and "
-                          "Optuna keeps every result; run `sweep report` once the store is back")
+                self.warn(
+                    f"MLflow store {self.uri} failed ({_problem(err)}); trials go on and "
+                    "Optuna keeps every result; run `sweep report` once the store is back"
+                )
             self.healthy = False
             return None
         if not self.healthy:
@@ -207,14 +275,38 @@ class Tracker:
         return result
 
 
-def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "NewConnectionError" in text or "Connection refused" in text:
-        return "connection refused"  # urllib3's retry dump says no more than this
-    return text[:300]
+class MLflowObserver(TrialObserver):
+    """Trial events -> one nested run per trial under the tracker's parent run: params at the
+    start, metrics per epoch (step = epoch), the Optuna state as run status and tags at the end."""
+
+    def __init__(self, tracker: Tracker, study_name: str) -> None:
+        self.tracker, self.study_name = tracker, study_name
+        self.runs: dict[int, str | None] = {}
+
+    def trial_started(self, event: TrialStarted) -> Mapping[str, Any]:
+        run_id = self.tracker.start_nested_run(self.study_name, event.number, {**event.params, **event.config})
+        self.runs[event.number] = run_id
+        if event.retry_of is not None:
+            self.tracker.set_tags(run_id, {RETRY_TAG: str(event.retry_of)})
+        return {RUN_ATTR: run_id}
+
+    def epoch_finished(self, number: int, result: EpochResult) -> None:
+        self.tracker.log_metrics(self.runs.get(number), result.metrics(), step=result.epoch)
+
+    def trial_ended(self, event: TrialEnded) -> None:
+        run_id = self.runs.pop(event.number, None)
+        tags = {"sweep.seconds": f"{event.seconds:.1f}"}
+        if event.state == "COMPLETE" and event.best_value is not None and event.best_epoch is not None:
+            best = {f"best_{event.metric}": event.best_value, "best_epoch": event.best_epoch}
+            self.tracker.log_metrics(run_id, best, step=event.epochs_run - 1)
+            tags["sweep.best_epoch"] = str(event.best_epoch)
+        if event.reason:
+            tags[REASON_TAG] = event.reason
+        self.tracker.end_nested_run(run_id, event.state, tags, status="KILLED" if event.interrupted else None)
 
 
 # ---- reconciliation: MLflow catches up with Optuna's record ---------------------------------
+
 
 def reconcile(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) -> list[int]:
     """Make the nested runs agree with the trials after an outage or a dead process.
@@ -244,13 +336,13 @@ def sync_runs(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) 
     for t in trials:
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) or t.number in logged:
             continue
-        run_id = tracker.start_trial(study_name, t.number, t.params)
+        run_id = tracker.start_nested_run(study_name, t.number, t.params)
         if run_id:
             _backfill_epochs(tracker, run_id, t)
         tags = {"sweep.synced": "true"}
         if t.user_attrs.get("fail_reason"):
             tags[REASON_TAG] = t.user_attrs["fail_reason"]
-        tracker.end_trial(run_id, t.state.name, tags)
+        tracker.end_nested_run(run_id, t.state.name, tags)
         if run_id:
             created.append(t.number)
     return created
@@ -267,13 +359,11 @@ def close_stale_runs(tracker: Tracker, trials: Sequence[FrozenTrial]) -> None:
         if trial.state == TrialState.FAIL and not reason:
             reason = "stale: the process running this trial stopped (heartbeat lost)"
         _backfill_epochs(tracker, run_id, trial)
-        tracker.end_trial(run_id, trial.state.name, {REASON_TAG: reason} if reason else {})
+        tracker.end_nested_run(run_id, trial.state.name, {REASON_TAG: reason} if reason else {})
 
 
 def _backfill_epochs(tracker: Tracker, run_id: str, trial: FrozenTrial) -> None:
     """Log the epochs Optuna recorded after the run's last logged step (store outage)."""
-    from pipeline.train import EpochResult
-
     last = tracker.last_step(run_id, "val_accuracy")
     for h in trial.user_attrs.get("history") or []:
         if h["epoch"] > last:

@@ -67,20 +67,30 @@ def long_study(tmp_path, image_root):
 
 def _interrupt_then_resume(tmp_path, long_study, sig: int) -> tuple[subprocess.CompletedProcess, str]:
     home = tmp_path / "mlruns"
-    proc = subprocess.Popen(_cli(long_study, home), cwd=tmp_path, env=_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli(long_study, home), cwd=tmp_path, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_first_epoch(proc, home)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    resumed = subprocess.run(_cli(long_study, home, "--set", "training.epochs=1"), cwd=tmp_path,
-                             env=_env(home), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _cli(long_study, home, "--set", "training.epochs=1"),
+        cwd=tmp_path,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc, stderr, resumed
 
 
-@pytest.mark.parametrize("sig, code, reason", [
-    (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-    (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
-])
+@pytest.mark.parametrize(
+    "sig, code, reason",
+    [
+        (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+        (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
+    ],
+)
 def test_interrupt_records_fail_and_resume_retries(tmp_path, long_study, sig, code, reason):
     home = tmp_path / "mlruns"
     proc, stderr, resumed = _interrupt_then_resume(tmp_path, long_study, sig)
