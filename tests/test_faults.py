@@ -17,6 +17,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from conftest import study_dict, write_study
 
@@ -38,12 +39,16 @@ def _wait_for_first_epoch(proc: subprocess.Popen, home: Path, timeout: float = 1
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        try:
-            trials = optuna.load_study(study_name="tiny", storage=_storage(home)).get_trials()
-            if trials and trials[0].intermediate_values:
-                return
-        except (KeyError, Exception):
-            pass
+        # Not before the sweep has created the store: opening it here would race its creation.
+        if (home / "optuna.db").exists():
+            try:
+                trials = optuna.load_study(study_name="tiny", storage=_storage(home)).get_trials()
+                if trials and trials[0].intermediate_values:
+                    return
+            except KeyError:  # the study is not stored yet
+                pass
+            except SQLAlchemyError:  # the sweep holds the database (schema creation, a write)
+                pass
         time.sleep(0.3)
     proc.kill()
     pytest.fail("trial 0 never reported an epoch")
