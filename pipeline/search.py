@@ -71,6 +71,7 @@ class TrialSeededSampler(BaseSampler):
     other hooks reuse it while they are called for the same trial and build the right one
     otherwise (e.g. `after_trial` on a trial that another process started). One trial at a
     time: `study.optimize(n_jobs=1)`, which is how `sweep` runs (workers are processes).
+    Seeds `s` and `s + 1` give the same draws shifted by one trial: choose seeds far apart.
 
     Args:
         factory: builds the inner sampler from a seed (e.g. `lambda s: TPESampler(seed=s)`).
