@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.train import EpochResult
-from pipeline.tune import TrialEnded, TrialObserver, TrialStarted
 
 _STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}
 
@@ -65,7 +65,9 @@ class ProgressDisplay(TrialObserver):
         self.params[event.number] = shown
         if self.epochs is not None:
             self.progress.remove_task(self.epochs)
-        self.epochs = self.progress.add_task(f"trial {event.number} epochs", total=event.epochs, info="")
+        self.epochs = self.progress.add_task(
+            f"trial {event.number} epochs", total=event.config.training.epochs, info=""
+        )
         if not self.quiet and not self.live:
             self.console.print(f"trial {event.number} started: {shown}", markup=False)
 

@@ -18,11 +18,13 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import StudyConfig
+from pipeline.events import TrialObserver
+from pipeline.mlflow_runs import Tracker
 from pipeline.preflight import prepare
 from pipeline.recovery import recover
 from pipeline.stores import artifact_root, check_local_paths, check_writable, sqlite_path, storage_url, tracking_uri
-from pipeline.track import PARENT_ATTR, MLflowObserver, Tracker, reconcile
-from pipeline.tune import Interrupted, TrialObserver, count, open_storage, open_study, optimize
+from pipeline.track import PARENT_ATTR, MLflowObserver, reconcile
+from pipeline.tune import Interrupted, count, open_storage, open_study, optimize
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ Semantics (../shared/DESIGN.md):
 - Storage is Optuna's RDB storage with heartbeats (see `pipeline.recovery` for dead trials).
 
 This module speaks only Optuna's public API and knows nothing of MLflow: trial events go to
-`TrialObserver`s (the MLflow observer in `pipeline.track`, the progress display in
-`pipeline.display`), which the caller wires.
+`pipeline.events.TrialObserver`s (the MLflow observer in `pipeline.track`, the progress
+display in `pipeline.display`), which the caller wires.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import StudyStateError, TrackingError, first_line
+from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.fitting import fit_config
 from pipeline.preflight import Prepared
 from pipeline.search import grid_exhausted, make_pruner, make_sampler, suggest
@@ -46,59 +47,6 @@ from pipeline.train import EpochResult, FitResult, NonFiniteLossError
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)  # what `n_trials` counts
 FINGERPRINT_ATTR = "sweep_fingerprint"
-
-
-# ---- trial events --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrialStarted:
-    """A trial has its parameters and is about to train."""
-
-    number: int
-    params: dict[str, Any]  # the sampled values, by search-space name
-    config: dict[str, Any]  # the resolved training settings the trial runs with (lr, epochs, ...)
-    epochs: int
-    retry_of: int | None  # number of the FAIL trial whose parameters this one re-runs
-
-
-@dataclass(frozen=True)
-class TrialEnded:
-    """A trial is over; `state` is the Optuna state it ends in: COMPLETE, PRUNED or FAIL."""
-
-    number: int
-    state: str
-    metric: str  # `study.metric`
-    best_value: float | None  # best `metric` over the epochs run; None when none ran
-    best_epoch: int | None  # set for COMPLETE trials: the epoch whose weights are the checkpoint
-    epochs_run: int
-    seconds: float  # wall-clock seconds of the objective call
-    reason: str | None  # FAIL: why, one line
-    interrupted: bool  # FAIL by Ctrl-C or SIGTERM
-
-
-class TrialObserver:
-    """What a study announces. Every method is a no-op here: observers override what they need.
-
-    `trial_started` may return user attrs to record on the trial (e.g. the id of a run an
-    observer made for it). Observers are called in the order given, in the trial's process.
-    """
-
-    def message(self, text: str) -> None:
-        """A study-level line for the user (data warnings, a store outage, why the run stops)."""
-
-    def images_scanned(self, done: int, total: int) -> None:
-        """Pre-flight progress: `done` of `total` image files decoded."""
-
-    def trial_started(self, event: TrialStarted) -> Mapping[str, Any] | None:
-        """Called once the trial's parameters are sampled, before training."""
-        return None
-
-    def epoch_finished(self, number: int, result: EpochResult) -> None:
-        """Called after each epoch of trial `number`, before the pruner decides."""
-
-    def trial_ended(self, event: TrialEnded) -> None:
-        """Called once per trial, whatever its end (also when it failed before starting)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -266,7 +214,7 @@ class Objective:
         retry_of = RetryFailedTrialCallback.retried_trial_number(_frozen(trial))
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
-        event = TrialStarted(trial.number, dict(trial.params), _resolved_params(cfg), cfg.training.epochs, retry_of)
+        event = TrialStarted(trial.number, dict(trial.params), cfg, retry_of)
         for observer in self.observers:
             for key, value in (observer.trial_started(event) or {}).items():
                 trial.set_user_attr(key, value)
@@ -315,27 +263,6 @@ def _frozen(trial: optuna.Trial) -> FrozenTrial:
     """The stored record of a running trial (its system attrs say whether it is a retry)."""
     running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return next(t for t in running if t.number == trial.number)
-
-
-def _resolved_params(cfg: StudyConfig) -> dict[str, Any]:
-    t = cfg.training
-    return {
-        "arch": cfg.model.arch,
-        "weights": cfg.model.weights,
-        "epochs": t.epochs,
-        "optimizer": t.optimizer,
-        "lr": t.lr,
-        "momentum": t.momentum,
-        "weight_decay": t.weight_decay,
-        "nesterov": t.nesterov,
-        "label_smoothing": t.label_smoothing,
-        "freeze_depth": t.freeze_depth,
-        "aug_strength": t.aug_strength,
-        "batch_size": cfg.data.batch_size,
-        "scheduler": t.scheduler.type,
-        "step_size": t.scheduler.step_size,
-        "gamma": t.scheduler.gamma,
-    }
 
 
 def fail_reason(err: BaseException) -> str:

@@ -18,10 +18,11 @@ from optuna.trial import TrialState
 from pipeline import tune
 from pipeline.config import load_study
 from pipeline.errors import DataError, StudyStateError, TrackingError
+from pipeline.events import TrialObserver
 from pipeline.stores import storage_url, tracking_uri
 from pipeline.study_run import run_study
 from pipeline.track import Tracker, reconcile
-from pipeline.tune import TrialObserver, open_study
+from pipeline.tune import open_study
 
 from conftest import study_dict, write_study
 

@@ -10,11 +10,15 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from pipeline import track
+from pipeline import mlflow_runs
+from pipeline.config import load_study
 from pipeline.errors import TrackingError
-from pipeline.track import MLflowObserver, Tracker, reconcile
+from pipeline.events import TrialEnded, TrialStarted
+from pipeline.mlflow_runs import Tracker
+from pipeline.track import MLflowObserver, reconcile, run_params
 from pipeline.train import EpochResult
-from pipeline.tune import TrialEnded, TrialStarted
+
+from conftest import study_dict, write_study
 
 
 @pytest.fixture
@@ -24,6 +28,11 @@ def store(tmp_path):
     tracker = Tracker(uri, "exp", tmp_path / "artifacts")
     tracker.open_parent("s", None, {"sweep.arch": "resnet18"})
     return uri, tracker
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_study(write_study(tmp_path / "study.yaml", study_dict(tmp_path / "images")))
 
 
 def _epoch(epoch: int, acc: float) -> EpochResult:
@@ -44,7 +53,7 @@ def _nested(uri):
     return client, parents, nested
 
 
-def test_observer_mirrors_each_trial_onto_a_nested_run(store):
+def test_observer_mirrors_each_trial_onto_a_nested_run(store, cfg):
     uri, tracker = store
     observer = MLflowObserver(tracker, "s")
     scripts = [  # (state, accuracies per epoch, reason, interrupted)
@@ -56,7 +65,7 @@ def test_observer_mirrors_each_trial_onto_a_nested_run(store):
     recorded = {}
     for number, (state, accs, reason, interrupted) in enumerate(scripts):
         attrs = observer.trial_started(
-            TrialStarted(number, {"lr": 0.01}, {"lr": 0.01, "epochs": 2}, 2, retry_of=2 if number == 3 else None)
+            TrialStarted(number, {"lr": 0.01}, cfg.with_params({"lr": 0.01}), retry_of=2 if number == 3 else None)
         )
         recorded[number] = attrs["mlflow_run_id"]
         for epoch, acc in enumerate(accs):
@@ -79,7 +88,8 @@ def test_observer_mirrors_each_trial_onto_a_nested_run(store):
     assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.75)]
     assert [(m.step, m.value) for m in client.get_metric_history(done.info.run_id, "best_val_accuracy")] == [(1, 0.75)]
     assert done.data.tags["sweep.best_epoch"] == "1" and done.data.tags["sweep.seconds"] == "2.0"
-    assert done.data.params == {"lr": "0.01", "epochs": "2"}
+    assert done.data.params == {k: str(v) for k, v in run_params(cfg.with_params({"lr": 0.01})).items()}
+    assert done.data.params["lr"] == "0.01" and done.data.params["freeze_depth"] == "0"
     assert "best_val_accuracy" not in nested[1].data.metrics and "sweep.best_epoch" not in nested[1].data.tags
     assert nested[2].data.tags["sweep.fail_reason"] == "non-finite loss: training loss became nan"
     assert nested[3].data.tags["sweep.fail_reason"] == "interrupted (SIGTERM)"
@@ -104,7 +114,7 @@ def test_open_parent_reuses_the_run_of_the_study(store):
 def test_a_brief_outage_at_start_makes_no_second_parent_run(store, monkeypatch):
     uri, tracker = store
     tracker.close_parent("KILLED")
-    monkeypatch.setattr(track, "RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(mlflow_runs, "RETRY_DELAYS", (0.01, 0.01))
     again = Tracker(uri, "exp")
     real, calls = again.client.get_run, []
 
@@ -126,7 +136,7 @@ def test_a_brief_outage_at_start_makes_no_second_parent_run(store, monkeypatch):
 
 def test_a_store_that_stays_down_is_an_error_not_a_new_parent_run(store, monkeypatch):
     uri, tracker = store
-    monkeypatch.setattr(track, "RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(mlflow_runs, "RETRY_DELAYS", (0.01, 0.01))
     again = Tracker(uri, "exp")
 
     def down(run_id):  # what MLflow's SQL store raises while the database is locked
@@ -191,14 +201,14 @@ def _trial(study, state, history, **attrs):
     )
 
 
-def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store):
+def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg):
     uri, tracker = store
     history = [vars(_epoch(0, 0.5)), vars(_epoch(1, 0.75))]
     observer = MLflowObserver(tracker, "s")
     # Trials 0, 2 and 3 had runs that were left RUNNING (the store went down, or the process
     # died); trial 1 never reached MLflow.
     for number in (0, 2, 3):
-        observer.trial_started(TrialStarted(number, {"lr": 0.01}, {}, 2, None))
+        observer.trial_started(TrialStarted(number, {"lr": 0.01}, cfg, None))
     observer.epoch_finished(0, _epoch(0, 0.5))
     study = optuna.create_study(direction="maximize")
     _trial(study, TrialState.COMPLETE, history)
