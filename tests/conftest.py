@@ -14,7 +14,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout (a git worktree may sit one level deeper); SWEEP_SHARED overrides.
+SHARED = Path(
+    os.environ.get("SWEEP_SHARED")
+    or next((p / "shared" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared")
+)
 HYMENOPTERA = SHARED / "data" / "hymenoptera_data"
 
 # Class colours are far apart so a small model separates them within an epoch or two.
