@@ -52,7 +52,9 @@ def recover(storage: BaseStorage | str, study_name: str, max_retries: int) -> li
     retry = RetryFailedTrialCallback(max_retry=max_retries)
     queued = []
     for t in trials:
-        if t.state == TrialState.FAIL and died(t) and t.number not in done:
+        # The callback re-queues a trial only while its retry chain is at most `max_retries` long.
+        allowed = len(RetryFailedTrialCallback.retry_history(t)) < max_retries
+        if t.state == TrialState.FAIL and died(t) and t.number not in done and allowed:
             retry(study, t)
             queued.append(t.number)
     if queued:
