@@ -1,4 +1,5 @@
-# sweep: `make run` runs the default study, `make test` runs the tests; both install first.
+# sweep: `make run` runs the default study, `make test` runs the tests, `make lint` checks style,
+# types and the module graph; all install first.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ PORT   ?= 5000
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install data run report status ui test bench clean
+.PHONY: install data run report status ui lint test bench clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +45,14 @@ status: install
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
+
+# ruff (lint + format check), mypy on pipeline/, and the import-linter contracts in pyproject.toml
+# (the one-way module graph). PYTHONPATH: check this checkout's `pipeline`, whatever is installed.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

@@ -1,31 +1,57 @@
 """`sweep` command line: each command parses, wires, calls one function and prints.
 
-Errors of the `SweepError` family become one line on stderr and their exit code; Ctrl-C exits
-130 and SIGTERM 143 after the study is left consistent (re-run the same command to resume).
+Errors of the `SweepError` family become one message on stderr and their exit code (config 2,
+data 3, model 4, tracking 5, study state 6, registry 7); any other exception is a bug: one line
+naming it, exit 1. `sweep --debug ...` (or `SWEEP_DEBUG=1`) prints the full traceback first.
+Ctrl-C exits 130 and SIGTERM 143 after the study is left consistent (re-run the same command to
+resume).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from pipeline.errors import SweepError
+from pipeline.errors import SweepError, first_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Optuna sweeps over fine-tuning pretrained image classifiers, tracked in MLflow.")
+if TYPE_CHECKING:
+    from pipeline.config import StudyConfig
+    from pipeline.study_run import StudyOutcome
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Optuna sweeps over fine-tuning pretrained image classifiers, tracked in MLflow.",
+)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
+settings = {"debug": False}  # set by the `--debug` option of the `sweep` callback
+F = TypeVar("F", bound=Callable[..., Any])
 
 StudyFile = Annotated[Path, typer.Argument(help="study YAML file", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: KEY.PATH=VALUE (repeatable)")]
 StorageOpt = Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite under mlruns/)")]
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")]
+
+
+@app.callback()
+def sweep(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="SWEEP_DEBUG", help="print the full traceback of an error")
+    ] = False,
+) -> None:
+    """Optuna sweeps over fine-tuning pretrained image classifiers, tracked in MLflow."""
+    settings["debug"] = debug
 
 
 def _quiet_libraries() -> None:
@@ -42,30 +68,45 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def handled(fn):
-    """Map the error family to one message + exit code; interrupts to 130/143."""
+def handled(fn: F) -> F:
+    """Map the error family to one message + exit code; interrupts to 130/143; anything else
+    (a bug) to one line and exit 1. With `--debug`, the traceback is printed first."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         _quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except SweepError as err:
-            err_console.print(f"[red]error:[/] {err}", soft_wrap=True)
+            _traceback()
+            err_console.print(f"[red]error:[/] {escape(str(err))}")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt as err:
             from pipeline.tune import Interrupted
 
+            _traceback()
             sig = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
-            err_console.print(f"[yellow]interrupted ({sig}):[/] a trial that was running is recorded FAIL "
-                              "(it does not count and its parameters are retried); run the same command "
-                              "again to resume the study")
+            err_console.print(
+                f"[yellow]interrupted ({sig}):[/] a trial that was running is recorded FAIL "
+                "(it does not count and its parameters are retried); run the same command "
+                "again to resume the study"
+            )
             raise typer.Exit(143 if sig == "SIGTERM" else 130) from None
+        except Exception as err:  # noqa: BLE001  (the last resort: a bug, never a bare traceback)
+            _traceback()
+            hint = "" if settings["debug"] else "; rerun with `sweep --debug` (or SWEEP_DEBUG=1) for the traceback"
+            err_console.print(f"[red]error:[/] unexpected {type(err).__name__}: {escape(first_line(err))}{hint}")
+            raise typer.Exit(1) from None
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]
 
 
-def _load(study_file: Path, sets: list[str] | None, **extra):
+def _traceback() -> None:
+    if settings["debug"]:
+        traceback.print_exc()
+
+
+def _load(study_file: Path, sets: list[str] | None, **extra: object) -> StudyConfig:
     from pipeline.config import load_study
 
     overrides = list(sets or [])
@@ -87,32 +128,37 @@ def run(
     report: Annotated[bool, typer.Option(help="run the report stage after the study")] = True,
 ) -> None:
     """Run (or resume) the study: pre-flight, trials with pruning, MLflow nested runs."""
-    from pipeline.display import RichReporter
-    from pipeline.tune import run_study
+    from pipeline.display import ProgressDisplay
+    from pipeline.study_run import run_study
 
     cfg = _load(study_file, set_, **{"study.n_trials": n_trials, "study.timeout": timeout})
-    with RichReporter(cfg.study.n_trials, quiet=quiet) as reporter:
-        outcome = run_study(cfg, storage=storage, tracking=tracking_uri, reporter=reporter,
-                            accept_changes=accept_changes)
+    with ProgressDisplay(cfg.study.n_trials, quiet=quiet) as display:
+        outcome = run_study(
+            cfg, storage=storage, tracking=tracking_uri, observers=[display], accept_changes=accept_changes
+        )
     _print_summary(outcome)
     if report:
         _report(cfg, storage, tracking_uri)
 
 
-def _print_summary(outcome) -> None:
+def _print_summary(outcome: StudyOutcome) -> None:
     from optuna.trial import TrialState
 
     trials = outcome.study.get_trials(deepcopy=False)
-    counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    out.print(f"study '{outcome.study.study_name}': {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
-              f"{counts['FAIL']} failed ({outcome.stop_reason})")
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    counts = {s.name: sum(t.state == s for t in trials) for s in states}
+    out.print(
+        f"study '{outcome.study.study_name}': {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
+        f"{counts['FAIL']} failed ({outcome.stop_reason})",
+        markup=False,
+    )
     if counts["COMPLETE"]:
         best = outcome.study.best_trial
-        out.print(f"best trial {best.number}: value {best.value:.4f} params {best.params}")
-    out.print(f"MLflow parent run {outcome.parent_run_id}")
+        out.print(f"best trial {best.number}: value {best.value:.4f} params {best.params}", markup=False)
+    out.print(f"MLflow parent run {outcome.parent_run_id}", markup=False)
 
 
-def _report(cfg, storage, tracking_uri, out_dir=None) -> None:
+def _report(cfg: StudyConfig, storage: str | None, tracking_uri: str | None, out_dir: Path | None = None) -> None:
     from pipeline.report import run_report
 
     out.print(run_report(cfg, storage=storage, tracking=tracking_uri, out=out_dir).summary(), markup=False)
@@ -140,8 +186,8 @@ def status(study_file: StudyFile, set_: SetOpt = None, storage: StorageOpt = Non
 
     cfg = _load(study_file, set_)
     frame = trials_frame(load_existing(cfg, storage), cfg)
-    out.print(frame.to_string(index=False, float_format="{:.4g}".format) if len(frame) else "no trials yet",
-              markup=False)
+    shown = frame.to_string(index=False, float_format="{:.4g}".format) if len(frame) else "no trials yet"
+    out.print(shown, markup=False)
 
 
 @app.command()

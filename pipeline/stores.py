@@ -78,8 +78,10 @@ def store_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
     try:
         lock.acquire()
     except TimeoutError:
-        raise TrackingError(f"{path}.lock: held by another process for over {timeout:.0f} s; "
-                            "is another sweep stuck? remove the file if no sweep is running") from None
+        raise TrackingError(
+            f"{path}.lock: held by another process for over {timeout:.0f} s; "
+            "is another sweep stuck? remove the file if no sweep is running"
+        ) from None
     try:
         yield
     finally:

@@ -14,7 +14,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout (a git worktree may sit one level deeper); SWEEP_SHARED overrides.
+SHARED = Path(
+    os.environ.get("SWEEP_SHARED")
+    or next((p / "shared" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared")
+)
 HYMENOPTERA = SHARED / "data" / "hymenoptera_data"
 
 # Class colours are far apart so a small model separates them within an epoch or two.
@@ -30,15 +34,15 @@ def write_image(path: Path, colour, size: int = 32, seed: int = 0, fmt: str | No
     return path
 
 
-def make_folder(root: Path, splits: dict[str, int] | None = None, classes=("ants", "bees"),
-                size: int = 32) -> Path:
+def make_folder(root: Path, splits: dict[str, int] | None = None, classes=("ants", "bees"), size: int = 32) -> Path:
     """root/<split>/<class>/img_<i>.png with `splits[split]` images per class."""
     splits = splits or {"train": 8, "val": 6}
     for s_index, (split, n) in enumerate(splits.items()):
         for c_index, cls in enumerate(classes):
             for i in range(n):
-                write_image(root / split / cls / f"img_{i}.png", COLOURS[cls], size,
-                            seed=1000 * s_index + 100 * c_index + i)
+                write_image(
+                    root / split / cls / f"img_{i}.png", COLOURS[cls], size, seed=1000 * s_index + 100 * c_index + i
+                )
     return root
 
 
@@ -58,13 +62,14 @@ def sweep_home(tmp_path: Path, monkeypatch) -> Path:
 def study_dict(root: Path, **sections) -> dict:
     """A tiny study: ResNet-18 from scratch at 32 px, 2 trials x 2 epochs, no workers."""
     tree = {
-        "study": {"name": "tiny", "n_trials": 2, "sampler": {"type": "random", "seed": 0},
-                  "pruner": {"type": "none"}},
+        "study": {"name": "tiny", "n_trials": 2, "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"}},
         "data": {"root": str(root), "image_size": 32, "batch_size": 8, "num_workers": 0, "seed": 0},
         "model": {"arch": "resnet18", "weights": "none"},
         "training": {"epochs": 2, "lr": 0.01},
-        "search_space": {"lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True},
-                         "freeze_depth": {"type": "int", "low": 0, "high": 2}},
+        "search_space": {
+            "lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True},
+            "freeze_depth": {"type": "int", "low": 0, "high": 2},
+        },
         "registry": {"model_name": "tiny-classifier", "alias": "champion"},
     }
     for key, value in sections.items():
@@ -88,8 +93,9 @@ def study_file(tmp_path: Path, image_root: Path) -> Path:
 def _postgres_bin() -> Path:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not found:
-        pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql: "
-                    "apt-get install postgresql (.ci/run does)")
+        pytest.fail(
+            "PostgreSQL server binaries not found under /usr/lib/postgresql: apt-get install postgresql (.ci/run does)"
+        )
     return found[-1].parent
 
 
@@ -121,8 +127,17 @@ def postgres():
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
 
     pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
-    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w",
-       "-o", f"-p {port} -h 127.0.0.1 -k {base}", "start")
+    pg(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(base / "server.log"),
+        "-w",
+        "-o",
+        f"-p {port} -h 127.0.0.1 -k {base}",
+        "start",
+    )
 
     def make_db(name: str) -> str:
         pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)

@@ -572,7 +572,7 @@ def test_one_class_is_refused_before_the_study_is_stored(sweep_home, tmp_path):
 
     from pipeline.config import load_study
     from pipeline.stores import storage_url
-    from pipeline.tune import run_study
+    from pipeline.study_run import run_study
 
     from conftest import study_dict, write_study
 

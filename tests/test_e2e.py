@@ -1,7 +1,8 @@
 """End to end: the real `sweep` CLI on a small slice of the real hymenoptera data.
 
-EfficientNet-Lite0 with the real ImageNet checkpoint (the offline study's model) at 64 px,
-3 trials x 2 epochs, so the test exercises real transfer without costing minutes.
+EfficientNet-Lite0 with the real ImageNet checkpoint (the offline study's model) at 128 px as a
+feature extractor, 3 trials x 3 epochs, so the test exercises real transfer without costing
+minutes, and with a margin of several images that CPU-to-CPU float differences cannot cross.
 """
 
 from __future__ import annotations
@@ -37,17 +38,31 @@ def _slice(dest: Path, per_class: dict[str, int]) -> Path:
 
 
 def test_sweep_run_on_real_images(tmp_path):
-    data = _slice(tmp_path / "hymenoptera", {"train": 12, "val": 10})
+    # 20 train and 40 val images per class; half of val is carved off as the test split, so
+    # val holds 40 images: one image is 0.025 of accuracy.
+    data = _slice(tmp_path / "hymenoptera", {"train": 20, "val": 40})
     home = tmp_path / "mlruns"
     env = {**os.environ, "SWEEP_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cmd = [
-        sys.executable, "-m", "pipeline.cli", "run", str(REPO / "studies" / "hymenoptera_offline.yaml"),
-        "--set", f"data.root={data}", "--set", f"model.weights={WEIGHTS}",
-        "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "data.batch_size=8",
-        "--set", "training.epochs=2", "--set", "study.name=e2e",
-        "--set", "study.pruner.n_startup_trials=1", "--set", "study.pruner.n_warmup_steps=0",
-        "--n-trials", "3", "--quiet", "--no-report",
-    ]
+    sets = {
+        "data.root": data,
+        "model.weights": WEIGHTS,
+        "data.image_size": 128,
+        "data.num_workers": 0,
+        "data.batch_size": 8,
+        "training.epochs": 3,
+        # Feature extractor (all 8 stages frozen): only the new head trains, a convex problem
+        # whose result does not swing with the CPU's float kernels the way a few fine-tuning
+        # steps on 40 images do (the reason the old 64 px, any-depth version failed on AVX2).
+        "search_space.freeze_depth.low": 8,
+        "search_space.lr.low": 0.01,
+        "study.name": "e2e",
+        "study.pruner.n_startup_trials": 1,
+        "study.pruner.n_warmup_steps": 0,
+    }
+    study_file = REPO / "studies" / "hymenoptera_offline.yaml"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(study_file), "--n-trials", "3", "--quiet", "--no-report"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -79,5 +94,7 @@ def test_sweep_run_on_real_images(tmp_path):
     # The GIF placeholder is a valid image: it is in the recorded train split.
     splits = client.download_artifacts(parent[0].info.run_id, "splits.json", str(tmp_path))
     assert "train/ants/imageNotFound.gif" in Path(splits).read_text()
-    # Real transfer: ImageNet features separate ants from bees well above chance even at 64 px.
+    # Real transfer: ImageNet features separate ants from bees well above chance. Measured 0.875
+    # (35 of 40) with AVX-512 and with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2; the bar
+    # is 28 of 40, 7 images below, which a chance-level classifier reaches with p < 0.01.
     assert study.best_value >= 0.7

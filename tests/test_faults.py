@@ -17,6 +17,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from conftest import study_dict, write_study
 
@@ -38,12 +39,16 @@ def _wait_for_first_epoch(proc: subprocess.Popen, home: Path, timeout: float = 1
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        try:
-            trials = optuna.load_study(study_name="tiny", storage=_storage(home)).get_trials()
-            if trials and trials[0].intermediate_values:
-                return
-        except (KeyError, Exception):
-            pass
+        # Not before the sweep has created the store: opening it here would race its creation.
+        if (home / "optuna.db").exists():
+            try:
+                trials = optuna.load_study(study_name="tiny", storage=_storage(home)).get_trials()
+                if trials and trials[0].intermediate_values:
+                    return
+            except KeyError:  # the study is not stored yet
+                pass
+            except SQLAlchemyError:  # the sweep holds the database (schema creation, a write)
+                pass
         time.sleep(0.3)
     proc.kill()
     pytest.fail("trial 0 never reported an epoch")
@@ -67,20 +72,30 @@ def long_study(tmp_path, image_root):
 
 def _interrupt_then_resume(tmp_path, long_study, sig: int) -> tuple[subprocess.CompletedProcess, str]:
     home = tmp_path / "mlruns"
-    proc = subprocess.Popen(_cli(long_study, home), cwd=tmp_path, env=_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli(long_study, home), cwd=tmp_path, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_first_epoch(proc, home)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    resumed = subprocess.run(_cli(long_study, home, "--set", "training.epochs=1"), cwd=tmp_path,
-                             env=_env(home), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _cli(long_study, home, "--set", "training.epochs=1"),
+        cwd=tmp_path,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc, stderr, resumed
 
 
-@pytest.mark.parametrize("sig, code, reason", [
-    (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-    (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
-])
+@pytest.mark.parametrize(
+    "sig, code, reason",
+    [
+        (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+        (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
+    ],
+)
 def test_interrupt_records_fail_and_resume_retries(tmp_path, long_study, sig, code, reason):
     home = tmp_path / "mlruns"
     proc, stderr, resumed = _interrupt_then_resume(tmp_path, long_study, sig)

@@ -33,7 +33,8 @@ from pipeline.config import load_study
 from pipeline.errors import RegistryError
 from pipeline.stores import checkpoint_dir, storage_url, tracking_uri
 from pipeline.track import PARENT_ATTR
-from pipeline.tune import open_study, run_study
+from pipeline.study_run import run_study
+from pipeline.tune import open_study
 
 # Measured on this data: frozen random features (freeze_depth 5) + a head trained at lr 0.2 separate
 # the two colours within 2 epochs of 4 batches; training layer4 at lr 0.01 stays at chance.

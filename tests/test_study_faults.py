@@ -18,41 +18,46 @@ from optuna.trial import TrialState
 from pipeline import tune
 from pipeline.config import load_study
 from pipeline.errors import DataError, StudyStateError, TrackingError
-from pipeline.track import Tracker
-from pipeline.track import reconcile
-from pipeline.tune import Reporter, open_study, run_study, storage_url
+from pipeline.events import TrialObserver
+from pipeline.stores import storage_url, tracking_uri
+from pipeline.study_run import run_study
+from pipeline.track import Tracker, reconcile
+from pipeline.tune import open_study
 
 from conftest import study_dict, write_study
 
 
-class Recorder(Reporter):
+class Recorder(TrialObserver):
     def __init__(self, on_start=None, on_end=None):
         self.messages, self.ends = [], []
         self.on_start, self.on_end = on_start, on_end
 
-    def trial_start(self, number, params, epochs):
+    def trial_started(self, event):
         if self.on_start:
-            self.on_start(number)
+            self.on_start(event.number)
 
-    def trial_end(self, number, state, value, note=""):
-        self.ends.append((number, state, note))
+    def trial_ended(self, event):
+        self.ends.append((event.number, event.state, event.reason))
         if self.on_end:
-            self.on_end(number)
+            self.on_end(event.number)
 
     def message(self, text):
         self.messages.append(text)
 
 
 def _nested_runs(cfg):
-    client = MlflowClient(tune.tracking_uri(cfg))
+    client = MlflowClient(tracking_uri(cfg))
     exp = client.get_experiment_by_name(cfg.experiment_name)
     runs = client.search_runs([exp.experiment_id])
     return {int(r.data.tags["sweep.trial_number"]): r for r in runs if "mlflow.parentRunId" in r.data.tags}
 
 
 def _lr_study(tmp_path, image_root, n_trials=1):
-    tree = study_dict(image_root, study={"n_trials": n_trials},
-                      search_space={"lr": {"type": "float", "low": 1e-3, "high": 1e30, "log": True}})
+    tree = study_dict(
+        image_root,
+        study={"n_trials": n_trials},
+        search_space={"lr": {"type": "float", "low": 1e-3, "high": 1e30, "log": True}},
+    )
     return load_study(write_study(tmp_path / "study.yaml", tree))
 
 
@@ -61,7 +66,7 @@ def test_nan_loss_fails_the_trial_at_once_and_the_study_goes_on(sweep_home, tmp_
     study = open_study(cfg, storage_url(cfg))
     study.enqueue_trial({"lr": 1e30})
     study.enqueue_trial({"lr": 0.01})
-    outcome = run_study(cfg, reporter=Recorder())
+    outcome = run_study(cfg, observers=[Recorder()])
     first, second = outcome.study.get_trials()
     assert first.state == TrialState.FAIL and second.state == TrialState.COMPLETE
     assert first.user_attrs["fail_reason"].startswith("non-finite loss: training loss became")
@@ -87,7 +92,7 @@ def test_image_broken_mid_study_fails_that_trial_naming_the_file(sweep_home, tmp
     study = open_study(cfg, storage_url(cfg))
     study.enqueue_trial({"lr": 0.01})
     study.enqueue_trial({"lr": 0.01})
-    outcome = run_study(cfg, reporter=Recorder(on_start=corrupt, on_end=restore))
+    outcome = run_study(cfg, observers=[Recorder(on_start=corrupt, on_end=restore)])
     first, second = outcome.study.get_trials()
     assert first.state == TrialState.FAIL and second.state == TrialState.COMPLETE
     assert f"{victim}: cannot be decoded mid-training" in first.user_attrs["fail_reason"]
@@ -99,9 +104,10 @@ def test_out_of_memory_reason_says_what_to_lower(sweep_home, tmp_path, image_roo
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tune, "fit", oom)
-    outcome = run_study(cfg.model_copy(update={"study": cfg.study.model_copy(update={"max_failed_trials": 2})}),
-                        reporter=Recorder())
+    monkeypatch.setattr(tune, "fit_config", oom)
+    outcome = run_study(
+        cfg.model_copy(update={"study": cfg.study.model_copy(update={"max_failed_trials": 2})}), observers=[Recorder()]
+    )
     assert outcome.stop_reason == "too many failed trials"
     reasons = [t.user_attrs["fail_reason"] for t in outcome.study.get_trials()]
     assert reasons == ["out of memory: lower data.batch_size or data.image_size"] * 2
@@ -134,7 +140,9 @@ def test_unwritable_store_folder_is_named_before_training(tmp_path, monkeypatch,
     with pytest.raises(TrackingError) as err:
         run_study(load_study(study_file))
     assert str(err.value).startswith(f"{blocker / 'mlruns'}: cannot write there (")
-    assert str(err.value).endswith("free disk space or fix its permissions, or point --storage/--tracking-uri elsewhere")
+    assert str(err.value).endswith(
+        "free disk space or fix its permissions, or point --storage/--tracking-uri elsewhere"
+    )
 
 
 def test_disk_full_is_named_before_training(sweep_home, study_file, monkeypatch):
@@ -159,9 +167,22 @@ def _free_port() -> int:
 
 def _start_server(tmp_path, port):
     """A real `mlflow server` on loopback, backed by a sqlite file that outlives it."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--default-artifact-root", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--default-artifact-root",
+        str(tmp_path / "server-artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -191,16 +212,16 @@ def test_tracking_server_down_mid_study_keeps_results_in_optuna(sweep_home, tmp_
         if number == 1:  # its run exists, but the store is gone before it can be ended
             _stop_server(server["proc"])
 
-    reporter = Recorder(on_start=down_during_second)
+    recorder = Recorder(on_start=down_during_second)
     try:
-        outcome = run_study(cfg, reporter=reporter)
+        outcome = run_study(cfg, observers=[recorder])
     finally:
         if server["proc"].poll() is None:
             _stop_server(server["proc"])
     assert [t.state for t in outcome.study.get_trials()] == [TrialState.COMPLETE] * 3
     assert not outcome.tracking_ok
-    assert len(reporter.messages) == 1 and reporter.messages[0].startswith(f"MLflow store {uri} failed (")
-    assert reporter.messages[0].endswith("run `sweep report` once the store is back")
+    assert len(recorder.messages) == 1 and recorder.messages[0].startswith(f"MLflow store {uri} failed (")
+    assert recorder.messages[0].endswith("run `sweep report` once the store is back")
     # Back up: trial 0 was logged, trial 1's run was left RUNNING, trial 2 has none. The next
     # start (or report) closes the stuck run and rebuilds the missing one from Optuna's record.
     server["proc"] = _start_server(tmp_path, port)
@@ -242,10 +263,9 @@ def test_data_warnings_and_skipped_images_reach_the_user(sweep_home, tmp_path):
     make_folder(root, {"val": 6}, classes=("ants",))
     (root / "train" / "bees" / "broken.png").write_bytes(b"not an image")
     tree = study_dict(root, study={"n_trials": 1}, data={"bad_images": "skip"})
-    reporter = Recorder()
-    run_study(load_study(write_study(tmp_path / "study.yaml", tree)), reporter=reporter)
-    assert reporter.messages[:2] == [
+    recorder = Recorder()
+    run_study(load_study(write_study(tmp_path / "study.yaml", tree)), observers=[recorder])
+    assert recorder.messages[:2] == [
         f"warning: {root / 'val'}: no folder for class(es) bees",
-        "data.bad_images: skip: training without 1 unreadable image(s): train/bees/broken.png "
-        "(listed in splits.json)",
+        "data.bad_images: skip: training without 1 unreadable image(s): train/bees/broken.png (listed in splits.json)",
     ]

@@ -7,7 +7,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.config import load_study
-from pipeline.tune import run_study, tracking_uri
+from pipeline.stores import tracking_uri
+from pipeline.study_run import run_study
 
 from conftest import study_dict, write_study
 
@@ -37,8 +38,7 @@ def test_run_study_creates_parent_and_nested_runs(sweep_home, study_file):
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == [0, 1]
         trial = trials[int(run.data.tags["sweep.trial_number"])]
-        assert [m.value for m in history] == pytest.approx(
-            [h["val_accuracy"] for h in trial.user_attrs["history"]])
+        assert [m.value for m in history] == pytest.approx([h["val_accuracy"] for h in trial.user_attrs["history"]])
         assert trial.value == pytest.approx(max(m.value for m in history))
         assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
@@ -68,3 +68,39 @@ def test_each_resume_draws_new_parameters(sweep_home, tmp_path, image_root):
     # and the draws are a function of the trial count, so a fresh study repeats them exactly
     again = load_study(tmp_path / "study.yaml", ["study.n_trials=3", "study.name=again"])
     assert [t.params for t in run_study(again).study.trials] == params
+
+
+def test_grid_study_stops_when_every_point_has_run(sweep_home, tmp_path, image_root):
+    space = {
+        "lr": {"type": "categorical", "choices": [0.01, 0.02]},
+        "freeze_depth": {"type": "int", "low": 0, "high": 0},
+    }
+    tree = study_dict(
+        image_root,
+        study={"n_trials": 5, "sampler": {"type": "grid", "seed": 0}},
+        training={"epochs": 1},
+        search_space=space,
+    )
+    cfg = load_study(write_study(tmp_path / "study.yaml", tree))
+    outcome = run_study(cfg)
+    assert outcome.stop_reason == "grid exhausted"
+    assert sorted(t.params["lr"] for t in outcome.study.trials) == [0.01, 0.02]
+    again = run_study(cfg)  # nothing left to run: no trial re-evaluates a grid point
+    assert again.stop_reason == "grid exhausted" and len(again.study.trials) == 2
+
+
+def test_timeout_stops_starting_trials(sweep_home, tmp_path, image_root):
+    tree = study_dict(image_root, study={"n_trials": 50, "timeout": 0.5}, training={"epochs": 1})
+    outcome = run_study(load_study(write_study(tmp_path / "study.yaml", tree)))
+    assert outcome.stop_reason == "timeout"
+    assert 1 <= len(outcome.study.trials) < 50
+    assert all(t.state == TrialState.COMPLETE for t in outcome.study.trials)
+
+
+def test_a_study_that_reached_n_trials_runs_no_more(sweep_home, study_file):
+    cfg = load_study(study_file)
+    run_study(cfg)
+    again = run_study(cfg)
+    assert again.stop_reason == "n_trials reached" and len(again.study.trials) == 2
+    _, parents, children = _runs(cfg)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2

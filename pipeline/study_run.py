@@ -1,0 +1,115 @@
+"""`sweep run` wired together: stores, pre-flight, the stored study, recovery of dead trials,
+the MLflow parent run and observers, then `tune.optimize` under a SIGTERM handler.
+
+Re-running with the same study file resumes: the Optuna study and its MLflow parent run are
+reused, dead trials of a killed process are failed and their parameters retried, and MLflow is
+reconciled with Optuna's record before new trials start.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.config import StudyConfig
+from pipeline.events import TrialObserver
+from pipeline.mlflow_runs import Tracker
+from pipeline.preflight import prepare
+from pipeline.recovery import recover
+from pipeline.stores import artifact_root, check_local_paths, check_writable, sqlite_path, storage_url, tracking_uri
+from pipeline.track import PARENT_ATTR, MLflowObserver, reconcile
+from pipeline.tune import Interrupted, count, open_storage, open_study, optimize
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """How a `run_study` call ended."""
+
+    study: optuna.Study
+    parent_run_id: str | None
+    stop_reason: str  # "n_trials reached" | "timeout" | "too many failed trials" | "grid exhausted"
+    tracking_ok: bool  # False when the MLflow store failed during the run (Optuna has every result)
+
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    storage: str | None = None,
+    tracking: str | None = None,
+    observers: Sequence[TrialObserver] = (),
+    accept_changes: bool = False,
+) -> StudyOutcome:
+    """Pre-flight, then run trials until `n_trials` counted trials exist (or timeout / failures /
+    the grid is exhausted). MLflow gets the parent run and a nested run per trial.
+
+    Args:
+        storage, tracking: override the study file's Optuna storage URL and MLflow tracking URI.
+        observers: also told of every trial event and message (e.g. the progress display),
+            after the MLflow observer.
+        accept_changes: resume although the study file's fingerprint changed.
+
+    Raises:
+        ConfigError, DataError, ModelError, TrackingError, StudyStateError: before any trial.
+        KeyboardInterrupt (`tune.Interrupted` for SIGTERM): after the running trial is recorded
+            FAIL and the parent run KILLED.
+    """
+
+    def say(text: str) -> None:
+        for observer in observers:
+            observer.message(text)
+
+    def scanned(done: int, total: int) -> None:
+        for observer in observers:
+            observer.images_scanned(done, total)
+
+    url, uri = storage_url(cfg, storage), tracking_uri(cfg, tracking)
+    check_local_paths(url, uri)
+    if sqlite_path(uri):
+        check_writable(artifact_root())
+    # Pre-flight first: a bad data folder or weights value must not leave a stored study behind
+    # whose fingerprint would then refuse the corrected study file.
+    prep = prepare(cfg, scanned, say)
+    rdb = open_storage(cfg, url)
+    study = open_study(cfg, rdb, accept_changes)
+    tracker = Tracker(uri, cfg.experiment_name, artifact_root(), warn=say)
+    tags = {"sweep.storage": url, "sweep.arch": cfg.model.arch}
+    parent = tracker.open_parent(cfg.study.name, study.user_attrs.get(PARENT_ATTR), tags)
+    study.set_user_attr(PARENT_ATTR, parent)
+    tracker.log_text(parent, cfg.to_yaml(), "study.yaml")
+    tracker.log_text(parent, prep.splits.to_json(), "splits.json")
+    tracker.set_tags(
+        parent,
+        {
+            "sweep.load_report": prep.load_report.describe(),
+            "sweep.preprocess": json.dumps(prep.preprocess.to_dict()),
+        },
+    )
+    recover(rdb, cfg.study.name, cfg.study.max_retries)
+    synced = reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
+    if synced:
+        say(f"MLflow: created the missing runs of trial(s) {', '.join(map(str, synced))} from Optuna's record")
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    status = "FAILED"
+    try:
+        reason = optimize(study, cfg, prep, [MLflowObserver(tracker, cfg.study.name), *observers])
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # With several workers, the last one to finish closes the parent run.
+        if status != "FINISHED" or not count(study, (TrialState.RUNNING,)):
+            tracker.close_parent(status)
+    return StudyOutcome(study, parent, reason, tracker.healthy)
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted("SIGTERM")

@@ -1,0 +1,98 @@
+"""Dead and interrupted trials: failed and re-queued once; trials that failed on their own are not."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from pipeline.recovery import RETRIED_ATTR, recover
+
+DISTRIBUTIONS = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "freeze_depth": IntDistribution(0, 2)}
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _study(tmp_path, sampler=None):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    return storage, optuna.create_study(study_name="s", storage=storage, sampler=sampler, load_if_exists=True)
+
+
+def _add(study, state, number_lr, **attrs):
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=state,
+            params={"lr": number_lr, "freeze_depth": 1},
+            distributions=DISTRIBUTIONS,
+            value=0.5 if state == TrialState.COMPLETE else None,
+            user_attrs=attrs,
+        )
+    )
+
+
+def test_dead_process_trial_is_failed_and_requeued_once(tmp_path, dead_pid):
+    storage, study = _study(tmp_path)
+    host = socket.gethostname()
+    _add(study, TrialState.COMPLETE, 0.01)
+    _add(study, TrialState.RUNNING, 0.02, host=host, pid=dead_pid)  # killed with -9 on this host
+    _add(study, TrialState.RUNNING, 0.03, host="another-host", pid=dead_pid)  # its heartbeat decides
+    _add(study, TrialState.FAIL, 0.04, fail_reason="non-finite loss: training loss became nan")
+    _add(study, TrialState.FAIL, 0.05, fail_reason="interrupted (Ctrl-C)", interrupted=True)
+
+    assert recover(storage, "s", max_retries=2) == [1, 4]
+    trials = study.get_trials()
+    assert [t.state for t in trials[:5]] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.RUNNING,
+        TrialState.FAIL,
+        TrialState.FAIL,
+    ]
+    queued = trials[5:]
+    assert [t.state for t in queued] == [TrialState.WAITING] * 2
+    assert [t.params["lr"] for t in queued] == [0.02, 0.05]
+    assert [optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in queued] == [1, 4]
+    assert study.user_attrs[RETRIED_ATTR] == [1, 4]
+
+    assert recover(storage, "s", max_retries=2) == [], "a second start queues nothing again"
+    assert len(study.get_trials()) == 7
+
+
+def test_retries_stop_at_max_retries(tmp_path):
+    storage, study = _study(tmp_path)
+    _add(study, TrialState.FAIL, 0.02, interrupted=True, fail_reason="interrupted (SIGTERM)")
+    assert recover(storage, "s", max_retries=0) == []
+    assert recover(storage, "s", max_retries=1) == [0]
+    retry = study.ask()  # the re-queued trial runs and is interrupted again
+    assert retry.number == 1
+    retry.set_user_attr("interrupted", True)
+    retry.set_user_attr("fail_reason", "interrupted (SIGTERM)")
+    study.tell(retry, state=TrialState.FAIL)
+    assert recover(storage, "s", max_retries=1) == [], "trial 0's parameters ran twice: enough"
+    assert recover(storage, "s", max_retries=2) == [1]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+
+
+def test_failing_a_dead_trial_of_a_grid_study_does_not_stop_anything(tmp_path, dead_pid):
+    # Finishing a trial runs the sampler's after_trial; a grid sampler's would call study.stop()
+    # outside an optimisation (a RuntimeError) when the dead trial held the last grid point.
+    grid = optuna.samplers.GridSampler({"lr": [0.02], "freeze_depth": [1]})
+    storage, study = _study(tmp_path, sampler=grid)
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+    trial.suggest_int("freeze_depth", 0, 2)
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", dead_pid)
+    assert recover(storage, "s", max_retries=1) == [0]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
