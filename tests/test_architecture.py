@@ -29,7 +29,13 @@ KNOWN_PRIVATE = {
 }
 
 
+# namedtuple's public API is underscored so it cannot clash with field names.
+NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
+
+
 def _is_private(name: str) -> bool:
+    if name in NAMEDTUPLE_API:
+        return False
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
