@@ -2,7 +2,8 @@
 
 A RUNNING trial is dead when its heartbeat is older than the storage's grace period (Optuna's
 `fail_stale_trials`, any machine), or when it was started on this host by a process that no
-longer exists (`psutil.pid_exists`: no need to wait for the grace period after a `kill -9`).
+longer exists (`psutil.pid_exists`, its creation time against a reused pid: no need to wait for
+the grace period after a `kill -9`).
 Dead and interrupted (Ctrl-C, SIGTERM) trials are re-queued once each, up to `max_retries`
 deep, with Optuna's `RetryFailedTrialCallback`; trials that failed on their own (NaN loss, a
 broken image) are not: they would fail again.
@@ -10,6 +11,7 @@ broken image) are not: they would fail again.
 
 from __future__ import annotations
 
+import datetime
 import socket
 
 import optuna
@@ -42,7 +44,7 @@ def recover(storage: BaseStorage | str, study_name: str, max_retries: int) -> li
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get(PID_ATTR)
-        if t.user_attrs.get(HOST_ATTR) == host and isinstance(pid, int) and not psutil.pid_exists(pid):
+        if t.user_attrs.get(HOST_ATTR) == host and isinstance(pid, int) and process_gone(pid, t.datetime_start):
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
 
     trials = study.get_trials(deepcopy=True)
@@ -60,6 +62,22 @@ def recover(storage: BaseStorage | str, study_name: str, max_retries: int) -> li
     if queued:
         study.set_user_attr(RETRIED_ATTR, sorted(set(study.user_attrs.get(RETRIED_ATTR, [])) | set(queued)))
     return queued
+
+
+def process_gone(pid: int, since: datetime.datetime | None) -> bool:
+    """True when process `pid` of this host no longer runs, or is a zombie, or the pid now
+    belongs to a process created after `since` (the trial's start: the pid was reused)."""
+    if not psutil.pid_exists(pid):
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return True
+        # Optuna stores naive local datetimes; `timestamp()` reads them as local time too. The
+        # creation time is read up to 1 s early (whole-second boot time): never a false "gone".
+        return since is not None and proc.create_time() > since.timestamp()
+    except psutil.NoSuchProcess:  # it ended between the two looks
+        return True
 
 
 def died(trial: FrozenTrial) -> bool:

@@ -115,14 +115,15 @@ def open_study(cfg: StudyConfig, storage: str | RDBStorage, accept_changes: bool
         storage = open_storage(cfg, storage)
     where = storage.url
     try:
-        study = optuna.create_study(
-            storage=storage,
-            study_name=cfg.study.name,
-            direction=cfg.study.direction,
-            sampler=make_sampler(cfg),
-            pruner=make_pruner(cfg),
-            load_if_exists=True,
-        )
+        with store_lock(where):
+            study = optuna.create_study(
+                storage=storage,
+                study_name=cfg.study.name,
+                direction=cfg.study.direction,
+                sampler=make_sampler(cfg),
+                pruner=make_pruner(cfg),
+                load_if_exists=True,
+            )
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         raise TrackingError(f"Optuna storage {where} cannot be opened: {first_line(err)}") from None
     new = fingerprint(cfg)

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.stores import store_lock
+
 from conftest import study_dict, write_study
 
 
@@ -39,15 +41,17 @@ def _wait_for_first_epoch(proc: subprocess.Popen, home: Path, timeout: float = 1
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        # Not before the sweep has created the store: opening it here would race its creation.
+        # Not before the sweep has created the store, and under its creation lock: opening a
+        # store while another process creates its schema races that creation.
         if (home / "optuna.db").exists():
             try:
-                trials = optuna.load_study(study_name="tiny", storage=_storage(home)).get_trials()
+                with store_lock(_storage(home)):
+                    trials = optuna.load_study(study_name="tiny", storage=_storage(home)).get_trials()
                 if trials and trials[0].intermediate_values:
                     return
             except KeyError:  # the study is not stored yet
                 pass
-            except SQLAlchemyError:  # the sweep holds the database (schema creation, a write)
+            except SQLAlchemyError:  # the sweep holds the database for a write
                 pass
         time.sleep(0.3)
     proc.kill()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -96,3 +98,22 @@ def test_failing_a_dead_trial_of_a_grid_study_does_not_stop_anything(tmp_path, d
     trial.set_user_attr("pid", dead_pid)
     assert recover(storage, "s", max_retries=1) == [0]
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+
+
+def test_a_reused_pid_does_not_keep_a_dead_trial_running(tmp_path):
+    storage, study = _study(tmp_path)
+    host = socket.gethostname()
+    _add(study, TrialState.RUNNING, 0.02, host=host, pid=os.getpid())  # its process still runs
+    trial = study.ask()
+    time.sleep(1.1)  # process start times are read up to 1 s early (whole-second boot time)
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # The trial names the pid of a process started after the trial: the pid was reused and
+        # the trial's own process is gone.
+        trial.set_user_attr("host", host)
+        trial.set_user_attr("pid", newer.pid)
+        assert recover(storage, "s", max_retries=1) == [1]
+        assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
+    finally:
+        newer.kill()
+        newer.wait()
