@@ -302,6 +302,32 @@ def train_transform(pp: Preprocess, strength: float) -> T.Compose:
     ])
 
 
+def working_size(pp: Preprocess) -> T.Resize:
+    """The resize both image paths share: PIL RGB -> short side `pp.resize` px, aspect kept.
+    The decoded-image cache (pipeline/imagecache.py) applies it once per file."""
+    return T.Resize(pp.resize, interpolation=_INTERP[pp.interpolation], antialias=True)
+
+
+def cached_eval_transform(pp: Preprocess) -> T.Compose:
+    """uint8 `(3, H, W)` already at `working_size` -> `(3, crop, crop)` float32, bit-identical
+    to `eval_transform` applied to the decoded file (the same centre-crop offsets and scaling)."""
+    return T.Compose([T.CenterCrop(pp.crop), *_finish(pp)])
+
+
+def cached_train_transform(pp: Preprocess, strength: float) -> T.Compose:
+    """`train_transform` for images taken from the decoded-image cache.
+
+    s = 0 is `cached_eval_transform` (bit-identical to the on-the-fly eval path). For s > 0 the
+    same transforms run on the cached uint8 tensor instead of the decoded PIL image, so
+    augmentation sees the whole image (same field of view) at the working size (short side
+    `pp.resize`) rather than at the file's own resolution: RandomResizedCrop picks its box on the
+    cached image and resamples it with torchvision's tensor kernels (antialiased bilinear, not
+    PIL's), and ColorJitter works on uint8 tensors. Small crops are therefore upsampled from fewer
+    source pixels than on the fly; the benchmark checks best val accuracy does not drop.
+    """
+    return cached_eval_transform(pp) if strength == 0 else train_transform(pp, strength)
+
+
 class ImageList(Dataset):
     """(image, label) pairs from a sample list; images decoded by `load_rgb`."""
 
@@ -323,9 +349,15 @@ class ImageList(Dataset):
 def make_loader(root: Path, samples: list[Sample], transform, batch_size: int, num_workers: int,
                 shuffle: bool, seed: int = 0) -> DataLoader:
     """A DataLoader over `samples`; shuffling is seeded so a trial's batch order is reproducible."""
+    return loader(ImageList(root, samples, transform), batch_size, num_workers, shuffle, seed)
+
+
+def loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader over any (image, label) dataset, seeded like `make_loader`: the same
+    `batch_size`, `shuffle` and `seed` give the same batch order whatever the dataset holds."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ImageList(root, samples, transform), batch_size=batch_size, shuffle=shuffle,
+        dataset, batch_size=batch_size, shuffle=shuffle,
         num_workers=num_workers, generator=generator, persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
