@@ -218,3 +218,18 @@ def test_over_the_memory_cap_falls_back_with_one_line_and_the_same_metrics(tmp_p
     assert messages[1].startswith("cache: frozen-stage features of the train split")
     assert messages[2].startswith("cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are read from")
     assert len(messages) == 3  # once each, not once per batch or epoch
+
+
+def test_cache_section_defaults_and_a_bad_cap_named(tmp_path, image_root):
+    from pipeline.errors import ConfigError
+    from pipeline.machine import cache_limit_bytes
+
+    cfg, _ = prepared(tmp_path, image_root)
+    assert (cfg.cache.decoded_images, cfg.cache.frozen_features, cfg.cache.max_memory_mb) == (True, True, None)
+    import psutil
+
+    assert cache_limit_bytes(None) == psutil.virtual_memory().total // 4
+    assert cache_limit_bytes(3) == 3 * 2**20
+    tree = study_dict(image_root, cache={"max_memory_mb": -5})
+    with pytest.raises(ConfigError, match=r"cache\.max_memory_mb: Input should be greater than or equal to 0 \(got -5\)$"):
+        load_study(write_study(tmp_path / "bad.yaml", tree))
