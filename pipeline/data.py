@@ -317,13 +317,13 @@ def cached_eval_transform(pp: Preprocess) -> T.Compose:
 def cached_train_transform(pp: Preprocess, strength: float) -> T.Compose:
     """`train_transform` for images taken from the decoded-image cache.
 
-    s = 0 is `cached_eval_transform` (bit-identical to the on-the-fly eval path). For s > 0 the
-    same transforms run on the cached uint8 tensor instead of the decoded PIL image, so
-    augmentation sees the whole image (same field of view) at the working size (short side
-    `pp.resize`) rather than at the file's own resolution: RandomResizedCrop picks its box on the
-    cached image and resamples it with torchvision's tensor kernels (antialiased bilinear, not
-    PIL's), and ColorJitter works on uint8 tensors. Small crops are therefore upsampled from fewer
-    source pixels than on the fly; the benchmark checks best val accuracy does not drop.
+    s = 0 is `cached_eval_transform` on the working-size image (bit-identical to the on-the-fly
+    eval path). For s > 0 the same transforms run on the cached augmentation source (the decoded
+    file at its own resolution, short side capped at 4 x crop; pipeline/imagecache.py) instead
+    of the PIL image: RandomResizedCrop draws its box the same way over the same pixels but
+    resamples with torchvision's tensor kernels (antialiased bilinear) instead of PIL's, and
+    ColorJitter works on uint8 tensors; the random draws differ from the PIL path's, the
+    distribution of views does not. benchmarks/bench.py compares best val accuracy both ways.
     """
     return cached_eval_transform(pp) if strength == 0 else train_transform(pp, strength)
 

@@ -77,8 +77,10 @@ def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Mod
 
     def image_set(samples: list[D.Sample], train: bool):
         if images is not None:
-            transform = D.cached_train_transform(pp, t.aug_strength) if train else D.cached_eval_transform(pp)
-            return imagecache.CachedImageList(images, samples, transform)
+            if train and t.aug_strength > 0:
+                sources = imagecache.shared(splits.root, pp, memory, for_training=True)
+                return imagecache.CachedImageList(sources, samples, D.cached_train_transform(pp, t.aug_strength))
+            return imagecache.CachedImageList(images, samples, D.cached_eval_transform(pp))
         transform = D.train_transform(pp, t.aug_strength) if train else D.eval_transform(pp)
         return D.ImageList(splits.root, samples, transform)
 

@@ -1,9 +1,16 @@
-"""Decoded images, once per study: each file is decoded and resized to the working size once.
+"""Decoded images, once per study: each file is decoded (and resized) once, not every epoch.
 
-What is cached: `data.load_rgb(file)` resized by `data.working_size(preprocess)` (short side
-`preprocess.resize` px, aspect kept, PIL antialiased), as a uint8 `(3, H, W)` tensor. Eval
-transforms then only centre-crop and normalise it (bit-identical to decoding on the fly); train
-augmentation runs on it as `data.cached_train_transform` documents.
+What is cached, as uint8 `(3, H, W)` tensors, per use:
+- eval inputs (val, and train at aug_strength 0): `data.load_rgb(file)` resized by
+  `data.working_size(preprocess)` (short side `preprocess.resize` px, aspect kept, PIL
+  antialiased). Eval transforms then only centre-crop and normalise it: bit-identical to
+  decoding on the fly.
+- augmentation sources (train at aug_strength > 0): `data.load_rgb(file)` at the file's own
+  resolution, its short side only brought down to `SOURCE_SIDE x crop` when larger (PIL
+  antialiased). Random crops are then taken from the same pixels as on the fly: even the
+  smallest RandomResizedCrop box (8 % of the area, 0.28 of the short side) keeps at least the
+  crop's side in source pixels. (Crops from the working-size image instead lost 2 points of val
+  accuracy on hymenoptera; benchmarks/bench.py checks this every run.)
 
 Two tiers:
 - memory: a dict per process, shared by every trial of the study, bounded by one `MemoryBudget`
@@ -36,7 +43,8 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline import data as D
 from pipeline.errors import DataError
 
-FORMAT_VERSION = 1  # bump when load_rgb or the working-size resize changes what an entry holds
+FORMAT_VERSION = 1  # bump when load_rgb or the resizes change what an entry holds
+SOURCE_SIDE = 4  # augmentation sources: short side at most SOURCE_SIDE x crop px
 DISK_RESERVE = 512 * 2**20  # bytes left free on the store's disk before entries stop being written
 log = logging.getLogger("sweep.cache")
 _said: set[str] = set()
@@ -85,15 +93,20 @@ def default_folder() -> Path:
 
 
 class DecodedImages:
-    """uint8 `(3, H, W)` working-size images of the files under `root`, decoded at most once.
+    """uint8 `(3, H, W)` images of the files under `root`, decoded at most once.
+
+    `for_training=False`: eval inputs at the working size; True: augmentation sources (see the
+    module notes).
 
     Counters (for benchmarks and tests): `decoded` files decoded by this process, `memory_hits`,
     `file_hits` (entries read from the folder). Returned tensors are shared: do not modify them.
     """
 
-    def __init__(self, root: Path, pp: D.Preprocess, budget: MemoryBudget, folder: Path | None):
+    def __init__(self, root: Path, pp: D.Preprocess, budget: MemoryBudget, folder: Path | None,
+                 for_training: bool = False):
         self.root, self.pp, self.budget = Path(root).resolve(), pp, budget
         self.folder = self._usable(folder)
+        self.for_training = for_training
         self._resize = D.working_size(pp)
         self._memory: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         self.decoded = self.memory_hits = self.file_hits = 0
@@ -111,7 +124,8 @@ class DecodedImages:
 
     def entry_name(self, path: Path, stamp: tuple[int, int]) -> str:
         """Digest naming the entry of `path` with (size bytes, mtime ns) `stamp` at this working size."""
-        record = [str(path), *stamp, self.pp.resize, self.pp.interpolation, FORMAT_VERSION]
+        size = ["source", SOURCE_SIDE * self.pp.crop] if self.for_training else ["working", self.pp.resize]
+        record = [str(path), *stamp, *size, self.pp.interpolation, FORMAT_VERSION]
         return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:40] + ".npy"
 
     def get(self, rel: str) -> torch.Tensor:
@@ -152,7 +166,12 @@ class DecodedImages:
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: cannot be decoded mid-training ({err})") from None
         self.decoded += 1
-        return TF.pil_to_tensor(self._resize(image)).contiguous()
+        if not self.for_training:
+            image = self._resize(image)
+        elif min(image.size) > SOURCE_SIDE * self.pp.crop:
+            side = SOURCE_SIDE * self.pp.crop
+            image = TF.resize(image, side, interpolation=self._resize.interpolation, antialias=True)
+        return TF.pil_to_tensor(image).contiguous()
 
     def _read(self, name: str) -> torch.Tensor | None:
         if self.folder is None:
@@ -193,18 +212,29 @@ class DecodedImages:
 _CACHES: dict[tuple, DecodedImages] = {}
 
 
-def shared(root: Path, pp: D.Preprocess, memory: MemoryBudget,
-           folder: Path | None = None) -> DecodedImages:
-    """The process-wide cache of `root` at `pp`'s working size, so every trial reuses it.
+def shared(root: Path, pp: D.Preprocess, memory: MemoryBudget, folder: Path | None = None,
+           for_training: bool = False) -> DecodedImages:
+    """The process-wide cache of `root` for `pp` (eval inputs, or augmentation sources when
+    `for_training`), so every trial reuses it.
 
     Args:
         folder: where entries are written; default `default_folder()` at the time of the call.
     """
     folder = folder if folder is not None else default_folder()
-    key = (str(Path(root).resolve()), pp.resize, pp.interpolation, str(folder), id(memory))
+    key = (str(Path(root).resolve()), pp.resize, pp.crop, pp.interpolation, str(folder), id(memory),
+           for_training)
     if key not in _CACHES:
-        _CACHES[key] = DecodedImages(root, pp, memory, folder)
+        _CACHES[key] = DecodedImages(root, pp, memory, folder, for_training)
     return _CACHES[key]
+
+
+def totals() -> dict[str, int]:
+    """`DecodedImages.stats()` summed over every cache of this process (benchmarks, reports)."""
+    out: dict[str, int] = {}
+    for cache in _CACHES.values():
+        for key, value in cache.stats().items():
+            out[key] = out.get(key, 0) + value
+    return out
 
 
 def clear() -> None:

@@ -32,7 +32,7 @@ from pipeline import model as M
 # Parameter-free modules whose result does not depend on train/eval mode.
 _FIXED = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d,
           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
-_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 
 

@@ -136,8 +136,8 @@ def test_over_the_memory_cap_images_come_from_files_or_decoding_with_one_line(
     assert (spill.decoded, spill.file_hits) == (5, 5)
     assert nothing.decoded == 10
     assert [r.getMessage() for r in caplog.records] == [
-        f"cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are read from "
-        f"{tmp_path / 'entries'} every epoch",
+        (f"cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are read from "
+         f"{tmp_path / 'entries'} every epoch"),
         "cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are decoded again every epoch",
     ]
 
@@ -169,3 +169,23 @@ def test_memory_budget_counts_bytes():
     budget.give(60)
     assert budget.used == 40 and budget.take(60)
     assert IC.budget(123) is IC.budget(123) and IC.budget(123) is not IC.budget(124)
+
+
+def test_augmentation_sources_keep_the_files_resolution_up_to_the_cap(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(noise(60, 90, 5)).save(root / "small.png")  # short side 60 <= 4 x 32
+    Image.fromarray(noise(200, 150, 6)).save(root / "big.png")  # short side 150 > 128
+    folder = tmp_path / "entries"
+    sources = IC.shared(root, PP, IC.budget(2**30), folder, for_training=True)
+    assert sources is not IC.shared(root, PP, IC.budget(2**30), folder)  # eval inputs: another cache
+    small = sources.get("small.png")
+    assert torch.equal(small, torch.from_numpy(np.array(D.load_rgb(root / "small.png"))).permute(2, 0, 1))
+    assert tuple(sources.get("big.png").shape) == (3, 4 * 32 * 200 // 150, 4 * 32)
+    crops = D.cached_train_transform(PP, 1.0)(small)
+    assert crops.shape == (3, 32, 32) and crops.dtype == torch.float32
+    assert sources.decoded == 2
+    # eval inputs of the same files are separate entries at the working size
+    working = IC.shared(root, PP, IC.budget(2**30), folder)
+    assert min(working.get("small.png").shape[1:]) == PP.resize and working.decoded == 1
+    assert len(list(folder.rglob("*.npy"))) == 3
