@@ -134,7 +134,15 @@ def part_augmentation(args) -> dict:
 
 
 def part_study(args, pruner: str) -> dict:
-    """A small study through the product's pieces: Optuna RDB storage with heartbeats
+    tree = study_tree(args.data_slice, args.weights, f"bench-{pruner}")
+    tree["training"]["epochs"] = S["study_epochs"]
+    if pruner == "none":
+        tree["study"]["pruner"] = {"type": "none"}
+    return run_study(config(tree, args.work))
+
+
+def run_study(cfg) -> dict:
+    """A study through the product's pieces: Optuna RDB storage with heartbeats
     (`tune.open_study`), the same per-trial sampler seeding (`tune.reseed`), MLflow parent and
     nested runs (`track.Tracker`), trial checkpoints, and `fit_config` for every trial."""
     import dataclasses
@@ -148,11 +156,6 @@ def part_study(args, pruner: str) -> dict:
     from pipeline.track import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tree = study_tree(args.data_slice, args.weights, f"bench-{pruner}")
-    tree["training"]["epochs"] = S["study_epochs"]
-    if pruner == "none":
-        tree["study"]["pruner"] = {"type": "none"}
-    cfg = config(tree, args.work)
     start = time.perf_counter()
     prep = preflight.prepare(cfg, warn=lambda _: None)
     study = tune.open_study(cfg, stores.storage_url(cfg))
@@ -198,6 +201,7 @@ def part_study(args, pruner: str) -> dict:
     tracker.close_parent("FINISHED")
     trials = study.get_trials(deepcopy=False)
     return {"wall_seconds": time.perf_counter() - start, "best_value": study.best_value,
+            "best_trial": study.best_trial.number,
             "states": [t.state.name for t in trials], "params": [t.params for t in trials],
             "epochs_run": [len(t.intermediate_values) for t in trials],
             "tracking_seconds": spent["tracking"], "epoch_seconds": spent["epochs"],

@@ -14,9 +14,9 @@ Families with a step list: torchvision ResNet/ResNeXt/Wide-ResNet and RegNet; to
 whose forward is `features` -> `avgpool` -> flatten -> `classifier` (EfficientNet, MobileNetV3,
 VGG, AlexNet); timm models with `forward_head` whose top-level children up to the last frozen
 one are their forward_features (timm EfficientNet/MobileNet-Lite, ResNet, ...).
-On the CPU the prefix runs in channels_last (same results within float tolerance; 3.4x faster
-for EfficientNet-Lite0 in eval mode on this project's CPU machines, while the training suffix
-stays in the default layout, which trains faster there).
+On the CPU the prefix runs in channels_last (same results within float tolerance; 1.5-3.4x
+faster for EfficientNet-Lite0 in eval mode on this project's 2-core CPU machines, while the
+training suffix stays in the default layout, which trains faster there).
 """
 
 from __future__ import annotations

@@ -233,3 +233,20 @@ def test_cache_section_defaults_and_a_bad_cap_named(tmp_path, image_root):
     tree = study_dict(image_root, cache={"max_memory_mb": -5})
     with pytest.raises(ConfigError, match=r"cache\.max_memory_mb: Input should be greater than or equal to 0 \(got -5\)$"):
         load_study(write_study(tmp_path / "bad.yaml", tree))
+
+
+def test_loader_workers_only_when_they_pay(monkeypatch):
+    from pipeline import machine
+
+    monkeypatch.setattr(machine, "cpu_cores", lambda: 4)
+    assert machine.loader_workers(2, CPU, cheap_items=True) == 0  # cached images on the CPU
+    assert machine.loader_workers(2, CPU, cheap_items=False) == 2
+    assert machine.loader_workers(8, CPU, cheap_items=False) == 3  # one core stays with the model
+    assert machine.loader_workers(2, torch.device("cuda"), cheap_items=True) == 2  # augmentation feeds a GPU
+    monkeypatch.setattr(machine, "cpu_cores", lambda: 1)
+    assert machine.loader_workers(2, CPU, cheap_items=False) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    machine.configure_threads()
+    assert calls == [1]
