@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--study", type=Path, default=ROOT / "studies" / "hymenoptera_offline.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "offline_study.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--only", choices=["before", "after"], help="run one of the two studies")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -72,6 +73,8 @@ def main() -> None:
         return
     report = {}
     for name, extra in (("before", OFF), ("after", [])):
+        if args.only and name != args.only:
+            continue
         home = args.out.parent / "offline_home" / name
         env = {**os.environ, "SWEEP_HOME": str(home), "PYTHONPATH": str(ROOT),
                "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -88,8 +91,9 @@ def main() -> None:
               f"test {r['test_accuracy']:.3f} ({r['test_images']} images), states {r['states']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"wall after / before: {report['after']['wall_seconds'] / report['before']['wall_seconds']:.3f}; "
-          f"wrote {args.out}")
+    if len(report) == 2:
+        print(f"wall after / before: {report['after']['wall_seconds'] / report['before']['wall_seconds']:.3f}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

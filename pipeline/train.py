@@ -117,7 +117,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
         NonFiniteLossError: at the first batch whose loss is NaN or infinite.
     """
     set_train_mode(model, list(frozen))
-    forward = forward or model
+    forward = forward if forward is not None else model
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
@@ -148,7 +148,7 @@ def evaluate(model: nn.Module, loader, criterion, device: torch.device, amp: boo
 
     `forward`: as in `train_one_epoch` (default `model`)."""
     model.eval()
-    forward = forward or model
+    forward = forward if forward is not None else model
     total_loss, labels_all, probs_all = 0.0, [], []
     for images, labels in loader:
         images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
