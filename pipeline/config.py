@@ -288,6 +288,17 @@ class RegistrySection(_Frozen):
         return alias
 
 
+class CacheSection(_Frozen):
+    """Work a sweep does once instead of in every epoch of every trial (pipeline/imagecache.py,
+    pipeline/features.py); each switch only changes speed, never the metrics beyond float rounding."""
+
+    decoded_images: bool = Field(True, description="decode + resize each image file once per study")
+    frozen_features: bool = Field(True, description="frozen stages run apart, without autograd, "
+                                  "and their output is cached on val (and train at aug_strength 0)")
+    max_memory_mb: int | None = Field(
+        None, ge=0, description="MiB of RAM for both caches together; null = a quarter of the machine's")
+
+
 class StudyConfig(_Frozen):
     """The whole study file. Sections mirror the YAML top-level keys."""
 
@@ -298,6 +309,7 @@ class StudyConfig(_Frozen):
     search_space: dict[str, Param] = Field(default_factory=dict)
     tracking: TrackingSection = TrackingSection()
     registry: RegistrySection = RegistrySection()
+    cache: CacheSection = CacheSection()
 
     _source: str = PrivateAttr(default="<study>")  # the study file, named in with_params errors
 

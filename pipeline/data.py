@@ -461,6 +461,32 @@ def train_transform(pp: Preprocess, strength: float) -> T.Compose:
     ])
 
 
+def working_size(pp: Preprocess) -> T.Resize:
+    """The resize both image paths share: PIL RGB -> short side `pp.resize` px, aspect kept.
+    The decoded-image cache (pipeline/imagecache.py) applies it once per file."""
+    return T.Resize(pp.resize, interpolation=_INTERP[pp.interpolation], antialias=True)
+
+
+def cached_eval_transform(pp: Preprocess) -> T.Compose:
+    """uint8 `(3, H, W)` already at `working_size` -> `(3, crop, crop)` float32, bit-identical
+    to `eval_transform` applied to the decoded file (the same centre-crop offsets and scaling)."""
+    return T.Compose([T.CenterCrop(pp.crop), *_finish(pp)])
+
+
+def cached_train_transform(pp: Preprocess, strength: float) -> T.Compose:
+    """`train_transform` for images taken from the decoded-image cache.
+
+    s = 0 is `cached_eval_transform` on the working-size image (bit-identical to the on-the-fly
+    eval path). For s > 0 the same transforms run on the cached augmentation source (the decoded
+    file at its own resolution, short side capped at 4 x crop; pipeline/imagecache.py) instead
+    of the PIL image: RandomResizedCrop draws its box the same way over the same pixels but
+    resamples with torchvision's tensor kernels (antialiased bilinear) instead of PIL's, and
+    ColorJitter works on uint8 tensors; the random draws differ from the PIL path's, the
+    distribution of views does not. benchmarks/bench.py compares best val accuracy both ways.
+    """
+    return cached_eval_transform(pp) if strength == 0 else train_transform(pp, strength)
+
+
 class ImageList(Dataset):
     """(image, label) pairs from a sample list; images decoded by `load_rgb`."""
 
@@ -519,8 +545,14 @@ def make_loader(root: Path, samples: list[Sample], transform, batch_size: int, n
     `shuffle=True` is the train loader: its batches come from `TrainBatches`, so no train batch
     holds a single image (when there are two or more). Eval loaders keep plain batches.
     """
+    return loader(ImageList(root, samples, transform), batch_size, num_workers, shuffle, seed)
+
+
+def loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader over any (image, label) dataset, seeded like `make_loader`: the same
+    `batch_size`, `shuffle` and `seed` give the same batch order whatever the dataset holds.
+    Shuffled (train) loaders never end on a batch of one image (`TrainBatches`)."""
     generator = torch.Generator().manual_seed(seed)
-    dataset = ImageList(root, samples, transform)
     sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(
         dataset, batch_sampler=TrainBatches(sampler, batch_size) if shuffle else

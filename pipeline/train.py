@@ -88,20 +88,27 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
+    """`torch.autocast` for `device`: bfloat16 on the CPU, float16 on CUDA; a no-op unless `amp`."""
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=amp)
 
 
 def _to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    # Cached features may be pooled vectors: channels_last exists for 4-D tensors only.
+    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
 
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device,
                     frozen: list[nn.Module] = (), amp: bool = False, channels_last: bool = False,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+                    scaler: torch.amp.GradScaler | None = None,
+                    forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
     """One pass over `loader` (batches of `(B, 3, H, W)` float32, `(B,)` int64).
+
+    `forward` maps a batch to logits when the loader does not yield images for `model` itself
+    (cached frozen-stage features -> the trainable suffix; see pipeline/features.py); `model`
+    still sets train/eval modes. Default: `model`.
 
     Returns:
         (mean loss per image, accuracy as a fraction 0-1).
@@ -110,11 +117,12 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
         NonFiniteLossError: at the first batch whose loss is NaN or infinite.
     """
     set_train_mode(model, list(frozen))
+    forward = forward if forward is not None else model
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
-        with _autocast(device, amp):
-            logits = model(images)
+        with autocast(device, amp):
+            logits = forward(images)
             loss = criterion(logits, labels)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"training loss became {loss.item()} after {seen} images")
@@ -134,14 +142,18 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, criterion, device: torch.device, amp: bool = False,
-             channels_last: bool = False) -> EvalResult:
-    """Evaluate in eval mode without autograd; returns loss, accuracy and per-image outputs."""
+             channels_last: bool = False,
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+    """Evaluate in eval mode without autograd; returns loss, accuracy and per-image outputs.
+
+    `forward`: as in `train_one_epoch` (default `model`)."""
     model.eval()
+    forward = forward if forward is not None else model
     total_loss, labels_all, probs_all = 0.0, [], []
     for images, labels in loader:
         images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
-        with _autocast(device, amp):
-            logits = model(images)
+        with autocast(device, amp):
+            logits = forward(images)
         logits = logits.float()
         total_loss += criterion(logits, labels).item() * labels.size(0)
         labels_all.append(labels.cpu())
@@ -156,7 +168,9 @@ def evaluate(model: nn.Module, loader, criterion, device: torch.device, amp: boo
 def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer, scheduler=None,
         criterion=None, device: torch.device = torch.device("cpu"), frozen: list[nn.Module] = (),
         metric: str = "val_accuracy", amp: bool = False, channels_last: bool = False,
-        on_epoch: Callable[[EpochResult], None] | None = None) -> FitResult:
+        on_epoch: Callable[[EpochResult], None] | None = None,
+        train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        val_forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FitResult:
     """Train for `epochs`, evaluating on val after each; keep the best epoch's weights.
 
     "Best" is the highest val accuracy (or lowest val loss when `metric='val_loss'`); ties keep
@@ -165,6 +179,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer, s
     `criterion` is the training loss. Validation always uses plain cross-entropy, so `val_loss`
     compares across trials whatever their label smoothing (a smoothed loss cannot go below the
     smoothing's entropy, which would rank trials by their smoothing, not by their predictions).
+
+    `train_forward` / `val_forward` map the train / val loader's batches to logits (default
+    `model`): pipeline/fitting.py passes the frozen prefix + trainable suffix, or the suffix alone
+    over cached features. `model` owns the weights, modes, device and `best_state` either way.
     """
     criterion = criterion or nn.CrossEntropyLoss()
     val_criterion = nn.CrossEntropyLoss()
@@ -179,8 +197,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer, s
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, device,
-                                                frozen, amp, channels_last, scaler)
-        val = evaluate(model, val_loader, val_criterion, device, amp, channels_last)
+                                                frozen, amp, channels_last, scaler, train_forward)
+        val = evaluate(model, val_loader, val_criterion, device, amp, channels_last, val_forward)
         if scheduler is not None:
             scheduler.step()
         result = EpochResult(epoch, train_loss, train_acc, val.loss, val.accuracy, lr,

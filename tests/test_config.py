@@ -119,7 +119,7 @@ def test_set_below_a_scalar(path):
 def test_set_unknown_key_is_named(path):
     assert error(path, ["nope.x=3"]) == (
         f"{path}: nope: unknown key (allowed: study, data, model, training, search_space, tracking, "
-        "registry)")
+        "registry, cache)")
 
 
 # ---- unknown keys, types, ranges ------------------------------------------------------------------

@@ -287,3 +287,56 @@ def test_build_training_reads_the_training_section():
 def test_pick_device():
     assert pick_device("cpu") == CPU
     assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- forward: batches that are not images for `model` (cached frozen-stage features) -----------
+
+def test_forward_maps_the_loaders_batches_while_model_keeps_modes_and_state():
+    # The loaders yield the first layer's outputs; `forward` runs the rest of the model on them.
+    model = mlp()
+    head = nn.Sequential(model[2], model[3])
+    train, val = loaders()
+
+    def first(loader):
+        with torch.no_grad():
+            return DataLoader(TensorDataset(torch.cat([model[1](model[0](x)) for x, _ in loader]),
+                                            torch.cat([y for _, y in loader])), batch_size=8)
+
+    twin = mlp()
+    twin.load_state_dict(model.state_dict())
+    for p in twin[1].parameters():
+        p.requires_grad_(False)
+    model[1].requires_grad_(False)
+    feats_train, feats_val = first(train), first(val)
+    a = fit(model, feats_train, feats_val, epochs=2, train_forward=head, val_forward=head,
+            optimizer=make_optimizer([p for p in model.parameters() if p.requires_grad], "sgd", 0.1))
+    b = fit(twin, train, val, epochs=2,
+            optimizer=make_optimizer([p for p in twin.parameters() if p.requires_grad], "sgd", 0.1))
+    for x, y in zip(a.history, b.history):
+        assert x.train_loss == pytest.approx(y.train_loss, rel=1e-5)
+        assert x.val_loss == pytest.approx(y.val_loss, rel=1e-5)
+        assert (x.train_accuracy, x.val_accuracy) == (y.train_accuracy, y.val_accuracy)
+    assert a.best_state.keys() == b.best_state.keys()  # the whole model's state, not the head's
+    for name in a.best_state:
+        assert torch.allclose(a.best_state[name], b.best_state[name], atol=1e-6), name
+
+
+def test_evaluate_with_forward_sets_eval_mode_and_uses_it():
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(48, 2))
+    calls = []
+
+    def forward(x):
+        calls.append(x.shape)
+        return model(x)
+
+    evaluate(model, DataLoader(blobs(6, 2), batch_size=4), nn.CrossEntropyLoss(), CPU, forward=forward)
+    assert calls == [(4, 3, 4, 4), (2, 3, 4, 4)]
+    assert not model.training
+
+
+def test_channels_last_passes_pooled_feature_vectors_through():
+    model = nn.Linear(48, 2)
+    data = DataLoader(TensorDataset(torch.randn(6, 48), torch.arange(6) % 2), batch_size=3)
+    result = fit(model, data, data, epochs=1, channels_last=True,
+                 optimizer=make_optimizer(model.parameters(), "sgd", 0.1))
+    assert len(result.history) == 1
