@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import traceback
 import warnings
 from collections.abc import Callable
@@ -68,13 +69,25 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# What an interrupt leaves behind, per command (one line each).
+INTERRUPTED = {
+    "run": "a trial that was running is recorded FAIL (it does not count and its parameters are "
+    "retried); run the same command again to resume the study",
+    "report": "the report stage stopped; a test evaluation already stored is kept and reused; run "
+    "`sweep report` again to finish it",
+    "default": "stopped; nothing was changed",
+}
+
+
 def handled(fn: F) -> F:
     """Map the error family to one message + exit code; interrupts to 130/143; anything else
     (a bug) to one line and exit 1. With `--debug`, the traceback is printed first."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _quiet_libraries()
+        _quiet_libraries()  # the heavy imports: an interrupt here still exits at once (pipeline.entry)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_sigterm)
         try:
             return fn(*args, **kwargs)
         except SweepError as err:
@@ -86,11 +99,8 @@ def handled(fn: F) -> F:
 
             _traceback()
             sig = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
-            err_console.print(
-                f"[yellow]interrupted ({sig}):[/] a trial that was running is recorded FAIL "
-                "(it does not count and its parameters are retried); run the same command "
-                "again to resume the study"
-            )
+            what = INTERRUPTED.get(fn.__name__, INTERRUPTED["default"])
+            err_console.print(f"[yellow]interrupted ({sig}):[/] {what}")
             raise typer.Exit(143 if sig == "SIGTERM" else 130) from None
         except Exception as err:  # noqa: BLE001  (the last resort: a bug, never a bare traceback)
             _traceback()
@@ -99,6 +109,12 @@ def handled(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raise_sigterm(signum: int, frame: object) -> None:
+    from pipeline.tune import Interrupted
+
+    raise Interrupted("SIGTERM")
 
 
 def _traceback() -> None:
@@ -222,6 +238,10 @@ def check_weights(study_file: StudyFile, set_: SetOpt = None) -> None:
 
 
 def main() -> None:
+    """Run the typer app (`python -m pipeline.cli` installs the early interrupt handlers too)."""
+    from pipeline.entry import install_early_handlers
+
+    install_early_handlers()
     app()
 
 

@@ -37,6 +37,13 @@ class StudyStateError(SweepError):
     exit_code = 6
 
 
+class StudyFailedError(SweepError):
+    """The study ran but produced nothing usable: no COMPLETE trial, or it stopped because too
+    many trials failed. The parent run ends FAILED."""
+
+    exit_code = 8
+
+
 class RegistryError(SweepError):
     """Selecting, registering or loading the model failed."""
 

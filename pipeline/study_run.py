@@ -18,10 +18,12 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import StudyConfig
+from pipeline.errors import StudyFailedError
 from pipeline.events import TrialObserver
 from pipeline.mlflow_runs import Tracker
 from pipeline.preflight import prepare
 from pipeline.recovery import recover
+from pipeline.stopping import same_failure
 from pipeline.stores import artifact_root, check_local_paths, check_writable, sqlite_path, storage_url, tracking_uri
 from pipeline.track import PARENT_ATTR, MLflowObserver, reconcile
 from pipeline.tune import Interrupted, count, open_storage, open_study, optimize
@@ -99,7 +101,8 @@ def run_study(
     status = "FAILED"
     try:
         reason = optimize(study, cfg, prep, [MLflowObserver(tracker, cfg.study.name), *observers])
-        status = "FINISHED"
+        # A study that produced nothing usable is a failure, also for the parent run.
+        status = "FAILED" if unusable(study, reason) else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -108,7 +111,28 @@ def run_study(
         # With several workers, the last one to finish closes the parent run.
         if status != "FINISHED" or not count(study, (TrialState.RUNNING,)):
             tracker.close_parent(status)
-    return StudyOutcome(study, parent, reason, tracker.healthy)
+    outcome = StudyOutcome(study, parent, reason, tracker.healthy)
+    if status == "FAILED":
+        raise StudyFailedError(failure_message(outcome))
+    return outcome
+
+
+def unusable(study: optuna.Study, reason: str) -> bool:
+    """True when the run stopped on its failure budget or the study holds no COMPLETE trial."""
+    return reason == "too many failed trials" or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def failure_message(outcome: StudyOutcome) -> str:
+    """One line: how many trials ended in which state, why the run stopped, what to do."""
+    trials = outcome.study.get_trials(deepcopy=False)
+    counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    words = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    shown = ", ".join(f"{n} {words[s]}" for s, n in counts.items())
+    same = same_failure([t for t in trials if t.state == TrialState.FAIL])
+    hint = (f"every failed trial failed with {same}" if same else
+            "see each trial's sweep.fail_reason in MLflow (`make ui`) or `sweep status`, fix the cause and run again")
+    return (f"study '{outcome.study.study_name}' produced no usable result ({shown}; stopped: "
+            f"{outcome.stop_reason}); the MLflow parent run is FAILED; {hint}")
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

@@ -42,6 +42,7 @@ from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.fitting import fit_config
 from pipeline.preflight import Prepared
 from pipeline.search import grid_exhausted, make_pruner, make_sampler, suggest
+from pipeline.stopping import FailureBudget
 from pipeline.stores import check_local_paths, sqlite_path, storage_url, store_lock
 from pipeline.train import EpochResult, FitResult, NonFiniteLossError
 
@@ -57,12 +58,15 @@ class Interrupted(KeyboardInterrupt):
 
 
 def fingerprint(cfg: StudyConfig) -> dict[str, Any]:
-    """What must not change under a stored study: space, data, model, metric, direction."""
+    """What must not change under a stored study: space, data, model, training recipe, metric,
+    direction. Where a trial runs (`training.device`, `amp`, `channels_last`) may change."""
     dump = cfg.model_dump(mode="json")
     data_keys = ("root", "train", "val", "test", "test_fraction", "seed", "image_size")
+    where = ("device", "amp", "channels_last")
     return {
         "search_space": dump["search_space"],
         "data": {k: dump["data"][k] for k in data_keys},
+        "training": {k: v for k, v in dump["training"].items() if k not in where},
         "model": dump["model"],
         "metric": dump["study"]["metric"],
         "direction": dump["study"]["direction"],
@@ -284,29 +288,6 @@ def fail_reason(err: BaseException) -> str:
 
 
 # ---- the run of trials -------------------------------------------------------------------------------
-
-
-class FailureBudget:
-    """Optuna callback: stop the study once `limit` trials have failed in this run.
-
-    Args:
-        limit: `study.max_failed_trials`.
-        failed_before: FAIL trials the study held when this run started (they do not count).
-    """
-
-    def __init__(self, limit: int, failed_before: int, observers: Sequence[TrialObserver]) -> None:
-        self.limit, self.failed_before, self.observers = limit, failed_before, observers
-        self.spent = False
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state != TrialState.FAIL or count(study, (TrialState.FAIL,)) - self.failed_before < self.limit:
-            return
-        self.spent = True
-        for observer in self.observers:
-            observer.message(
-                f"stopping: {self.limit} trials failed in this run (see sweep.fail_reason on their MLflow runs)"
-            )
-        study.stop()
 
 
 def optimize(study: optuna.Study, cfg: StudyConfig, prep: Prepared, observers: Sequence[TrialObserver]) -> str:
