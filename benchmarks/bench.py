@@ -283,7 +283,10 @@ def child(args) -> None:
 
     configure_threads()  # the same intra-op threads in every part, bare loop included
     began = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    load = os.getloadavg()[0]
     result = PARTS[args.part](args)
+    # Other jobs on the machine slow some parts more than others: their load is part of the record.
+    result["load_average_1m"] = [load, os.getloadavg()[0]]
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["peak_rss_children_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     result["started"] = began

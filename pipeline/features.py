@@ -121,7 +121,8 @@ def compute(cut: Split, images: Dataset, batch_size: int, device: torch.device,
     # Called lazily, possibly inside `evaluate`'s inference mode: these must be normal tensors
     # so that a trainable first suffix layer can save them for backward.
     with torch.inference_mode(False), torch.no_grad():
-        out = torch.empty((len(images), *cut.feature_shape), dtype=torch.float32)
+        size = len(images)  # type: ignore[arg-type]  # map-style datasets define __len__
+        out = torch.empty((size, *cut.feature_shape), dtype=torch.float32)
         for batch, _ in loader:
             with autocast(device, amp):
                 features = cut.prefix(batch.to(device))

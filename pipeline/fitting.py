@@ -56,7 +56,8 @@ class Inputs:
     def release(self) -> None:
         """Let the feature store evict this trial's entries again."""
         for key in self.held:
-            self.store.release(key)
+            if self.store is not None:
+                self.store.release(key)
         self.held.clear()
 
 

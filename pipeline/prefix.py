@@ -32,7 +32,7 @@ from pipeline import model as M
 # Parameter-free modules whose result does not depend on train/eval mode.
 _FIXED = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d,
           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
-_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+_RTOL, _ATOL = 1e-4, 1e-5  # the check's tolerance: float rounding, not a different function
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 
 
@@ -85,19 +85,21 @@ def steps(model: nn.Module, arch: str) -> list[Callable] | None:
     """The forward of `model` as an ordered list of steps, or None for an unknown family."""
     if arch.startswith(M.TIMM_PREFIX):
         return _timm_steps(model, arch)
+    part = model.get_submodule
     if arch.startswith(_RESNETS):
-        return [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
-                model.layer3, model.layer4, model.avgpool, nn.Flatten(1), model.fc]
+        return [*map(part, ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                            "avgpool")), nn.Flatten(1), part("fc")]
     if arch.startswith("regnet"):
-        return [model.stem, *model.trunk_output.children(), model.avgpool, nn.Flatten(1), model.fc]
+        return [part("stem"), *part("trunk_output").children(), part("avgpool"), nn.Flatten(1), part("fc")]
     if all(isinstance(getattr(model, n, None), nn.Module) for n in ("features", "avgpool", "classifier")) \
-            and isinstance(model.features, nn.Sequential):
-        return [*model.features.children(), model.avgpool, nn.Flatten(1), model.classifier]
+            and isinstance(part("features"), nn.Sequential):
+        return [*part("features").children(), part("avgpool"), nn.Flatten(1), part("classifier")]
     return None
 
 
 def _timm_steps(model: nn.Module, arch: str) -> list[Callable] | None:
-    if not hasattr(model, "forward_head"):
+    head = getattr(model, "forward_head", None)
+    if not callable(head):
         return None
     grouped = {id(t) for _, modules in M.stages(model, arch) for m in modules
                for t in _tensors(m)}
@@ -107,7 +109,7 @@ def _timm_steps(model: nn.Module, arch: str) -> list[Callable] | None:
     out: list[Callable] = []
     for child in children[:last + 1]:
         out += list(child.children()) if isinstance(child, nn.Sequential) else [child]
-    return out + [model.forward_head]
+    return [*out, head]
 
 
 def _tensors(step) -> list[torch.Tensor]:
@@ -165,7 +167,7 @@ def _check(model: nn.Module, prefix: Prefix, suffix: Steps, size: int) -> tuple[
             whole = model(x)
             features = prefix(x)
             parts = suffix(features)
-        ok = parts.shape == whole.shape and torch.allclose(parts, whole, **_TOLERANCE)
+        ok = parts.shape == whole.shape and torch.allclose(parts, whole, rtol=_RTOL, atol=_ATOL)
     except (RuntimeError, TypeError, ValueError):  # a step list that does not fit this model
         ok = False
     finally:
