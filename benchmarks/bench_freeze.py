@@ -19,6 +19,7 @@ import torch
 
 from pipeline import data as D
 from pipeline import model as M
+from pipeline import transforms as TX
 from pipeline.config import PreprocessConfig
 from pipeline.train import make_optimizer, train_one_epoch
 
@@ -42,7 +43,7 @@ def main() -> None:
     state = M.pretrained_state(spec)
     model, _ = M.build_model(spec, 2, state)
     pp = M.resolve_preprocess(M.weights_preprocess(spec, model), args.image_size, PreprocessConfig())
-    loader = D.make_loader(splits.root, samples, D.train_transform(pp, 1.0), 32, 2, shuffle=True)
+    loader = D.make_loader(splits.root, samples, TX.train_transform(pp, 1.0), 32, 2, shuffle=True)
 
     start = time.perf_counter()
     for _ in loader:

@@ -21,6 +21,7 @@ from torch import nn
 from pipeline import data as D
 from pipeline import model as M
 from pipeline import train as TR
+from pipeline import transforms as TX
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
@@ -94,10 +95,10 @@ def evaluation_key(trial_number: int, sha256: str) -> str:
     return f"{TEST_ATTR}:{trial_number}:{sha256}"
 
 
-def eval_preprocess(checkpoint: TrialCheckpoint) -> D.Preprocess:
+def eval_preprocess(checkpoint: TrialCheckpoint) -> TX.Preprocess:
     """The eval transform's settings recorded in the checkpoint (lists back to tuples)."""
     pp = checkpoint.preprocess
-    return D.Preprocess(**{**pp, "mean": tuple(pp["mean"]), "std": tuple(pp["std"])})
+    return TX.Preprocess(**{**pp, "mean": tuple(pp["mean"]), "std": tuple(pp["std"])})
 
 
 def rebuild(checkpoint: TrialCheckpoint) -> nn.Module:
@@ -138,7 +139,7 @@ def evaluate_on_test(cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str)
     loader = D.make_loader(
         splits.root,
         splits.test,
-        D.eval_transform(eval_preprocess(checkpoint)),
+        TX.eval_transform(eval_preprocess(checkpoint)),
         cfg.data.batch_size,
         cfg.data.num_workers,
         shuffle=False,

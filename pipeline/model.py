@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data import Preprocess
 from pipeline.errors import ModelError
+from pipeline.transforms import Preprocess
 
 TIMM_PREFIX = "timm/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,10 +1,10 @@
 """`sweep predict`: load a registered model and predict the class of image files.
 
-Every input gets the checks training gives it (`pipeline.data`):
+Every input gets the checks training gives it (`pipeline.imagefiles`):
 - Folders are expanded with the training scan's rules (`data.list_images`): files with an
   extension Pillow opens as an image are read; the other files, and hidden ones, are counted by
   extension in one warning per folder. A file named on the command line is always tried.
-- Every file is fully decoded once by `data.decode_image`, with the pre-flight scan's reasons
+- Every file is fully decoded once by `imagefiles.decode_image`, with the pre-flight scan's reasons
   ("empty file", "not an image file", "cannot be decoded (...)", Pillow's decompression-bomb
   limit included), so a file gets the same one-line message here as in training. A file whose
   content is another format than its extension says is used, with one warning; warnings Pillow
@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import data as D
+from pipeline import imagefiles as IMG
+from pipeline import transforms as TX
 from pipeline.errors import DataError, RegistryError, first_line
 
 Warn = Callable[[str], None]
@@ -100,13 +101,13 @@ def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            listing = D.list_images(path)
+            listing = IMG.list_images(path)
             if not listing.images:
-                held = f" (only other files: {D.ignored_kinds(listing.ignored, path)})" if listing.ignored else ""
+                held = f" (only other files: {IMG.ignored_kinds(listing.ignored, path)})" if listing.ignored else ""
                 raise DataError(f"{display_name(path)}: no image files in this folder{held}; give image "
                                 "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them")
             if listing.ignored:
-                warn(D.ignored_files_message(path, listing.ignored))
+                warn(IMG.ignored_files_message(path, listing.ignored))
             files += listing.images
         elif path.is_file():
             files.append(path)
@@ -158,13 +159,13 @@ def load_model(model_uri: str, tracking: str, registry: str | None = None):
 
 def eval_transform(preprocess: dict[str, Any]):
     """The study's eval transform from a registered model's `preprocess` metadata."""
-    pp = D.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
+    pp = TX.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
                       tuple(preprocess["std"]), preprocess.get("interpolation", "bilinear"))
-    return D.eval_transform(pp)
+    return TX.eval_transform(pp)
 
 
 def preprocess_images(files: list[Path], preprocess: dict[str, Any]) -> np.ndarray:
-    """Decode (`data.decode_image`) and eval-transform images exactly as the study's val/test images.
+    """Decode (`imagefiles.decode_image`) and eval-transform images exactly as the study's val/test images.
 
     Returns:
         float32 array `(len(files), 3, crop, crop)`.
@@ -175,7 +176,7 @@ def preprocess_images(files: list[Path], preprocess: dict[str, Any]) -> np.ndarr
     transform = eval_transform(preprocess)
     arrays, bad = [], []
     for path in files:
-        image, check = D.decode_image(path)
+        image, check = IMG.decode_image(path)
         if image is None:
             bad.append(f"{display_name(path)}: {check.reason}")
         else:
@@ -218,13 +219,13 @@ def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None
         tracking_uri = registry  # never create an empty tracking store: the registry's holds the runs
     model, meta = load_model(model_uri, tracking_uri, registry)
     classes, transform = list(meta["classes"]), eval_transform(meta["preprocess"])
-    found = D.Findings()
+    found = IMG.Findings()
     predictions: list[Prediction] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         arrays, rows = [], []
         for path in chunk:
-            image, check = D.decode_image(path)
+            image, check = IMG.decode_image(path)
             found.add(display_name(path), check, path.suffix)
             rows.append(Prediction(os.fsdecode(path), None, None, {}, check.reason))
             if image is not None:

@@ -15,6 +15,7 @@ import torch
 
 from pipeline import data as D
 from pipeline import model as M
+from pipeline import transforms as TX
 from pipeline.config import CategoricalParam, IntParam, StudyConfig
 from pipeline.errors import ModelError
 
@@ -26,7 +27,7 @@ class Prepared:
     splits: D.Splits
     spec: M.WeightsSpec
     state: dict[str, torch.Tensor] | None  # pretrained state_dict (torchvision/local), shared by trials
-    preprocess: D.Preprocess
+    preprocess: TX.Preprocess
     stage_names: tuple[str, ...]  # freeze-depth stages of the arch; empty when no depth > 0 is sampled
     load_report: M.LoadReport
 

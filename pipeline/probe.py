@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
     from torch.utils.data import DataLoader
 
-    from pipeline.data import Preprocess, Splits
+    from pipeline.data import Splits
+    from pipeline.transforms import Preprocess
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (B, 3, H, W) float32 images, (B,) int64 labels
 
@@ -217,8 +218,9 @@ def probe_loaders(splits: Splits, preprocess: Preprocess, batch_size: int,
                   num_workers: int) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for the probe: both with the eval transform, unshuffled."""
     from pipeline import data as D
+    from pipeline import transforms as TX
 
-    transform = D.eval_transform(preprocess)
+    transform = TX.eval_transform(preprocess)
     train, val = (D.make_loader(splits.root, samples, transform, batch_size, num_workers, shuffle=False)
                   for samples in (splits.train, splits.val))
     return train, val

@@ -8,15 +8,16 @@ import json
 import optuna
 import pytest
 import torch
-from conftest import make_folder, study_dict
 
 from pipeline import checkpoints, train
 from pipeline import evaluation as E
 from pipeline import model as M
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
-from pipeline.data import Preprocess
 from pipeline.errors import RegistryError
+from pipeline.transforms import Preprocess
+
+from conftest import make_folder, study_dict
 
 PP = Preprocess(36, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

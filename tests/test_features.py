@@ -14,8 +14,10 @@ from torch import nn
 from pipeline import data as D
 from pipeline import features as F
 from pipeline import fitting, imagecache, preflight
+from pipeline import imagefiles as IMG
 from pipeline import model as M
 from pipeline import prefix as P
+from pipeline import transforms as TX
 from pipeline.config import load_study
 from tests.conftest import study_dict, write_study
 
@@ -133,7 +135,7 @@ def test_cached_prefix_features_equal_recomputed(tmp_path, image_root):
     labels = torch.cat([y for _, y in inputs.val_loader])
     assert features.shape == (len(prep.splits.val), 64, 8, 8)
     # recomputed: the frozen stages by hand, default layout, on images decoded on the fly
-    images = torch.stack([D.eval_transform(prep.preprocess)(D.load_rgb(prep.splits.root / rel))
+    images = torch.stack([TX.eval_transform(prep.preprocess)(IMG.load_rgb(prep.splits.root / rel))
                           for rel, _ in prep.splits.val])
     model.eval()
     with torch.no_grad():
@@ -149,7 +151,7 @@ def test_feature_batches_come_in_the_image_loaders_order(tmp_path, image_root):
     torch.manual_seed(0)
     model, _ = M.build_model(prep.spec, 2, prep.state)
     inputs = fitting.plan(cfg, prep, model, M.freeze(model, "resnet18", 1), CPU, seed=7)
-    plain = D.make_loader(prep.splits.root, prep.splits.train, D.eval_transform(prep.preprocess),
+    plain = D.make_loader(prep.splits.root, prep.splits.train, TX.eval_transform(prep.preprocess),
                           8, 0, shuffle=True, seed=7)
     for _ in range(2):  # two epochs: the generator advances the same way
         assert [y.tolist() for _, y in inputs.train_loader] == [y.tolist() for _, y in plain]

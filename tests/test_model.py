@@ -11,9 +11,9 @@ from torch import nn
 
 from pipeline import model as M
 from pipeline.config import PreprocessConfig, TrainingSection
-from pipeline.data import Preprocess
 from pipeline.errors import ModelError
 from pipeline.train import build_training, train_one_epoch
+from pipeline.transforms import Preprocess
 
 from conftest import SHARED
 
