@@ -22,6 +22,7 @@ from pipeline import data as D
 from pipeline import model as M
 from pipeline import train as TR
 from pipeline import transforms as TX
+from pipeline import weights as W
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
@@ -104,7 +105,7 @@ def eval_preprocess(checkpoint: TrialCheckpoint) -> TX.Preprocess:
 def rebuild(checkpoint: TrialCheckpoint) -> nn.Module:
     """The checkpoint's classifier (arch + best-epoch weights, no pretrained download), in eval
     mode on the CPU; it maps float32 `(N, 3, crop, crop)` images to `(N, num_classes)` logits."""
-    net, _ = M.build_model(M.WeightsSpec(checkpoint.arch, "none", "none"), len(checkpoint.class_to_idx))
+    net, _ = M.build_model(W.WeightsSpec(checkpoint.arch, "none", "none"), len(checkpoint.class_to_idx))
     net.load_state_dict(checkpoint.state_dict)
     return net.eval()
 

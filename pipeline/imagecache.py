@@ -252,8 +252,8 @@ def clear() -> None:
 class CachedImageList(Dataset):
     """(image, label) pairs like `data.ImageList`, images taken from a `DecodedImages` cache.
 
-    `transform` gets the cached uint8 `(3, H, W)` tensor: use `data.cached_eval_transform` or
-    `data.cached_train_transform`.
+    `transform` gets the cached uint8 `(3, H, W)` tensor: use `transforms.cached_eval_transform` or
+    `transforms.cached_train_transform`.
     """
 
     def __init__(self, images: DecodedImages, samples: list[D.Sample], transform):

@@ -12,6 +12,7 @@ import torch
 from pipeline import checkpoints, train
 from pipeline import evaluation as E
 from pipeline import model as M
+from pipeline import weights as W
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
@@ -28,7 +29,7 @@ def setup(tmp_path, sweep_home):
     and the checkpoint of trial 3: an untrained ResNet-18 with 2 outputs."""
     cfg = StudyConfig.model_validate(study_dict(make_folder(tmp_path / "images")))
     torch.manual_seed(0)
-    net, _ = M.build_model(M.WeightsSpec("resnet18", "none", "none"), 2)
+    net, _ = M.build_model(W.WeightsSpec("resnet18", "none", "none"), 2)
     ckpt = TrialCheckpoint(
         state_dict=net.state_dict(),
         arch="resnet18",

@@ -18,6 +18,7 @@ from pipeline import imagefiles as IMG
 from pipeline import model as M
 from pipeline import prefix as P
 from pipeline import transforms as TX
+from pipeline import weights as W
 from pipeline.config import load_study
 from tests.conftest import study_dict, write_study
 
@@ -57,7 +58,7 @@ def test_resnet_cut_equals_the_whole_model(depth, shape):
 
 
 def test_timm_efficientnet_lite0_cut_equals_the_whole_model():
-    spec = M.resolve_weights("timm/efficientnet_lite0", "none")
+    spec = W.resolve_weights("timm/efficientnet_lite0", "none")
     model, _ = M.build_model(spec, 2)
     names = [n for n, _ in M.stages(model, spec.arch)]
     for depth, shape in [(1, (32, 16, 16)), (4, (40, 4, 4)), (len(names), (1280, 1, 1))]:

@@ -15,6 +15,7 @@ from pipeline import imagefiles as IMG
 from pipeline import model as M
 from pipeline import probe as P
 from pipeline import transforms as TX
+from pipeline import weights as W
 from pipeline.errors import ModelError
 
 from conftest import make_folder
@@ -24,7 +25,7 @@ PP = TX.Preprocess(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 def build(arch: str, num_classes: int) -> nn.Module:
     torch.manual_seed(0)
-    return M.build_model(M.resolve_weights(arch, "none"), num_classes)[0]
+    return M.build_model(W.resolve_weights(arch, "none"), num_classes)[0]
 
 
 def loaders(root, classes):
