@@ -17,8 +17,9 @@ from pipeline import data as D
 from pipeline import model as M
 from pipeline import transforms as TX
 from pipeline import weights as W
-from pipeline.config import CategoricalParam, IntParam, StudyConfig
+from pipeline.config import StudyConfig
 from pipeline.errors import ModelError
+from pipeline.space import CategoricalParam, IntParam
 
 
 @dataclass(frozen=True)
