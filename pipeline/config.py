@@ -333,7 +333,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
     model: Any = StudyConfig
     parts = list(loc)
     if parts[:1] == ["search_space"]:
-        tags = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
+        tags: dict[str, type[Frozen]] = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
         return list(tags[parts[2]].model_fields) if len(parts) == 3 and parts[2] in tags else []
     for part in parts:
         fields = getattr(model, "model_fields", {})

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
@@ -39,6 +40,7 @@ from pipeline.imagefiles import (
     load_rgb,
     visible,
 )
+from pipeline.transforms import Transform
 
 Sample = tuple[str, int]  # (path relative to data root, class index)
 
@@ -194,7 +196,7 @@ def without(splits: Splits, bad: list[str]) -> Splits:
     )
 
 
-def scan_images(splits: Splits, policy: str = "stop", progress=None) -> Splits:
+def scan_images(splits: Splits, policy: str = "stop", progress: Callable[[int, int], None] | None = None) -> Splits:
     """Pre-flight: decode every image of every split once, report all problems in one message.
 
     Files that decode are used, also when their content is another format than their extension
@@ -242,7 +244,7 @@ def scan_images(splits: Splits, policy: str = "stop", progress=None) -> Splits:
 class ImageList(Dataset):
     """(image, label) pairs from a sample list; images decoded by `load_rgb`."""
 
-    def __init__(self, root: Path, samples: list[Sample], transform):
+    def __init__(self, root: Path, samples: list[Sample], transform: Transform) -> None:
         self.root, self.samples, self.transform = Path(root), samples, transform
 
     def __len__(self) -> int:
@@ -291,7 +293,13 @@ class TrainBatches(Sampler[list[int]]):
 
 
 def make_loader(
-    root: Path, samples: list[Sample], transform, batch_size: int, num_workers: int, shuffle: bool, seed: int = 0
+    root: Path,
+    samples: list[Sample],
+    transform: Transform,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool,
+    seed: int = 0,
 ) -> DataLoader:
     """A DataLoader over `samples`; shuffling is seeded so a trial's batch order is reproducible.
 
@@ -306,7 +314,10 @@ def loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, s
     `batch_size`, `shuffle` and `seed` give the same batch order whatever the dataset holds.
     Shuffled (train) loaders never end on a batch of one image (`TrainBatches`)."""
     generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    # torch's Dataset declares no __len__; every dataset given here (ImageList, CachedImageList,
+    # cached features) has one, and the samplers need it.
+    sized = cast(Sized, dataset)
+    sampler = RandomSampler(sized, generator=generator) if shuffle else SequentialSampler(sized)
     return DataLoader(
         dataset,
         batch_sampler=TrainBatches(sampler, batch_size)

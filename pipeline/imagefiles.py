@@ -102,9 +102,9 @@ def load_rgb(path: str | Path) -> Image.Image:
     Raises:
         OSError / PIL.UnidentifiedImageError: the file is not a decodable image.
     """
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
+    with Image.open(path) as opened:
+        opened.load()
+        img: Image.Image = ImageOps.exif_transpose(opened)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 32-bit 'I' first: point() has no 16-bit big-endian ('I;16B', 16-bit TIFF) path.
             img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")

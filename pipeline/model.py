@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ def head_names(model: nn.Module, num_classes: int) -> set[str]:
     """State-dict names of the classification head: timm's `get_classifier()`, else the last
     Linear (or 1x1 Conv2d, SqueezeNet) with `num_classes` outputs."""
     if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
+        head = as_timm(model).get_classifier()
         found = [n for n, m in model.named_modules() if m is head]
     else:
         found = [
@@ -115,6 +116,7 @@ def build_model(
     if spec.kind == "none":
         return model, LoadReport()
     state = state if state is not None else pretrained_state(spec)
+    assert state is not None  # torchvision and local weights always have a state_dict
     return model, _fit_state(model, state, spec, num_classes)
 
 
@@ -127,6 +129,7 @@ def _build_timm(
     if spec.kind == "none":
         return timm.create_model(name, pretrained=False, num_classes=num_classes), LoadReport()
     if spec.kind == "local":
+        assert spec.path is not None  # resolve_weights sets it for every local checkpoint
         state = state if state is not None else load_checkpoint(spec.path)  # one-line error if unreadable
         try:  # timm's own local-file loading, as timm users do it (drops the 1000-class head)
             model = timm.create_model(
@@ -144,7 +147,7 @@ def _build_timm(
 
         cache = constants.HF_HUB_CACHE
         raise offline_message(spec, err, cache) from None
-    if model.pretrained_cfg.get("num_classes") == num_classes:
+    if as_timm(model).pretrained_cfg.get("num_classes") == num_classes:
         return model, LoadReport()  # timm kept the pretrained head
     return model, LoadReport(missing=tuple(sorted(head_names(model, num_classes))))
 
@@ -169,8 +172,9 @@ def stages(model: nn.Module, arch: str) -> list[tuple[str, list[nn.Module]]]:
     if arch.startswith(TIMM_PREFIX):
         from timm.models import group_modules
 
-        groups = group_modules(model, model.group_matcher(coarse=True))
-        head = {n for n, _ in model.named_modules() if n and model.get_submodule(n) is model.get_classifier()}
+        groups = group_modules(model, as_timm(model).group_matcher(coarse=True))
+        classifier = as_timm(model).get_classifier()
+        head = {n for n, _ in model.named_modules() if n and model.get_submodule(n) is classifier}
         named = dict(model.named_modules())
         result = []
         for _, names in sorted(groups.items()):
@@ -184,18 +188,25 @@ def stages(model: nn.Module, arch: str) -> list[tuple[str, list[nn.Module]]]:
                 result.append(("+".join(parts), [named[n] for n in names]))
         return result
     if arch.startswith(_RESNET_PREFIXES):
-        return [("stem", [model.conv1, model.bn1])] + [
-            (f"layer{i}", [getattr(model, f"layer{i}")]) for i in range(1, 5)
-        ]
-    if arch.startswith(_FEATURES_PREFIXES) and isinstance(getattr(model, "features", None), nn.Sequential):
-        return [(f"features.{i}", [m]) for i, m in enumerate(model.features.children())]
+        stem = [model.get_submodule("conv1"), model.get_submodule("bn1")]
+        return [("stem", stem)] + [(f"layer{i}", [model.get_submodule(f"layer{i}")]) for i in range(1, 5)]
+    features = getattr(model, "features", None)
+    if arch.startswith(_FEATURES_PREFIXES) and isinstance(features, nn.Sequential):
+        return [(f"features.{i}", [m]) for i, m in enumerate(features.children())]
     if arch.startswith("regnet"):
-        return [("stem", [model.stem])] + [(f"trunk_output.{n}", [m]) for n, m in model.trunk_output.named_children()]
+        trunk = model.get_submodule("trunk_output").named_children()
+        return [("stem", [model.get_submodule("stem")])] + [(f"trunk_output.{n}", [m]) for n, m in trunk]
     raise ModelError(
         f"training.freeze_depth: no stage list for arch '{arch}' (supported: ResNet/ResNeXt/"
         "Wide-ResNet, EfficientNet, MobileNet, MNASNet, VGG, ConvNeXt, DenseNet, RegNet, timm/*); "
         "use freeze_depth 0"
     )
+
+
+def as_timm(model: nn.Module) -> Any:
+    """`model` as a timm model (get_classifier, group_matcher, pretrained_cfg): nn.Module's
+    `__getattr__` is typed for parameters, buffers and submodules only."""
+    return model
 
 
 def freeze(model: nn.Module, arch: str, depth: int) -> list[nn.Module]:

@@ -33,7 +33,7 @@ from pipeline import weights as W
 # Parameter-free modules whose result does not depend on train/eval mode.
 _FIXED = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d,
           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
-_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+_RTOL, _ATOL = 1e-4, 1e-5
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 
 
@@ -87,13 +87,17 @@ def steps(model: nn.Module, arch: str) -> list[Callable] | None:
     if arch.startswith(W.TIMM_PREFIX):
         return _timm_steps(model, arch)
     if arch.startswith(_RESNETS):
-        return [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
-                model.layer3, model.layer4, model.avgpool, nn.Flatten(1), model.fc]
+        sub = model.get_submodule
+        body = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
+        return [*map(sub, body), nn.Flatten(1), sub("fc")]
     if arch.startswith("regnet"):
-        return [model.stem, *model.trunk_output.children(), model.avgpool, nn.Flatten(1), model.fc]
-    if all(isinstance(getattr(model, n, None), nn.Module) for n in ("features", "avgpool", "classifier")) \
-            and isinstance(model.features, nn.Sequential):
-        return [*model.features.children(), model.avgpool, nn.Flatten(1), model.classifier]
+        sub = model.get_submodule
+        return [sub("stem"), *sub("trunk_output").children(), sub("avgpool"), nn.Flatten(1), sub("fc")]
+    features = getattr(model, "features", None)
+    if all(isinstance(getattr(model, n, None), nn.Module) for n in ("avgpool", "classifier")) \
+            and isinstance(features, nn.Sequential):
+        sub = model.get_submodule
+        return [*features.children(), sub("avgpool"), nn.Flatten(1), sub("classifier")]
     return None
 
 
@@ -108,10 +112,10 @@ def _timm_steps(model: nn.Module, arch: str) -> list[Callable] | None:
     out: list[Callable] = []
     for child in children[:last + 1]:
         out += list(child.children()) if isinstance(child, nn.Sequential) else [child]
-    return out + [model.forward_head]
+    return out + [M.as_timm(model).forward_head]
 
 
-def _tensors(step) -> list[torch.Tensor]:
+def _tensors(step: object) -> list[torch.Tensor]:
     if not isinstance(step, nn.Module):
         return []
     return [*step.parameters(), *step.buffers()]
@@ -166,7 +170,7 @@ def _check(model: nn.Module, prefix: Prefix, suffix: Steps, size: int) -> tuple[
             whole = model(x)
             features = prefix(x)
             parts = suffix(features)
-        ok = parts.shape == whole.shape and torch.allclose(parts, whole, **_TOLERANCE)
+        ok = parts.shape == whole.shape and torch.allclose(parts, whole, rtol=_RTOL, atol=_ATOL)
     except (RuntimeError, TypeError, ValueError):  # a step list that does not fit this model
         ok = False
     finally:

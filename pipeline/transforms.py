@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchvision.transforms import v2 as T
+
+# PIL RGB image (or cached uint8 `(3, H, W)` tensor) -> `(3, crop, crop)` float32 tensor.
+Transform = Callable[[Any], torch.Tensor]
 
 
 @dataclass(frozen=True)

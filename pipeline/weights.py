@@ -15,12 +15,18 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipeline.errors import ModelError
 from pipeline.transforms import Preprocess
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
+
+    from pipeline.config import PreprocessConfig
 
 TIMM_PREFIX = "timm/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -128,7 +134,7 @@ def _check_timm_tag(arch: str, weights: str) -> None:
         raise ModelError(_unknown_weights(weights, arch, ["DEFAULT", *tags]))
 
 
-def _torchvision_enum(spec: WeightsSpec):
+def _torchvision_enum(spec: WeightsSpec) -> WeightsEnum:
     import torchvision
 
     enum = torchvision.models.get_model_weights(spec.arch)
@@ -168,6 +174,7 @@ def pretrained_state(spec: WeightsSpec) -> dict[str, torch.Tensor] | None:
         ModelError: unreadable checkpoint, or hub weights neither cached nor downloadable.
     """
     if spec.kind == "local":
+        assert spec.path is not None  # resolve_weights sets it for every local checkpoint
         return load_checkpoint(spec.path)
     if spec.kind == "torchvision":
         try:
@@ -189,8 +196,9 @@ def weights_preprocess(spec: WeightsSpec, model: nn.Module | None = None) -> Pre
     if spec.is_timm:
         import timm
 
+        cfg: dict[str, Any]
         if model is not None:
-            cfg = model.pretrained_cfg
+            cfg = model.pretrained_cfg  # type: ignore[assignment]  # timm's dict; Module.__getattr__ types Tensor | Module
         else:
             tag = (
                 spec.timm_name if spec.kind != "timm" or spec.value == "DEFAULT" else (f"{spec.timm_name}.{spec.value}")
@@ -212,7 +220,7 @@ def weights_preprocess(spec: WeightsSpec, model: nn.Module | None = None) -> Pre
     return Preprocess(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
-def resolve_preprocess(base: Preprocess, image_size: int | None, override) -> Preprocess:
+def resolve_preprocess(base: Preprocess, image_size: int | None, override: PreprocessConfig) -> Preprocess:
     """Apply the study file on top of the weights' preprocessing.
 
     `data.image_size` sets the crop side and keeps the weights' resize/crop ratio (256/224 for
@@ -224,7 +232,7 @@ def resolve_preprocess(base: Preprocess, image_size: int | None, override) -> Pr
     return Preprocess(
         resize=override.resize or resize,
         crop=override.crop or crop,
-        mean=tuple(override.mean or base.mean),
-        std=tuple(override.std or base.std),
+        mean=override.mean or base.mean,
+        std=override.std or base.std,
         interpolation=override.interpolation or base.interpolation,
     )
