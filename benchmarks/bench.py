@@ -313,8 +313,10 @@ def machine() -> dict:
 
     from pipeline.machine import cpu_cores
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
     return {"cpu_model": model, "cores_usable": cpu_cores(), "cpu_count": os.cpu_count(),
             "torch_threads": min(torch.get_num_threads(), cpu_cores()), "ram_bytes": psutil.virtual_memory().total,
             "load_average_1m_at_start": os.getloadavg()[0], "torch": torch.__version__,

@@ -57,6 +57,7 @@ class Inputs:
     def release(self) -> None:
         """Let the feature store evict this trial's entries again."""
         for key in self.held:
+            assert self.store is not None  # keys are held only in a store
             self.store.release(key)
         self.held.clear()
 
@@ -76,7 +77,7 @@ def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Mod
     memory = imagecache.budget(cache_limit_bytes(c.max_memory_mb))
     images = imagecache.shared(splits.root, pp, memory) if c.decoded_images else None
 
-    def image_set(samples: list[D.Sample], train: bool):
+    def image_set(samples: list[D.Sample], train: bool) -> D.ImageList | imagecache.CachedImageList:
         if images is not None:
             if train and t.aug_strength > 0:
                 sources = imagecache.shared(splits.root, pp, memory, for_training=True)
@@ -115,7 +116,7 @@ def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Mod
         inputs.held.append(key)
         source = image_set(samples, train=False)  # aug 0: the train transform is the eval one
 
-        def compute(source=source) -> torch.Tensor:
+        def compute(source: D.ImageList | imagecache.CachedImageList = source) -> torch.Tensor:
             return F.compute(cut, source, d.batch_size, device, t.amp)
 
         dataset = F.FeatureList(inputs.store, key, [y for _, y in samples], compute)

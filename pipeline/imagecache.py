@@ -256,7 +256,7 @@ class CachedImageList(Dataset):
     `transforms.cached_train_transform`.
     """
 
-    def __init__(self, images: DecodedImages, samples: list[D.Sample], transform):
+    def __init__(self, images: DecodedImages, samples: list[D.Sample], transform: TX.Transform) -> None:
         self.images, self.samples, self.transform = images, samples, transform
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ them. The new head is never part of a stage, so it always trains.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -230,7 +231,7 @@ def freeze(model: nn.Module, arch: str, depth: int) -> list[nn.Module]:
     return frozen
 
 
-def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+def set_train_mode(model: nn.Module, frozen: Sequence[nn.Module]) -> None:
     """`model.train()` but keep frozen stages in eval mode (BatchNorm statistics unchanged)."""
     model.train()
     for module in frozen:

@@ -34,10 +34,10 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,11 +45,15 @@ from pipeline import imagefiles as IMG
 from pipeline import transforms as TX
 from pipeline.errors import DataError, RegistryError, first_line
 
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
+    from rich.table import Table
+
 Warn = Callable[[str], None]
 
 
 def _stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def display_name(path: str | Path) -> str:
@@ -116,7 +120,9 @@ def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path]:
     return files
 
 
-def load_model(model_uri: str, tracking: str, registry: str | None = None):
+def load_model(
+    model_uri: str, tracking: str, registry: str | None = None
+) -> tuple[PyFuncModel, dict[str, Any]]:
     """Load a registered model with the pyfunc flavour.
 
     Args:
@@ -157,7 +163,7 @@ def load_model(model_uri: str, tracking: str, registry: str | None = None):
     return model, meta
 
 
-def eval_transform(preprocess: dict[str, Any]):
+def eval_transform(preprocess: dict[str, Any]) -> TX.Transform:
     """The study's eval transform from a registered model's `preprocess` metadata."""
     pp = TX.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
                       tuple(preprocess["std"]), preprocess.get("interpolation", "bilinear"))
@@ -230,12 +236,13 @@ def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None
             rows.append(Prediction(os.fsdecode(path), None, None, {}, check.reason))
             if image is not None:
                 arrays.append(transform(image).numpy())
-        probs = iter(np.asarray(model.predict(np.stack(arrays).astype(np.float32))) if arrays else [])
+        batch = np.stack(arrays).astype(np.float32) if arrays else None
+        probs: Iterator[np.ndarray] = iter(np.asarray(model.predict(batch)) if batch is not None else [])
         for row in rows:
             if row.error is None:
                 p = next(probs)
                 row = Prediction(row.file, classes[int(p.argmax())], float(p.max()),
-                                 {c: float(v) for c, v in zip(classes, p)})
+                                 {c: float(v) for c, v in zip(classes, p, strict=True)})
             predictions.append(row)
     for message in found.messages("predict"):
         warn(message)
@@ -254,7 +261,7 @@ def _named(bad: list[tuple[str, str]], shown: int = 5) -> str:
     return "; ".join(f"{name}: {why}" for name, why in bad[:shown]) + more
 
 
-def render_predictions(predictions: list[Prediction], as_json: bool = False):
+def render_predictions(predictions: list[Prediction], as_json: bool = False) -> str | Table:
     """JSON lines (one object per file) or a rich table: file, label, probability (or why skipped)."""
     if as_json:
         return "\n".join(p.to_json() for p in predictions)

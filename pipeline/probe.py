@@ -89,7 +89,9 @@ def head_module(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, head: nn.Linear, loader: Batches, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    model: nn.Module, head: nn.Linear, loader: Batches, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` over `loader` in eval mode and capture the input of `head`.
 
     Args:
@@ -167,8 +169,8 @@ def head_weights(fitted: Pipeline, num_classes: int) -> tuple[torch.Tensor, torc
     return torch.as_tensor(coef, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
 
 
-def fit_linear_probe(model: nn.Module, train_loader: Batches, val_loader: Batches, device: torch.device, seed: int = 0, *,
-                     num_classes: int) -> ProbeResult:
+def fit_linear_probe(model: nn.Module, train_loader: Batches, val_loader: Batches, device: torch.device,
+                     seed: int = 0, *, num_classes: int) -> ProbeResult:
     """Fit the linear-probe baseline and write it into `model`'s head (in place).
 
     Args:

@@ -469,7 +469,7 @@ def test_train_transform_at_one_is_the_seed_recipe():
 
 def test_augmentation_map_is_monotone():
     strengths = [0.1, 0.25, 0.5, 0.75, 1.0]
-    crops, flips, jitters = zip(*(_parts(s) for s in strengths))
+    crops, flips, jitters = zip(*(_parts(s) for s in strengths), strict=True)
     lows = [c.scale[0] for c in crops]
     assert lows == sorted(lows, reverse=True) and len(set(lows)) == len(lows)
     assert [c.ratio[0] for c in crops] == sorted((c.ratio[0] for c in crops), reverse=True)

@@ -180,7 +180,7 @@ def history(result) -> list[dict]:
 
 def assert_same_history(a, b, n_train: int, n_val: int):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["epoch"] == y["epoch"] and x["lr"] == y["lr"]
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4, abs=1e-5)
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4, abs=1e-5)
@@ -234,7 +234,8 @@ def test_cache_section_defaults_and_a_bad_cap_named(tmp_path, image_root):
     assert cache_limit_bytes(None) == psutil.virtual_memory().total // 4
     assert cache_limit_bytes(3) == 3 * 2**20
     tree = study_dict(image_root, cache={"max_memory_mb": -5})
-    with pytest.raises(ConfigError, match=r"cache\.max_memory_mb: Input should be greater than or equal to 0 \(got -5\)$"):
+    expected = r"cache\.max_memory_mb: Input should be greater than or equal to 0 \(got -5\)$"
+    with pytest.raises(ConfigError, match=expected):
         load_study(write_study(tmp_path / "bad.yaml", tree))
 
 

@@ -113,7 +113,8 @@ def test_image_files_scans_folders_like_training(tmp_path):
 def test_image_files_names_bad_paths(tmp_path):
     with pytest.raises(DataError) as info:
         P.image_files([tmp_path / "missing.png"])
-    assert str(info.value) == f"{tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images"
+    assert str(info.value) == (
+        f"{tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(DataError) as info:

@@ -61,7 +61,7 @@ def test_probe_head_reproduces_sklearn_and_changes_nothing_else(tmp_path, arch, 
     assert y_train.tolist() == [y for _, y in splits.train]
     fitted, folds = P.fit_logistic(x_train, y_train, k, seed=0)
     assert folds == 5 and result.cv_folds == 5
-    assert result.C == float(fitted[-1].C_) and result.C in P.PROBE_CS
+    assert float(fitted[-1].C_) == result.C and result.C in P.PROBE_CS
     images = torch.stack([TX.eval_transform(PP)(IMG.load_rgb(splits.root / rel)) for rel, _ in splits.val])
     with torch.inference_mode():
         probs = model.eval()(images).softmax(1).numpy()

@@ -322,7 +322,7 @@ def test_forward_maps_the_loaders_batches_while_model_keeps_modes_and_state():
             optimizer=make_optimizer([p for p in model.parameters() if p.requires_grad], "sgd", 0.1))
     b = fit(twin, train, val, epochs=2,
             optimizer=make_optimizer([p for p in twin.parameters() if p.requires_grad], "sgd", 0.1))
-    for x, y in zip(a.history, b.history):
+    for x, y in zip(a.history, b.history, strict=True):
         assert x.train_loss == pytest.approx(y.train_loss, rel=1e-5)
         assert x.val_loss == pytest.approx(y.val_loss, rel=1e-5)
         assert (x.train_accuracy, x.val_accuracy) == (y.train_accuracy, y.val_accuracy)
