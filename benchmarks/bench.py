@@ -219,16 +219,16 @@ def part_usual(args) -> dict:
     from torch import nn, optim
 
     from benchmarks import bare
-    from pipeline import data as D
     from pipeline import model as M
     from pipeline import stores
+    from pipeline import transforms as TX
     from pipeline.train import pick_device
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params = json.loads(Path(args.params).read_text())
     start = time.perf_counter()
     device = pick_device("auto")
-    pp = D.Preprocess(round(S["image_size"] / 0.875), S["image_size"], (0.5,) * 3, (0.5,) * 3)
+    pp = TX.Preprocess(round(S["image_size"] / 0.875), S["image_size"], (0.5,) * 3, (0.5,) * 3)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=S["seed"]),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
     for p in params:
@@ -239,7 +239,7 @@ def part_usual(args) -> dict:
         momentum = trial.suggest_float("momentum", 0.5, 0.99)
         depth = trial.suggest_int("freeze_depth", 0, 8)
         aug = trial.suggest_float("aug_strength", 0.0, 1.0)
-        tf = {"train": D.train_transform(pp, aug), "val": D.eval_transform(pp)}
+        tf = {"train": TX.train_transform(pp, aug), "val": TX.eval_transform(pp)}
         dataloaders, sizes = bare.loaders(args.data_slice, tf, S["batch_size"], S["num_workers"])
         torch.manual_seed(S["seed"] + trial.number)
         model = bare.efficientnet(args.weights).to(device)
@@ -316,8 +316,10 @@ def machine() -> dict:
 
     from pipeline.machine import cpu_cores
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
     return {"cpu_model": model, "cores_usable": cpu_cores(), "cpu_count": os.cpu_count(),
             "torch_threads": min(torch.get_num_threads(), cpu_cores()), "ram_bytes": psutil.virtual_memory().total,
             "load_average_1m_at_start": os.getloadavg()[0], "torch": torch.__version__,

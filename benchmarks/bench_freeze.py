@@ -19,6 +19,8 @@ import torch
 
 from pipeline import data as D
 from pipeline import model as M
+from pipeline import transforms as TX
+from pipeline import weights as W
 from pipeline.config import PreprocessConfig
 from pipeline.train import make_optimizer, train_one_epoch
 
@@ -38,11 +40,11 @@ def main() -> None:
 
     splits = D.build_splits(DATA)
     samples = splits.train[:: max(1, len(splits.train) // args.images)][: args.images]
-    spec = M.resolve_weights(args.arch, args.weights)
-    state = M.pretrained_state(spec)
+    spec = W.resolve_weights(args.arch, args.weights)
+    state = W.pretrained_state(spec)
     model, _ = M.build_model(spec, 2, state)
-    pp = M.resolve_preprocess(M.weights_preprocess(spec, model), args.image_size, PreprocessConfig())
-    loader = D.make_loader(splits.root, samples, D.train_transform(pp, 1.0), 32, 2, shuffle=True)
+    pp = W.resolve_preprocess(W.weights_preprocess(spec, model), args.image_size, PreprocessConfig())
+    loader = D.make_loader(splits.root, samples, TX.train_transform(pp, 1.0), 32, 2, shuffle=True)
 
     start = time.perf_counter()
     for _ in loader:

@@ -22,6 +22,7 @@ import torch
 from pipeline import data as D
 from pipeline import model as M
 from pipeline import probe as P
+from pipeline import transforms as TX
 from pipeline.config import load_study
 from pipeline.preflight import prepare
 from pipeline.train import evaluate
@@ -41,7 +42,7 @@ def main() -> None:
     train, val = P.probe_loaders(prep.splits, prep.preprocess, d.batch_size, 0)
     result = P.fit_linear_probe(model, train, val, device, args.seed, num_classes=k)
     start = time.perf_counter()
-    test = D.make_loader(prep.splits.root, prep.splits.test, D.eval_transform(prep.preprocess), d.batch_size, 0,
+    test = D.make_loader(prep.splits.root, prep.splits.test, TX.eval_transform(prep.preprocess), d.batch_size, 0,
                          shuffle=False)
     criterion = torch.nn.CrossEntropyLoss()
     on_val, on_test = evaluate(model, val, criterion, device), evaluate(model, test, criterion, device)

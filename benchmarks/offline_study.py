@@ -32,13 +32,14 @@ def test_accuracy(cfg, prep, checkpoint: Path) -> float:
 
     from pipeline import data as D
     from pipeline import model as M
+    from pipeline import transforms as TX
     from pipeline.checkpoints import TrialCheckpoint
     from pipeline.train import evaluate, pick_device
 
     saved = TrialCheckpoint.load(checkpoint)
     model, _ = M.build_model(prep.spec, len(prep.splits.class_to_idx), prep.state)
     model.load_state_dict(saved.state_dict)
-    loader = D.make_loader(prep.splits.root, prep.splits.test, D.eval_transform(prep.preprocess),
+    loader = D.make_loader(prep.splits.root, prep.splits.test, TX.eval_transform(prep.preprocess),
                            cfg.data.batch_size, 0, shuffle=False)
     return evaluate(model, loader, torch.nn.CrossEntropyLoss(), pick_device(cfg.training.device)).accuracy
 

@@ -230,9 +230,10 @@ def predict(
 def check_weights(study_file: StudyFile, set_: SetOpt = None) -> None:
     """Exit 0 when the study's pretrained weights are cached or downloadable, else say why."""
     from pipeline import model as M
+    from pipeline import weights as W
 
     cfg = _load(study_file, set_)
-    spec = M.resolve_weights(cfg.model.arch, cfg.model.weights)
+    spec = W.resolve_weights(cfg.model.arch, cfg.model.weights)
     M.build_model(spec, 2)
     out.print(f"{spec.origin()} for {cfg.model.arch}: available")
 

@@ -46,7 +46,9 @@ class TestFigures:
         return text
 
 
-def accuracy_interval(correct: int, total: int, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+def accuracy_interval(
+    correct: int, total: int, confidence: float = 0.95, method: str = "wilson"
+) -> tuple[float, float]:
     """(low, high) bounds of the accuracy `correct / total` at `confidence`, fractions in [0, 1].
 
     Raises:

@@ -21,78 +21,36 @@ Checked before anything runs, so a bad file never leaves a stored study or a fai
 from __future__ import annotations
 
 import difflib
-import math
-import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
-    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
-from pipeline.errors import ConfigError, first_line
+from pipeline.errors import ConfigError
 from pipeline.rules import alias_problem, check_arch, has_batch_norm, model_name_problem
+from pipeline.schema import Bool, Float, Frozen, Int, Str, fail
+from pipeline.space import (
+    TUNABLE,
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    Param,
+    PrunerConfig,
+    SamplerConfig,
+    reachable_high,
+)
 from pipeline.studyfile import Words, apply_override, describe, parse, where
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
-# Search-space names -> where the sampled value lands in the study tree.
-TUNABLE: dict[str, tuple[str, str]] = {
-    "lr": ("training", "lr"),
-    "momentum": ("training", "momentum"),
-    "weight_decay": ("training", "weight_decay"),
-    "nesterov": ("training", "nesterov"),
-    "label_smoothing": ("training", "label_smoothing"),
-    "freeze_depth": ("training", "freeze_depth"),
-    "aug_strength": ("training", "aug_strength"),
-    "epochs": ("training", "epochs"),
-    "optimizer": ("training", "optimizer"),
-    "step_size": ("training.scheduler", "step_size"),
-    "gamma": ("training.scheduler", "gamma"),
-    "batch_size": ("data", "batch_size"),
-}
-
-
-# Strict scalars: pydantic's lax mode reads `true` as 1 and `1` as True; a study file means what it says.
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]  # still takes whole numbers (lr: 1)
-Str = Annotated[str, Strict()]
-Bool = Annotated[bool, Strict()]
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _fail(at: str, message: str) -> PydanticCustomError:
-    """A validation error placed at the dotted sub-path `at` below the model being validated
-    (pydantic puts model-level errors on the model itself; `_describe` appends `at`)."""
-    return PydanticCustomError("sweep", "{message}", {"message": message, "at": at})
-
-
-class SamplerConfig(_Frozen):
-    type: Literal["tpe", "random", "grid", "cmaes", "qmc"] = "tpe"
-    seed: Int | None = 0
-
-
-class PrunerConfig(_Frozen):
-    type: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
-    n_startup_trials: Int = Field(2, ge=0)
-    n_warmup_steps: Int = Field(1, ge=0)
-    percentile: Float = Field(25.0, gt=0, lt=100)
-
-
-class StudySection(_Frozen):
+class StudySection(Frozen):
     name: Str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
@@ -109,12 +67,12 @@ class StudySection(_Frozen):
     @model_validator(mode="after")
     def _direction_fits_metric(self) -> StudySection:
         if METRICS[self.metric] != self.direction:
-            raise _fail("direction", f"'{self.direction}' does not fit metric '{self.metric}' "
+            raise fail("direction", f"'{self.direction}' does not fit metric '{self.metric}' "
                                      f"(use direction: {METRICS[self.metric]})")
         return self
 
 
-class DataSection(_Frozen):
+class DataSection(Frozen):
     root: Path
     train: Str = "train"
     val: Str = "val"
@@ -127,7 +85,7 @@ class DataSection(_Frozen):
     bad_images: Literal["stop", "skip"] = "stop"
 
 
-class PreprocessConfig(_Frozen):
+class PreprocessConfig(Frozen):
     """Eval preprocessing; each null field falls back to the weights' own metadata."""
 
     resize: Int | None = Field(None, ge=16)
@@ -137,7 +95,7 @@ class PreprocessConfig(_Frozen):
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
 
 
-class ModelSection(_Frozen):
+class ModelSection(Frozen):
     arch: Str
     weights: Str = "DEFAULT"
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -149,13 +107,13 @@ class ModelSection(_Frozen):
         return arch
 
 
-class SchedulerConfig(_Frozen):
+class SchedulerConfig(Frozen):
     type: Literal["step", "cosine", "none"] = "step"
     step_size: Int = Field(7, ge=1, description="epochs")
     gamma: Float = Field(0.1, gt=0, le=1)
 
 
-class TrainingSection(_Frozen):
+class TrainingSection(Frozen):
     epochs: Int = Field(8, ge=1)
     optimizer: Literal["sgd", "adamw", "adam"] = "sgd"
     lr: Float = Field(1e-3, gt=0)
@@ -171,101 +129,13 @@ class TrainingSection(_Frozen):
     channels_last: Bool = False
 
 
-class FloatParam(_Frozen):
-    type: Literal["float"]
-    low: Float
-    high: Float
-    log: Bool = False
-    step: Float | None = Field(None, gt=0)
 
-    def distribution(self):
-        """The `optuna.distributions.FloatDistribution` that `trial.suggest_float` builds."""
-        from optuna.distributions import FloatDistribution
-
-        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
-
-    @model_validator(mode="after")
-    def _range(self) -> FloatParam:
-        _check_range(self.low, self.high, self.log)
-        if self.log and self.step is not None:
-            raise _fail("step", "step cannot be combined with log: true")
-        _optuna_accepts(self)
-        return self
-
-
-class IntParam(_Frozen):
-    type: Literal["int"]
-    low: Int
-    high: Int
-    log: Bool = False
-    step: Int = Field(1, ge=1)
-
-    def distribution(self):
-        """The `optuna.distributions.IntDistribution` that `trial.suggest_int` builds."""
-        from optuna.distributions import IntDistribution
-
-        return IntDistribution(self.low, self.high, log=self.log, step=self.step)
-
-    @model_validator(mode="after")
-    def _range(self) -> IntParam:
-        _check_range(self.low, self.high, self.log)
-        _optuna_accepts(self)
-        return self
-
-
-class CategoricalParam(_Frozen):
-    type: Literal["categorical"]
-    choices: tuple[str | int | float | bool, ...] = Field(min_length=1)
-
-    def distribution(self):
-        """The `optuna.distributions.CategoricalDistribution` of `trial.suggest_categorical`."""
-        from optuna.distributions import CategoricalDistribution
-
-        return CategoricalDistribution(self.choices)
-
-    @model_validator(mode="after")
-    def _optuna(self) -> CategoricalParam:
-        _optuna_accepts(self)
-        return self
-
-
-Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
-
-
-def _optuna_accepts(p: FloatParam | IntParam | CategoricalParam) -> None:
-    """Build the Optuna distribution now, so a range Optuna refuses (an int `log: true` with a step)
-    fails here and not inside the sampler in every trial."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a high off the step grid: Optuna rounds it down (_reachable_high)
-        try:
-            p.distribution()
-        except ValueError as err:
-            raise _fail("", f"Optuna cannot sample this distribution: {first_line(err)}") from None
-
-
-def _check_range(low: float, high: float, log: bool) -> None:
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise _fail("", f"low and high must be finite numbers (got low={low}, high={high})")
-    if low > high:
-        raise _fail("low", f"{low} is greater than high ({high}); swap them")
-    if log and low <= 0:
-        raise _fail("low", f"a log range must be > 0, but low is {low}; raise low or set log: false")
-
-
-def _reachable_high(p: FloatParam | IntParam) -> float:
-    """The largest value the sampler can return (Optuna rounds `high` down onto the step grid)."""
-    if p.step is None or p.log:
-        return p.high
-    n = math.floor((p.high - p.low) / p.step + 1e-9)
-    return type(p.high)(p.low + n * p.step) if isinstance(p, IntParam) else round(p.low + n * p.step, 12)
-
-
-class TrackingSection(_Frozen):
+class TrackingSection(Frozen):
     uri: Str | None = None
     experiment: Str | None = Field(None, description="MLflow experiment; null = study name")
 
 
-class RegistrySection(_Frozen):
+class RegistrySection(Frozen):
     model_name: Str = "sweep-classifier"
     alias: Str = "champion"
     keep_top_k: Int = Field(1, ge=0, description="trial checkpoints kept after the report")
@@ -288,7 +158,7 @@ class RegistrySection(_Frozen):
         return alias
 
 
-class CacheSection(_Frozen):
+class CacheSection(Frozen):
     """Work a sweep does once instead of in every epoch of every trial (pipeline/imagecache.py,
     pipeline/features.py); each switch only changes speed, never the metrics beyond float rounding."""
 
@@ -299,7 +169,7 @@ class CacheSection(_Frozen):
         None, ge=0, description="MiB of RAM for both caches together; null = a quarter of the machine's")
 
 
-class StudyConfig(_Frozen):
+class StudyConfig(Frozen):
     """The whole study file. Sections mirror the YAML top-level keys."""
 
     study: StudySection
@@ -329,7 +199,7 @@ class StudyConfig(_Frozen):
         if unknown:
             close = difflib.get_close_matches(unknown[0], TUNABLE, n=1)
             hint = f"; did you mean {close[0]}?" if close and len(unknown) == 1 else ""
-            raise _fail(
+            raise fail(
                 unknown[0] if len(unknown) == 1 else "",
                 f"unknown search-space parameter{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(repr(n) for n in unknown)} (tunable: {', '.join(sorted(TUNABLE))}){hint}",
@@ -341,7 +211,7 @@ class StudyConfig(_Frozen):
         if self.study.sampler.type == "grid":
             for name, p in self.search_space.items():
                 if isinstance(p, FloatParam) and p.step is None:
-                    raise _fail(
+                    raise fail(
                         f"search_space.{name}.step",
                         "the grid sampler (study.sampler.type: grid) needs a step on float "
                         "parameters; add step or use another sampler",
@@ -361,7 +231,7 @@ class StudyConfig(_Frozen):
         else:
             at = "data.batch_size" if self.data.batch_size == 1 else None
         if at and has_batch_norm(self.model.arch):
-            raise _fail(at, f"a train batch of 1 image cannot train {self.model.arch}: its BatchNorm "
+            raise fail(at, f"a train batch of 1 image cannot train {self.model.arch}: its BatchNorm "
                             "layers need at least 2 images per batch; use 2 or more")
         return self
 
@@ -377,19 +247,19 @@ class StudyConfig(_Frozen):
             target = f"{section}.{key}"
             annotation = type(node).model_fields[key].annotation
             if isinstance(p, FloatParam) and annotation is int:
-                raise _fail(f"search_space.{name}.type",
+                raise fail(f"search_space.{name}.type",
                             f"{target} takes whole numbers; use type: int")
             if isinstance(p, CategoricalParam):
                 values = [("choices", v) for v in p.choices]
             else:
-                values = [("low", p.low), ("high", _reachable_high(p))]
+                values = [("low", p.low), ("high", reachable_high(p))]
             for at, value in values:
                 try:
                     type(node).model_validate({**node.model_dump(), key: value})
                 except ValidationError as err:
                     why = next((e["msg"] for e in err.errors() if e["loc"][:1] == (key,)),
                                err.errors()[0]["msg"])
-                    raise _fail(f"search_space.{name}.{at}",
+                    raise fail(f"search_space.{name}.{at}",
                                 f"{value!r} is not a valid {target}: {why}") from None
         return self
 
@@ -463,7 +333,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
     model: Any = StudyConfig
     parts = list(loc)
     if parts[:1] == ["search_space"]:
-        tags = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
+        tags: dict[str, type[Frozen]] = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
         return list(tags[parts[2]].model_fields) if len(parts) == 3 and parts[2] in tags else []
     for part in parts:
         fields = getattr(model, "model_fields", {})

@@ -21,6 +21,8 @@ from torch import nn
 from pipeline import data as D
 from pipeline import model as M
 from pipeline import train as TR
+from pipeline import transforms as TX
+from pipeline import weights as W
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
@@ -94,16 +96,16 @@ def evaluation_key(trial_number: int, sha256: str) -> str:
     return f"{TEST_ATTR}:{trial_number}:{sha256}"
 
 
-def eval_preprocess(checkpoint: TrialCheckpoint) -> D.Preprocess:
+def eval_preprocess(checkpoint: TrialCheckpoint) -> TX.Preprocess:
     """The eval transform's settings recorded in the checkpoint (lists back to tuples)."""
     pp = checkpoint.preprocess
-    return D.Preprocess(**{**pp, "mean": tuple(pp["mean"]), "std": tuple(pp["std"])})
+    return TX.Preprocess(**{**pp, "mean": tuple(pp["mean"]), "std": tuple(pp["std"])})
 
 
 def rebuild(checkpoint: TrialCheckpoint) -> nn.Module:
     """The checkpoint's classifier (arch + best-epoch weights, no pretrained download), in eval
     mode on the CPU; it maps float32 `(N, 3, crop, crop)` images to `(N, num_classes)` logits."""
-    net, _ = M.build_model(M.WeightsSpec(checkpoint.arch, "none", "none"), len(checkpoint.class_to_idx))
+    net, _ = M.build_model(W.WeightsSpec(checkpoint.arch, "none", "none"), len(checkpoint.class_to_idx))
     net.load_state_dict(checkpoint.state_dict)
     return net.eval()
 
@@ -138,7 +140,7 @@ def evaluate_on_test(cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str)
     loader = D.make_loader(
         splits.root,
         splits.test,
-        D.eval_transform(eval_preprocess(checkpoint)),
+        TX.eval_transform(eval_preprocess(checkpoint)),
         cfg.data.batch_size,
         cfg.data.num_workers,
         shuffle=False,

@@ -19,17 +19,19 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.imagecache import MemoryBudget, notice
+from pipeline.data import ImageList
+from pipeline.imagecache import CachedImageList, MemoryBudget, notice
 from pipeline.prefix import Split
 from pipeline.train import autocast
 
 
-def digest(modules, extra: object = ()) -> str:
+def digest(modules: Iterable[nn.Module], extra: object = ()) -> str:
     """Hex digest of the modules' parameters and buffers (values, shapes, dtypes) plus `extra`."""
     h = hashlib.blake2b(repr(extra).encode(), digest_size=20)
     for module in modules:
@@ -109,7 +111,7 @@ def clear() -> None:
     _STORES.clear()
 
 
-def compute(cut: Split, images: Dataset, batch_size: int, device: torch.device,
+def compute(cut: Split, images: ImageList | CachedImageList, batch_size: int, device: torch.device,
             amp: bool = False) -> torch.Tensor:
     """Run the prefix over every item of `images` (eval-transformed `(3, H, W)` float32, in order).
 
@@ -121,7 +123,7 @@ def compute(cut: Split, images: Dataset, batch_size: int, device: torch.device,
     # Called lazily, possibly inside `evaluate`'s inference mode: these must be normal tensors
     # so that a trainable first suffix layer can save them for backward.
     with torch.inference_mode(False), torch.no_grad():
-        size = len(images)  # type: ignore[arg-type]  # map-style datasets define __len__
+        size = len(images)  # type: ignore[arg-type,unused-ignore]  # map-style datasets define __len__
         out = torch.empty((size, *cut.feature_shape), dtype=torch.float32)
         for batch, _ in loader:
             with autocast(device, amp):
@@ -151,15 +153,17 @@ class FeatureList(Dataset):
         return self.store.get(self.key, self.compute_fn)[i], int(self.labels[i])
 
 
-def _batch(items):
+def _batch(items: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return items  # `__getitems__` already returns the stacked batch
 
 
 def feature_loader(dataset: FeatureList, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """Batches in exactly the order `data.loader` gives the image dataset with the same
     `batch_size`, `shuffle` and `seed` (same sampler, same seeded generator)."""
+    # torch types collate_fn as taking a list of samples; with `__getitems__` it gets the batch.
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0,
-                      generator=torch.Generator().manual_seed(seed), collate_fn=_batch)
+                      generator=torch.Generator().manual_seed(seed),
+                      collate_fn=_batch)  # type: ignore[arg-type]
 
 
 def nbytes(cut: Split, n: int) -> int:

@@ -27,6 +27,7 @@ from pipeline import features as F
 from pipeline import imagecache
 from pipeline import model as M
 from pipeline import prefix as P
+from pipeline import transforms as TX
 from pipeline.config import StudyConfig
 from pipeline.machine import cache_limit_bytes, configure_threads, loader_workers
 from pipeline.preflight import Prepared
@@ -76,13 +77,13 @@ def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Mod
     memory = imagecache.budget(cache_limit_bytes(c.max_memory_mb))
     images = imagecache.shared(splits.root, pp, memory) if c.decoded_images else None
 
-    def image_set(samples: list[D.Sample], train: bool):
+    def image_set(samples: list[D.Sample], train: bool) -> D.ImageList | imagecache.CachedImageList:
         if images is not None:
             if train and t.aug_strength > 0:
                 sources = imagecache.shared(splits.root, pp, memory, for_training=True)
-                return imagecache.CachedImageList(sources, samples, D.cached_train_transform(pp, t.aug_strength))
-            return imagecache.CachedImageList(images, samples, D.cached_eval_transform(pp))
-        transform = D.train_transform(pp, t.aug_strength) if train else D.eval_transform(pp)
+                return imagecache.CachedImageList(sources, samples, TX.cached_train_transform(pp, t.aug_strength))
+            return imagecache.CachedImageList(images, samples, TX.cached_eval_transform(pp))
+        transform = TX.train_transform(pp, t.aug_strength) if train else TX.eval_transform(pp)
         return D.ImageList(splits.root, samples, transform)
 
     cut = None
@@ -115,7 +116,7 @@ def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Mod
         inputs.held.append(key)
         source = image_set(samples, train=False)  # aug 0: the train transform is the eval one
 
-        def compute(source=source) -> torch.Tensor:
+        def compute(source: D.ImageList | imagecache.CachedImageList = source) -> torch.Tensor:
             return F.compute(cut, source, d.batch_size, device, t.amp)
 
         dataset = F.FeatureList(inputs.store, key, [y for _, y in samples], compute)

@@ -7,7 +7,9 @@ import numpy as np
 from optuna.trial import FrozenTrial
 
 from pipeline import data as D
+from pipeline import imagefiles as IMG
 from pipeline import registry
+from pipeline import transforms as TX
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError, first_line
@@ -133,10 +135,10 @@ def input_example(cfg: StudyConfig, checkpoint: TrialCheckpoint) -> np.ndarray:
     d = cfg.data
     size = 2 if cfg.registry.serialization_format == "pt2" else 1
     splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)
-    transform = D.eval_transform(eval_preprocess(checkpoint))
+    transform = TX.eval_transform(eval_preprocess(checkpoint))
     for rel, _ in splits.val:
         path = splits.root / rel
-        if D.check_image(path) is None:  # an unreadable val image (bad_images: skip): take the next one
-            example = transform(D.load_rgb(path)).numpy()[None].astype(np.float32)
+        if IMG.check_image(path) is None:  # an unreadable val image (bad_images: skip): take the next one
+            example = transform(IMG.load_rgb(path)).numpy()[None].astype(np.float32)
             return example.repeat(size, axis=0)
     raise RegistryError(f"{d.root / d.val}: no readable val image for the model's input example")

@@ -1,11 +1,11 @@
 """Decoded images, once per study: each file is decoded (and resized) once, not every epoch.
 
 What is cached, as uint8 `(3, H, W)` tensors, per use:
-- eval inputs (val, and train at aug_strength 0): `data.load_rgb(file)` resized by
-  `data.working_size(preprocess)` (short side `preprocess.resize` px, aspect kept, PIL
+- eval inputs (val, and train at aug_strength 0): `imagefiles.load_rgb(file)` resized by
+  `transforms.working_size(preprocess)` (short side `preprocess.resize` px, aspect kept, PIL
   antialiased). Eval transforms then only centre-crop and normalise it: bit-identical to
   decoding on the fly.
-- augmentation sources (train at aug_strength > 0): `data.load_rgb(file)` at the file's own
+- augmentation sources (train at aug_strength > 0): `imagefiles.load_rgb(file)` at the file's own
   resolution, its short side only brought down to `SOURCE_SIDE x crop` when larger (PIL
   antialiased). Random crops are then taken from the same pixels as on the fly: even the
   smallest RandomResizedCrop box (8 % of the area, 0.28 of the short side) keeps at least the
@@ -41,6 +41,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline import data as D
+from pipeline import imagefiles as IMG
+from pipeline import transforms as TX
 from pipeline.errors import DataError
 
 FORMAT_VERSION = 1  # bump when load_rgb or the resizes change what an entry holds
@@ -102,12 +104,12 @@ class DecodedImages:
     `file_hits` (entries read from the folder). Returned tensors are shared: do not modify them.
     """
 
-    def __init__(self, root: Path, pp: D.Preprocess, budget: MemoryBudget, folder: Path | None,
+    def __init__(self, root: Path, pp: TX.Preprocess, budget: MemoryBudget, folder: Path | None,
                  for_training: bool = False):
         self.root, self.pp, self.budget = Path(root).resolve(), pp, budget
         self.folder = self._usable(folder)
         self.for_training = for_training
-        self._resize = D.working_size(pp)
+        self._resize = TX.working_size(pp)
         self._memory: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         self.decoded = self.memory_hits = self.file_hits = 0
 
@@ -162,7 +164,7 @@ class DecodedImages:
 
     def _decode(self, path: Path) -> torch.Tensor:
         try:
-            image = D.load_rgb(path)
+            image = IMG.load_rgb(path)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: cannot be decoded mid-training ({err})") from None
         self.decoded += 1
@@ -212,7 +214,7 @@ class DecodedImages:
 _CACHES: dict[tuple, DecodedImages] = {}
 
 
-def shared(root: Path, pp: D.Preprocess, memory: MemoryBudget, folder: Path | None = None,
+def shared(root: Path, pp: TX.Preprocess, memory: MemoryBudget, folder: Path | None = None,
            for_training: bool = False) -> DecodedImages:
     """The process-wide cache of `root` for `pp` (eval inputs, or augmentation sources when
     `for_training`), so every trial reuses it.
@@ -250,11 +252,11 @@ def clear() -> None:
 class CachedImageList(Dataset):
     """(image, label) pairs like `data.ImageList`, images taken from a `DecodedImages` cache.
 
-    `transform` gets the cached uint8 `(3, H, W)` tensor: use `data.cached_eval_transform` or
-    `data.cached_train_transform`.
+    `transform` gets the cached uint8 `(3, H, W)` tensor: use `transforms.cached_eval_transform` or
+    `transforms.cached_train_transform`.
     """
 
-    def __init__(self, images: DecodedImages, samples: list[D.Sample], transform):
+    def __init__(self, images: DecodedImages, samples: list[D.Sample], transform: TX.Transform) -> None:
         self.images, self.samples, self.transform = images, samples, transform
 
     def __len__(self) -> int:

@@ -19,9 +19,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from pipeline.config import FloatParam, IntParam, StudyConfig
+from pipeline.config import StudyConfig
 from pipeline.errors import first_line
 from pipeline.evaluation import TestEvaluation
+from pipeline.space import FloatParam, IntParam
 
 MAIN_PARAMS = ("lr", "momentum", "freeze_depth", "aug_strength")
 STATE_STYLE: dict[str, dict[str, Any]] = {

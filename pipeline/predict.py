@@ -1,10 +1,10 @@
 """`sweep predict`: load a registered model and predict the class of image files.
 
-Every input gets the checks training gives it (`pipeline.data`):
+Every input gets the checks training gives it (`pipeline.imagefiles`):
 - Folders are expanded with the training scan's rules (`data.list_images`): files with an
   extension Pillow opens as an image are read; the other files, and hidden ones, are counted by
   extension in one warning per folder. A file named on the command line is always tried.
-- Every file is fully decoded once by `data.decode_image`, with the pre-flight scan's reasons
+- Every file is fully decoded once by `imagefiles.decode_image`, with the pre-flight scan's reasons
   ("empty file", "not an image file", "cannot be decoded (...)", Pillow's decompression-bomb
   limit included), so a file gets the same one-line message here as in training. A file whose
   content is another format than its extension says is used, with one warning; warnings Pillow
@@ -34,21 +34,26 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import data as D
+from pipeline import imagefiles as IMG
+from pipeline import transforms as TX
 from pipeline.errors import DataError, RegistryError, first_line
+
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
+    from rich.table import Table
 
 Warn = Callable[[str], None]
 
 
 def _stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def display_name(path: str | Path) -> str:
@@ -100,13 +105,13 @@ def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            listing = D.list_images(path)
+            listing = IMG.list_images(path)
             if not listing.images:
-                held = f" (only other files: {D.ignored_kinds(listing.ignored, path)})" if listing.ignored else ""
+                held = f" (only other files: {IMG.ignored_kinds(listing.ignored, path)})" if listing.ignored else ""
                 raise DataError(f"{display_name(path)}: no image files in this folder{held}; give image "
                                 "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them")
             if listing.ignored:
-                warn(D.ignored_files_message(path, listing.ignored))
+                warn(IMG.ignored_files_message(path, listing.ignored))
             files += listing.images
         elif path.is_file():
             files.append(path)
@@ -115,7 +120,9 @@ def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path]:
     return files
 
 
-def load_model(model_uri: str, tracking: str, registry: str | None = None):
+def load_model(
+    model_uri: str, tracking: str, registry: str | None = None
+) -> tuple[PyFuncModel, dict[str, Any]]:
     """Load a registered model with the pyfunc flavour.
 
     Args:
@@ -156,15 +163,15 @@ def load_model(model_uri: str, tracking: str, registry: str | None = None):
     return model, meta
 
 
-def eval_transform(preprocess: dict[str, Any]):
+def eval_transform(preprocess: dict[str, Any]) -> TX.Transform:
     """The study's eval transform from a registered model's `preprocess` metadata."""
-    pp = D.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
+    pp = TX.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
                       tuple(preprocess["std"]), preprocess.get("interpolation", "bilinear"))
-    return D.eval_transform(pp)
+    return TX.eval_transform(pp)
 
 
 def preprocess_images(files: list[Path], preprocess: dict[str, Any]) -> np.ndarray:
-    """Decode (`data.decode_image`) and eval-transform images exactly as the study's val/test images.
+    """Decode (`imagefiles.decode_image`) and eval-transform images exactly as the study's val/test images.
 
     Returns:
         float32 array `(len(files), 3, crop, crop)`.
@@ -175,7 +182,7 @@ def preprocess_images(files: list[Path], preprocess: dict[str, Any]) -> np.ndarr
     transform = eval_transform(preprocess)
     arrays, bad = [], []
     for path in files:
-        image, check = D.decode_image(path)
+        image, check = IMG.decode_image(path)
         if image is None:
             bad.append(f"{display_name(path)}: {check.reason}")
         else:
@@ -218,23 +225,24 @@ def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None
         tracking_uri = registry  # never create an empty tracking store: the registry's holds the runs
     model, meta = load_model(model_uri, tracking_uri, registry)
     classes, transform = list(meta["classes"]), eval_transform(meta["preprocess"])
-    found = D.Findings()
+    found = IMG.Findings()
     predictions: list[Prediction] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         arrays, rows = [], []
         for path in chunk:
-            image, check = D.decode_image(path)
+            image, check = IMG.decode_image(path)
             found.add(display_name(path), check, path.suffix)
             rows.append(Prediction(os.fsdecode(path), None, None, {}, check.reason))
             if image is not None:
                 arrays.append(transform(image).numpy())
-        probs = iter(np.asarray(model.predict(np.stack(arrays).astype(np.float32))) if arrays else [])
+        batch = np.stack(arrays).astype(np.float32) if arrays else None
+        probs: Iterator[np.ndarray] = iter(np.asarray(model.predict(batch)) if batch is not None else [])
         for row in rows:
             if row.error is None:
                 p = next(probs)
                 row = Prediction(row.file, classes[int(p.argmax())], float(p.max()),
-                                 {c: float(v) for c, v in zip(classes, p)})
+                                 {c: float(v) for c, v in zip(classes, p, strict=True)})
             predictions.append(row)
     for message in found.messages("predict"):
         warn(message)
@@ -253,7 +261,7 @@ def _named(bad: list[tuple[str, str]], shown: int = 5) -> str:
     return "; ".join(f"{name}: {why}" for name, why in bad[:shown]) + more
 
 
-def render_predictions(predictions: list[Prediction], as_json: bool = False):
+def render_predictions(predictions: list[Prediction], as_json: bool = False) -> str | Table:
     """JSON lines (one object per file) or a rich table: file, label, probability (or why skipped)."""
     if as_json:
         return "\n".join(p.to_json() for p in predictions)

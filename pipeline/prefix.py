@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline import model as M
+from pipeline import weights as W
 
 # Parameter-free modules whose result does not depend on train/eval mode.
 _FIXED = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d,
@@ -83,7 +84,7 @@ class Split:
 
 def steps(model: nn.Module, arch: str) -> list[Callable] | None:
     """The forward of `model` as an ordered list of steps, or None for an unknown family."""
-    if arch.startswith(M.TIMM_PREFIX):
+    if arch.startswith(W.TIMM_PREFIX):
         return _timm_steps(model, arch)
     part = model.get_submodule
     if arch.startswith(_RESNETS):
@@ -112,7 +113,7 @@ def _timm_steps(model: nn.Module, arch: str) -> list[Callable] | None:
     return [*out, head]
 
 
-def _tensors(step) -> list[torch.Tensor]:
+def _tensors(step: object) -> list[torch.Tensor]:
     if not isinstance(step, nn.Module):
         return []
     return [*step.parameters(), *step.buffers()]

@@ -15,8 +15,11 @@ import torch
 
 from pipeline import data as D
 from pipeline import model as M
-from pipeline.config import CategoricalParam, IntParam, StudyConfig
+from pipeline import transforms as TX
+from pipeline import weights as W
+from pipeline.config import StudyConfig
 from pipeline.errors import ModelError
+from pipeline.space import CategoricalParam, IntParam
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,11 @@ class Prepared:
     """What pre-flight found, shared read-only by every trial of the run."""
 
     splits: D.Splits
-    spec: M.WeightsSpec
+    spec: W.WeightsSpec
     state: dict[str, torch.Tensor] | None  # pretrained state_dict (torchvision/local), shared by trials
-    preprocess: D.Preprocess
+    preprocess: TX.Preprocess
     stage_names: tuple[str, ...]  # freeze-depth stages of the arch; empty when no depth > 0 is sampled
-    load_report: M.LoadReport
+    load_report: W.LoadReport
 
 
 def prepare(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None,
@@ -52,11 +55,11 @@ def prepare(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None
     if splits.skipped:
         warn(f"data.bad_images: skip: training without {len(splits.skipped)} unreadable image(s): "
              f"{', '.join(splits.skipped)} (listed in splits.json)")
-    spec = M.resolve_weights(cfg.model.arch, cfg.model.weights)
-    state = M.pretrained_state(spec)
+    spec = W.resolve_weights(cfg.model.arch, cfg.model.weights)
+    state = W.pretrained_state(spec)
     model, report = M.build_model(spec, len(splits.class_to_idx), state)
-    base = M.weights_preprocess(spec, model)
-    pp = M.resolve_preprocess(base, d.image_size, cfg.model.preprocess)
+    base = W.weights_preprocess(spec, model)
+    pp = W.resolve_preprocess(base, d.image_size, cfg.model.preprocess)
     deepest = max_freeze_depth(cfg)
     names: tuple[str, ...] = ()
     if deepest > 0:

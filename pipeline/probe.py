@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
     from torch.utils.data import DataLoader
 
-    from pipeline.data import Preprocess, Splits
+    from pipeline.data import Splits
+    from pipeline.transforms import Preprocess
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (B, 3, H, W) float32 images, (B,) int64 labels
 
@@ -88,7 +89,9 @@ def head_module(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, head: nn.Linear, loader: Batches, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    model: nn.Module, head: nn.Linear, loader: Batches, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` over `loader` in eval mode and capture the input of `head`.
 
     Args:
@@ -166,8 +169,8 @@ def head_weights(fitted: Pipeline, num_classes: int) -> tuple[torch.Tensor, torc
     return torch.as_tensor(coef, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
 
 
-def fit_linear_probe(model: nn.Module, train_loader: Batches, val_loader: Batches, device: torch.device, seed: int = 0, *,
-                     num_classes: int) -> ProbeResult:
+def fit_linear_probe(model: nn.Module, train_loader: Batches, val_loader: Batches, device: torch.device,
+                     seed: int = 0, *, num_classes: int) -> ProbeResult:
     """Fit the linear-probe baseline and write it into `model`'s head (in place).
 
     Args:
@@ -217,8 +220,9 @@ def probe_loaders(splits: Splits, preprocess: Preprocess, batch_size: int,
                   num_workers: int) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for the probe: both with the eval transform, unshuffled."""
     from pipeline import data as D
+    from pipeline import transforms as TX
 
-    transform = D.eval_transform(preprocess)
+    transform = TX.eval_transform(preprocess)
     train, val = (D.make_loader(splits.root, samples, transform, batch_size, num_workers, shuffle=False)
                   for samples in (splits.train, splits.val))
     return train, val

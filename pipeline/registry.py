@@ -43,7 +43,9 @@ ARTIFACT_NAME = "model"
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
     from mlflow.tracking import MlflowClient
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Registered:
 
 # ---- export -----------------------------------------------------------------------------------
 
-def export_module(classifier):
+def export_module(classifier: nn.Module) -> nn.Module:
     """Wrap a classifier (logits) so the registered model returns class probabilities.
 
     Only torch classes are added, so unpickling needs no `pipeline` import.
@@ -74,7 +76,7 @@ def export_module(classifier):
     return wrapped.cpu().eval()
 
 
-def signature(crop: int, num_classes: int):
+def signature(crop: int, num_classes: int) -> ModelSignature:
     """float32 `(-1, 3, crop, crop)` in, float32 `(-1, num_classes)` out (-1: any batch size)."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec

@@ -53,7 +53,7 @@ def has_batch_norm(arch: str) -> bool:
     import torch
     from torch import nn
 
-    def build():
+    def build() -> nn.Module:
         if arch.startswith(TIMM_PREFIX):
             import timm
 

@@ -20,8 +20,9 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.config import CategoricalParam, FloatParam, IntParam, StudyConfig
+from pipeline.config import StudyConfig
 from pipeline.errors import ConfigError
+from pipeline.space import CategoricalParam, FloatParam, IntParam
 
 SearchSpace = Mapping[str, FloatParam | IntParam | CategoricalParam]
 GridValue = str | int | float | bool

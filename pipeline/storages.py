@@ -8,7 +8,7 @@ Accepted URLs (`open_storage`):
 | `postgresql://...`, `postgresql+psycopg://...` | `RDBStorage` | many workers, many machines |
 | `mysql://...`, `mysql+pymysql://...` | `RDBStorage` | many workers, many machines |
 | `grpc://HOST:PORT` | `GrpcStorageProxy` | many nodes behind one `sweep storage-proxy` |
-| `journal:///FILE`, or a path ending in `.journal` / `.log` | `JournalStorage(JournalFileBackend)` | several processes on one machine or an NFS mount |
+| `journal:///FILE`, or `*.journal` / `*.log` | `JournalStorage` (file backend) | processes on one machine or NFS |
 
 `journal:///FILE` follows SQLAlchemy's SQLite convention: what follows the third slash is the path, so
 `journal:///runs/x.journal` is relative to the working directory and `journal:////abs/x.journal` is

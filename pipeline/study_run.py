@@ -129,10 +129,15 @@ def failure_message(outcome: StudyOutcome) -> str:
     words = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
     shown = ", ".join(f"{n} {words[s]}" for s, n in counts.items())
     same = same_failure([t for t in trials if t.state == TrialState.FAIL])
-    hint = (f"every failed trial failed with {same}" if same else
-            "see each trial's sweep.fail_reason in MLflow (`make ui`) or `sweep status`, fix the cause and run again")
-    return (f"study '{outcome.study.study_name}' produced no usable result ({shown}; stopped: "
-            f"{outcome.stop_reason}); the MLflow parent run is FAILED; {hint}")
+    hint = (
+        f"every failed trial failed with {same}"
+        if same
+        else "see each trial's sweep.fail_reason in MLflow (`make ui`) or `sweep status`, fix the cause and run again"
+    )
+    return (
+        f"study '{outcome.study.study_name}' produced no usable result ({shown}; stopped: "
+        f"{outcome.stop_reason}); the MLflow parent run is FAILED; {hint}"
+    )
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

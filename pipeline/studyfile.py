@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic_core import ErrorDetails
 
 from pipeline.errors import ConfigError
 
@@ -82,7 +83,7 @@ def _walk(node: yaml.Node, at: tuple[str, ...], words: dict, duplicates: list[st
 
 def where(err: yaml.MarkedYAMLError) -> str:
     """'line L, column C: problem' plus where the unfinished construct started, 1-based."""
-    def at(mark) -> str:
+    def at(mark: yaml.Mark) -> str:
         return f"line {mark.line + 1}, column {mark.column + 1}"
 
     text = f"{at(err.problem_mark)}: {err.problem}" if err.problem_mark else f"unknown position: {err.problem}"
@@ -116,7 +117,7 @@ def apply_override(tree: dict, item: str, path: Path, words: dict[tuple[str, ...
     node[parts[-1]] = value
 
 
-def describe(error: dict, words: Words, allowed_keys: Callable[[tuple], list[str]]) -> str:
+def describe(error: ErrorDetails, words: Words, allowed_keys: Callable[[tuple], list[str]]) -> str:
     """One line for one pydantic error: `key.path: reason (got value)`."""
     raw_loc = list(error["loc"])
     # Drop the union tag pydantic inserts: search_space.lr.float.low -> search_space.lr.low.

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pipeline.model import set_train_mode, trainable_parameters
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainingSection
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images or features, int64 labels)
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar
+Scheduler = torch.optim.lr_scheduler.LRScheduler
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,8 +66,8 @@ class FitResult:
     best_state: dict[str, torch.Tensor]  # CPU copy of the weights at best_epoch
 
 
-def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                   nesterov: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
     """SGD with momentum (the seed recipe), AdamW or Adam, by name."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -71,7 +79,8 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_d
     raise ValueError(f"unknown optimizer {name!r} (allowed: sgd, adamw, adam)")
 
 
-def make_scheduler(optimizer, kind: str, epochs: int, step_size: int = 7, gamma: float = 0.1):
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, step_size: int = 7,
+                   gamma: float = 0.1) -> Scheduler | None:
     """Per-epoch LR schedule: StepLR (the seed's step_size=7, gamma=0.1), cosine, or none."""
     if kind == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
@@ -88,7 +97,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
     """`torch.autocast` for `device`: bfloat16 on the CPU, float16 on CUDA; a no-op unless `amp`."""
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     return torch.autocast(device.type, dtype=dtype, enabled=amp)
@@ -100,8 +109,9 @@ def _to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torc
     return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
 
 
-def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torch.device,
-                    frozen: list[nn.Module] = (), amp: bool = False, channels_last: bool = False,
+def train_one_epoch(model: nn.Module, loader: Batches, criterion: Loss, optimizer: torch.optim.Optimizer,
+                    device: torch.device, frozen: Sequence[nn.Module] = (), amp: bool = False,
+                    channels_last: bool = False,
                     scaler: torch.amp.GradScaler | None = None,
                     forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
     """One pass over `loader` (batches of `(B, 3, H, W)` float32, `(B,)` int64).
@@ -135,13 +145,13 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, device: torc
             loss.backward()
             optimizer.step()
         total_loss += loss.item() * labels.size(0)
-        correct += (logits.argmax(1) == labels).sum().item()
+        correct += int((logits.argmax(1) == labels).sum().item())
         seen += labels.size(0)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, criterion, device: torch.device, amp: bool = False,
+def evaluate(model: nn.Module, loader: Batches, criterion: Loss, device: torch.device, amp: bool = False,
              channels_last: bool = False,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
     """Evaluate in eval mode without autograd; returns loss, accuracy and per-image outputs.
@@ -165,8 +175,9 @@ def evaluate(model: nn.Module, loader, criterion, device: torch.device, amp: boo
     return EvalResult(total_loss / n, (preds == labels).sum().item() / n, labels, preds, probs)
 
 
-def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer, scheduler=None,
-        criterion=None, device: torch.device = torch.device("cpu"), frozen: list[nn.Module] = (),
+def fit(model: nn.Module, train_loader: Batches, val_loader: Batches, *, epochs: int,
+        optimizer: torch.optim.Optimizer, scheduler: Scheduler | None = None, criterion: Loss | None = None,
+        device: torch.device = torch.device("cpu"), frozen: Sequence[nn.Module] = (),
         metric: str = "val_accuracy", amp: bool = False, channels_last: bool = False,
         on_epoch: Callable[[EpochResult], None] | None = None,
         train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -213,7 +224,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer, s
     return FitResult(tuple(history), best_epoch, sign * best_score, best_state)
 
 
-def build_training(model: nn.Module, training, epochs: int | None = None):
+def build_training(model: nn.Module, training: TrainingSection,
+                   epochs: int | None = None) -> tuple[torch.optim.Optimizer, Scheduler | None]:
     """Optimizer over the trainable parameters only (frozen stages excluded) and its scheduler."""
     opt = make_optimizer(trainable_parameters(model), training.optimizer, training.lr,
                          training.momentum, training.weight_decay, training.nesterov)

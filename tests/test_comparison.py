@@ -8,13 +8,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import study_dict
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from pipeline import comparison as C
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
+
+from conftest import study_dict
 
 LR = {"lr": FloatDistribution(0.001, 0.1, log=True)}
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import TUNABLE, FloatParam, IntParam, StudyConfig, load_study
+from pipeline.config import StudyConfig, load_study
 from pipeline.errors import ConfigError
+from pipeline.space import TUNABLE, FloatParam, IntParam
 
 from conftest import REPO, study_dict, write_study
 

@@ -18,11 +18,13 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from pipeline import data as D
+from pipeline import imagefiles as IMG
+from pipeline import transforms as TX
 from pipeline.errors import DataError
 
 from conftest import COLOURS, HYMENOPTERA, make_folder, write_image
 
-PP = D.Preprocess(resize=37, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+PP = TX.Preprocess(resize=37, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
 # ---- class map and folder rules -----------------------------------------------------------------
@@ -49,7 +51,7 @@ def test_hidden_entries_and_plain_files_are_not_classes(tmp_path):
     write_image(root / "train" / "ants" / ".cache" / "y.png", COLOURS["ants"])   # hidden subdir
     (root / "train" / "ants" / "notes.txt").write_text("not an image")
     write_image(root / "train" / "ants" / "more" / "deep.PNG", COLOURS["ants"])  # nested, upper-case
-    with pytest.warns(D.DataWarning) as record:
+    with pytest.warns(IMG.DataWarning) as record:
         splits = D.build_splits(root, test="val")
     assert splits.class_to_idx == {"ants": 0, "bees": 1}
     assert splits.train == [("train/ants/img_0.png", 0), ("train/ants/img_1.png", 0),
@@ -59,7 +61,7 @@ def test_hidden_entries_and_plain_files_are_not_classes(tmp_path):
     assert [str(w.message) for w in record] == [
         (f"{root}: 3 file(s) not used as images (hidden: 2, .txt: 1): train/ants/.cache/y.png, "
         "train/ants/.hidden.png, train/ants/notes.txt; only files whose extension Pillow opens as an "
-        "image are used (.jpg, .jfif, .png, .webp, ... see pipeline.data.IMAGE_EXTENSIONS): rename "
+        "image are used (.jpg, .jfif, .png, .webp, ... see pipeline.imagefiles.IMAGE_EXTENSIONS): rename "
         "image files, move other files out")]
 
 
@@ -72,7 +74,7 @@ def test_every_extension_pillow_opens_is_used_and_the_rest_named_in_one_warning(
     for name in ("notes.txt", "labels.txt", "meta.json", "README"):
         (root / "train" / "bees" / name).write_text("x")
     (root / "val" / "ants" / "clip.mp4").write_bytes(b"\0" * 8)
-    with pytest.warns(D.DataWarning) as record:
+    with pytest.warns(IMG.DataWarning) as record:
         splits = D.build_splits(root, test="val")
     assert len(splits.train) == 20
     assert [s for s in splits.train if s[0].endswith((".jfif", ".JPE"))] == (
@@ -82,15 +84,15 @@ def test_every_extension_pillow_opens_is_used_and_the_rest_named_in_one_warning(
         (f"{root}: 5 file(s) not used as images (.txt: 2, no extension: 1, .json: 1, .mp4: 1): "
         "train/bees/README, train/bees/labels.txt, train/bees/meta.json and 2 more; only files whose "
         "extension Pillow opens as an image are used (.jpg, .jfif, .png, .webp, ... see "
-        "pipeline.data.IMAGE_EXTENSIONS): rename image files, move other files out")]
+        "pipeline.imagefiles.IMAGE_EXTENSIONS): rename image files, move other files out")]
     assert D.scan_images(splits) is splits  # and they decode
 
 
 def test_image_extensions_are_the_formats_pillow_opens():
     for ext in (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".tif", ".bmp", ".gif", ".mpo"):
-        assert ext in D.IMAGE_EXTENSIONS, ext
+        assert ext in IMG.IMAGE_EXTENSIONS, ext
     for ext in (".pdf", ".mpg", ".h5", ".wmf", ".txt"):  # save-only, video, stubs, text
-        assert ext not in D.IMAGE_EXTENSIONS, ext
+        assert ext not in IMG.IMAGE_EXTENSIONS, ext
 
 
 def test_one_class_only_is_refused_naming_it(tmp_path):
@@ -221,7 +223,7 @@ def test_to_json_round_trips_the_lists(uneven):
 # ---- decoding -----------------------------------------------------------------------------------
 
 def _rgb(path: Path) -> np.ndarray:
-    image = D.load_rgb(path)
+    image = IMG.load_rgb(path)
     assert image.mode == "RGB"
     return np.asarray(image)
 
@@ -278,7 +280,7 @@ def test_load_rgb_16_bit_big_endian_tiff(tmp_path):
     Image.frombytes("I;16B", (8, 8), values.tobytes()).save(tmp_path / "deep.tif")
     assert Image.open(tmp_path / "deep.tif").mode == "I;16B"
     assert (_rgb(tmp_path / "deep.tif")[..., 1] == values.astype(int) >> 8).all()
-    assert D.check_image(tmp_path / "deep.tif") is None
+    assert IMG.check_image(tmp_path / "deep.tif") is None
 
 
 def test_load_rgb_applies_exif_rotation(tmp_path):
@@ -288,7 +290,7 @@ def test_load_rgb_applies_exif_rotation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     image.save(tmp_path / "r.jpg", exif=exif, quality=95)
-    rotated = D.load_rgb(tmp_path / "r.jpg")
+    rotated = IMG.load_rgb(tmp_path / "r.jpg")
     assert rotated.size == (20, 40)
     pixels = np.asarray(rotated).astype(int)
     assert np.abs(pixels[5, 10] - (255, 0, 0)).max() < 30   # red now on top
@@ -298,8 +300,8 @@ def test_load_rgb_applies_exif_rotation(tmp_path):
 def test_real_palette_gif_passes_check_image():
     gif = HYMENOPTERA / "train" / "ants" / "imageNotFound.gif"
     assert Image.open(gif).mode == "P"
-    assert D.check_image(gif) is None
-    assert D.load_rgb(gif).size == (300, 300)
+    assert IMG.check_image(gif) is None
+    assert IMG.load_rgb(gif).size == (300, 300)
 
 
 # ---- the pre-flight scan ------------------------------------------------------------------------
@@ -323,8 +325,8 @@ def with_bad_files(tmp_path) -> tuple[Path, dict[str, str]]:
 def test_check_image_reasons(with_bad_files):
     root, bad = with_bad_files
     for rel, reason in bad.items():
-        assert D.check_image(root / rel) == reason, rel
-    assert D.check_image(root / "train" / "ants" / "img_0.png") is None
+        assert IMG.check_image(root / rel) == reason, rel
+    assert IMG.check_image(root / "train" / "ants" / "img_0.png") is None
 
 
 def test_check_image_truncated_jpeg(tmp_path):
@@ -332,13 +334,13 @@ def test_check_image_truncated_jpeg(tmp_path):
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(buffer, format="JPEG")
     (tmp_path / "t.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    assert D.check_image(tmp_path / "t.jpg").startswith("cannot be decoded (image file is truncated")
+    assert IMG.check_image(tmp_path / "t.jpg").startswith("cannot be decoded (image file is truncated")
 
 
 def test_check_image_decompression_bomb_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     write_image(tmp_path / "big.png", COLOURS["ants"])  # 1024 px > 2 * 100: PIL refuses it
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    assert D.check_image(tmp_path / "big.png").startswith("cannot be decoded (Image size (1024 pixels)")
+    assert IMG.check_image(tmp_path / "big.png").startswith("cannot be decoded (Image size (1024 pixels)")
 
 
 def test_scan_images_stop_lists_every_bad_file_in_one_message(with_bad_files):
@@ -388,10 +390,10 @@ def test_content_in_another_format_than_the_extension_is_used_with_one_warning(t
     write_image(root / "train" / "ants" / "scraped.jpg", COLOURS["ants"], fmt="WEBP")
     write_image(root / "train" / "bees" / "scraped.jpg", COLOURS["bees"], fmt="PNG")
     writeable = D.build_splits(root, test="val")
-    with pytest.warns(D.DataWarning) as record:
+    with pytest.warns(IMG.DataWarning) as record:
         kept = D.scan_images(writeable, "stop")
     assert kept is writeable and ("train/ants/scraped.jpg", 0) in kept.train
-    assert D.check_image(root / "train" / "ants" / "scraped.jpg") is None
+    assert IMG.check_image(root / "train" / "ants" / "scraped.jpg") is None
     assert [str(w.message) for w in record] == [
         (f"{root}: 2 image(s) hold another format than their extension says and are used as decoded: "
         f"{root}/train/ants/scraped.jpg is WEBP, {root}/train/bees/scraped.jpg is PNG; rename them to "
@@ -415,7 +417,7 @@ def test_pillow_warnings_become_one_line_naming_the_files(tmp_path):
         assert D.scan_images(splits, "stop") is splits
     # Only the product's warning: Pillow's own never reaches the terminal (val is scanned twice as
     # val and test here, so the val file is named twice).
-    assert [(w.category, str(w.message)) for w in record] == [(D.DataWarning, (
+    assert [(w.category, str(w.message)) for w in record] == [(IMG.DataWarning, (
         f"{root}: while decoding 3 image(s) Pillow warned \"Corrupt EXIF data. Expecting to read 12 "
         f"bytes but only got 0.\": {root}/train/ants/exif.jpg, {root}/val/bees/exif.jpg, "
         f"{root}/val/bees/exif.jpg; the decoded images are used"))]
@@ -429,7 +431,7 @@ def _photo(size=(48, 40), seed=0) -> Image.Image:
 
 
 def test_eval_transform_output():
-    out = D.eval_transform(PP)(_photo())
+    out = TX.eval_transform(PP)(_photo())
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     # resize short side 40 -> 37 (48 -> 44), centre crop 32, normalise with mean 0.5 std 0.25
     resized = _photo().resize((44, 37), Image.Resampling.BILINEAR)  # PIL resizes PIL images
@@ -441,18 +443,18 @@ def test_eval_transform_output():
 def test_train_transform_at_zero_is_exactly_eval():
     image = _photo(seed=1)
     torch.manual_seed(0)
-    assert torch.equal(D.train_transform(PP, 0)(image), D.eval_transform(PP)(image))
+    assert torch.equal(TX.train_transform(PP, 0)(image), TX.eval_transform(PP)(image))
 
 
 @pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])
 def test_train_transform_output_shape(strength):
     torch.manual_seed(0)
-    out = D.train_transform(PP, strength)(_photo(size=(64, 30)))
+    out = TX.train_transform(PP, strength)(_photo(size=(64, 30)))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
 
 def _parts(strength):
-    parts = {type(t).__name__: t for t in D.train_transform(PP, strength).transforms}
+    parts = {type(t).__name__: t for t in TX.train_transform(PP, strength).transforms}
     return parts["RandomResizedCrop"], parts["RandomHorizontalFlip"], parts["ColorJitter"]
 
 
@@ -467,7 +469,7 @@ def test_train_transform_at_one_is_the_seed_recipe():
 
 def test_augmentation_map_is_monotone():
     strengths = [0.1, 0.25, 0.5, 0.75, 1.0]
-    crops, flips, jitters = zip(*(_parts(s) for s in strengths))
+    crops, flips, jitters = zip(*(_parts(s) for s in strengths), strict=True)
     lows = [c.scale[0] for c in crops]
     assert lows == sorted(lows, reverse=True) and len(set(lows)) == len(lows)
     assert [c.ratio[0] for c in crops] == sorted((c.ratio[0] for c in crops), reverse=True)
@@ -479,7 +481,7 @@ def test_augmentation_map_is_monotone():
 
 def test_train_transform_rejects_strength_out_of_range():
     with pytest.raises(ValueError, match=r"^aug_strength must be in \[0, 1\], got 1.5$"):
-        D.train_transform(PP, 1.5)
+        TX.train_transform(PP, 1.5)
 
 
 def test_preprocess_to_dict():
@@ -491,7 +493,7 @@ def test_preprocess_to_dict():
 
 def test_make_loader_batches(image_root):
     splits = D.build_splits(image_root, test="val")
-    loader = D.make_loader(image_root, splits.train, D.eval_transform(PP), batch_size=5,
+    loader = D.make_loader(image_root, splits.train, TX.eval_transform(PP), batch_size=5,
                            num_workers=0, shuffle=False)
     batches = list(loader)
     assert [len(y) for _, y in batches] == [5, 5, 5, 1]
@@ -505,7 +507,7 @@ def test_make_loader_shuffle_is_seeded(image_root):
     splits = D.build_splits(image_root, test="val")
 
     def order(seed):
-        loader = D.make_loader(image_root, splits.train, D.eval_transform(PP), 16, 0, True, seed)
+        loader = D.make_loader(image_root, splits.train, TX.eval_transform(PP), 16, 0, True, seed)
         images, labels = next(iter(loader))
         return labels.tolist(), images
 
@@ -522,17 +524,17 @@ def _sizes(loader) -> list[int]:
 def test_train_loader_never_ends_with_a_batch_of_one(tmp_path, n, expected):
     root = make_folder(tmp_path, {"train": 1})
     samples = [("train/ants/img_0.png", 0)] * n
-    train = D.make_loader(root, samples, D.eval_transform(PP), 8, 0, shuffle=True)
+    train = D.make_loader(root, samples, TX.eval_transform(PP), 8, 0, shuffle=True)
     assert _sizes(train) == expected and len(train) == len(expected)
     # eval loaders keep plain batches (no gradient, BatchNorm uses its running statistics)
     plain = [8] * (n // 8) + ([n % 8] if n % 8 else [])
-    assert _sizes(D.make_loader(root, samples, D.eval_transform(PP), 8, 0, shuffle=False)) == plain
+    assert _sizes(D.make_loader(root, samples, TX.eval_transform(PP), 8, 0, shuffle=False)) == plain
 
 
 def test_merged_last_batch_still_sees_every_image_once_per_epoch(image_root):
     splits = D.build_splits(image_root, test="val")
     samples = splits.train[:9]
-    loader = D.make_loader(image_root, samples, D.eval_transform(PP), 4, 0, shuffle=True, seed=3)
+    loader = D.make_loader(image_root, samples, TX.eval_transform(PP), 4, 0, shuffle=True, seed=3)
     labels = [y.tolist() for _, y in loader]
     assert [len(b) for b in labels] == [4, 5]
     assert sorted(y for batch in labels for y in batch) == sorted(y for _, y in samples)
@@ -552,17 +554,17 @@ def test_nine_train_images_in_batches_of_eight_train_a_batchnorm_net(tmp_path):
     model = resnet18(num_classes=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loss = torch.nn.CrossEntropyLoss()
-    plain = torch.utils.data.DataLoader(D.ImageList(root, samples, D.eval_transform(PP)), batch_size=8)
+    plain = torch.utils.data.DataLoader(D.ImageList(root, samples, TX.eval_transform(PP)), batch_size=8)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         train_one_epoch(model, plain, loss, optimizer, torch.device("cpu"))
-    train = D.make_loader(root, samples, D.train_transform(PP, 1.0), 8, 0, shuffle=True, seed=0)
+    train = D.make_loader(root, samples, TX.train_transform(PP, 1.0), 8, 0, shuffle=True, seed=0)
     mean_loss, accuracy = train_one_epoch(model, train, loss, optimizer, torch.device("cpu"))
     assert math.isfinite(mean_loss) and 0 <= accuracy <= 1
 
 
 def test_image_list_reports_a_file_broken_after_the_scan(image_root):
     (image_root / "train" / "ants" / "img_0.png").write_bytes(b"gone bad")
-    data = D.ImageList(image_root, [("train/ants/img_0.png", 0)], D.eval_transform(PP))
+    data = D.ImageList(image_root, [("train/ants/img_0.png", 0)], TX.eval_transform(PP))
     with pytest.raises(DataError, match=r"img_0.png: cannot be decoded mid-training \("):
         data[0]
 

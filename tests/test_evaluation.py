@@ -8,15 +8,17 @@ import json
 import optuna
 import pytest
 import torch
-from conftest import make_folder, study_dict
 
 from pipeline import checkpoints, train
 from pipeline import evaluation as E
 from pipeline import model as M
+from pipeline import weights as W
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
-from pipeline.data import Preprocess
 from pipeline.errors import RegistryError
+from pipeline.transforms import Preprocess
+
+from conftest import make_folder, study_dict
 
 PP = Preprocess(36, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -27,7 +29,7 @@ def setup(tmp_path, sweep_home):
     and the checkpoint of trial 3: an untrained ResNet-18 with 2 outputs."""
     cfg = StudyConfig.model_validate(study_dict(make_folder(tmp_path / "images")))
     torch.manual_seed(0)
-    net, _ = M.build_model(M.WeightsSpec("resnet18", "none", "none"), 2)
+    net, _ = M.build_model(W.WeightsSpec("resnet18", "none", "none"), 2)
     ckpt = TrialCheckpoint(
         state_dict=net.state_dict(),
         arch="resnet18",

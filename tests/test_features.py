@@ -14,8 +14,11 @@ from torch import nn
 from pipeline import data as D
 from pipeline import features as F
 from pipeline import fitting, imagecache, preflight
+from pipeline import imagefiles as IMG
 from pipeline import model as M
 from pipeline import prefix as P
+from pipeline import transforms as TX
+from pipeline import weights as W
 from pipeline.config import load_study
 from tests.conftest import study_dict, write_study
 
@@ -55,7 +58,7 @@ def test_resnet_cut_equals_the_whole_model(depth, shape):
 
 
 def test_timm_efficientnet_lite0_cut_equals_the_whole_model():
-    spec = M.resolve_weights("timm/efficientnet_lite0", "none")
+    spec = W.resolve_weights("timm/efficientnet_lite0", "none")
     model, _ = M.build_model(spec, 2)
     names = [n for n, _ in M.stages(model, spec.arch)]
     for depth, shape in [(1, (32, 16, 16)), (4, (40, 4, 4)), (len(names), (1280, 1, 1))]:
@@ -133,7 +136,7 @@ def test_cached_prefix_features_equal_recomputed(tmp_path, image_root):
     labels = torch.cat([y for _, y in inputs.val_loader])
     assert features.shape == (len(prep.splits.val), 64, 8, 8)
     # recomputed: the frozen stages by hand, default layout, on images decoded on the fly
-    images = torch.stack([D.eval_transform(prep.preprocess)(D.load_rgb(prep.splits.root / rel))
+    images = torch.stack([TX.eval_transform(prep.preprocess)(IMG.load_rgb(prep.splits.root / rel))
                           for rel, _ in prep.splits.val])
     model.eval()
     with torch.no_grad():
@@ -149,7 +152,7 @@ def test_feature_batches_come_in_the_image_loaders_order(tmp_path, image_root):
     torch.manual_seed(0)
     model, _ = M.build_model(prep.spec, 2, prep.state)
     inputs = fitting.plan(cfg, prep, model, M.freeze(model, "resnet18", 1), CPU, seed=7)
-    plain = D.make_loader(prep.splits.root, prep.splits.train, D.eval_transform(prep.preprocess),
+    plain = D.make_loader(prep.splits.root, prep.splits.train, TX.eval_transform(prep.preprocess),
                           8, 0, shuffle=True, seed=7)
     for _ in range(2):  # two epochs: the generator advances the same way
         assert [y.tolist() for _, y in inputs.train_loader] == [y.tolist() for _, y in plain]
@@ -177,7 +180,7 @@ def history(result) -> list[dict]:
 
 def assert_same_history(a, b, n_train: int, n_val: int):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["epoch"] == y["epoch"] and x["lr"] == y["lr"]
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4, abs=1e-5)
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4, abs=1e-5)
@@ -231,7 +234,8 @@ def test_cache_section_defaults_and_a_bad_cap_named(tmp_path, image_root):
     assert cache_limit_bytes(None) == psutil.virtual_memory().total // 4
     assert cache_limit_bytes(3) == 3 * 2**20
     tree = study_dict(image_root, cache={"max_memory_mb": -5})
-    with pytest.raises(ConfigError, match=r"cache\.max_memory_mb: Input should be greater than or equal to 0 \(got -5\)$"):
+    expected = r"cache\.max_memory_mb: Input should be greater than or equal to 0 \(got -5\)$"
+    with pytest.raises(ConfigError, match=expected):
         load_study(write_study(tmp_path / "bad.yaml", tree))
 
 

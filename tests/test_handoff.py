@@ -6,16 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder, study_dict
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from pipeline import handoff as H
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
-from pipeline.data import Preprocess, build_splits, eval_transform, load_rgb
+from pipeline.data import build_splits
 from pipeline.errors import RegistryError
+from pipeline.imagefiles import load_rgb
 from pipeline.track import Tracker
+from pipeline.transforms import Preprocess, eval_transform
+
+from conftest import make_folder, study_dict
 
 PP = Preprocess(36, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

@@ -14,9 +14,11 @@ from PIL import Image
 
 from pipeline import data as D
 from pipeline import imagecache as IC
+from pipeline import imagefiles as IMG
+from pipeline import transforms as TX
 from pipeline.errors import DataError
 
-PP = D.Preprocess(resize=36, crop=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+PP = TX.Preprocess(resize=36, crop=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 
 
 @pytest.fixture(autouse=True)
@@ -48,17 +50,17 @@ def mixed_folder(tmp_path):
 def test_cached_eval_pixels_equal_on_the_fly_decoding(mixed_folder, tmp_path):
     root, names = mixed_folder
     cache = IC.DecodedImages(root, PP, IC.MemoryBudget(2**30), tmp_path / "entries")
-    cached, fresh = D.cached_eval_transform(PP), D.eval_transform(PP)
+    cached, fresh = TX.cached_eval_transform(PP), TX.eval_transform(PP)
     for name in names:
         image = cache.get(name)
         assert image.dtype == torch.uint8 and min(image.shape[1:]) == PP.resize, name
-        expected = fresh(D.load_rgb(root / name))
+        expected = fresh(IMG.load_rgb(root / name))
         got = cached(image)
         assert got.shape == expected.shape == (3, 32, 32), name
         assert torch.equal(got, expected), name
     # aug_strength 0 on the train path is the same eval transform
-    assert torch.equal(D.cached_train_transform(PP, 0.0)(cache.get("wide.jpg")),
-                       fresh(D.load_rgb(root / "wide.jpg")))
+    assert torch.equal(TX.cached_train_transform(PP, 0.0)(cache.get("wide.jpg")),
+                       fresh(IMG.load_rgb(root / "wide.jpg")))
 
 
 def test_each_file_is_decoded_once_per_study_and_reused_by_another_process(mixed_folder, tmp_path):
@@ -68,7 +70,7 @@ def test_each_file_is_decoded_once_per_study_and_reused_by_another_process(mixed
     cache = IC.shared(root, PP, IC.budget(2**30), folder)
     assert IC.shared(root, PP, IC.budget(2**30), folder) is cache  # every trial gets the same one
     for epoch in range(3):
-        loader = D.loader(IC.CachedImageList(cache, samples, D.cached_train_transform(PP, 1.0)),
+        loader = D.loader(IC.CachedImageList(cache, samples, TX.cached_train_transform(PP, 1.0)),
                           batch_size=2, num_workers=0, shuffle=True, seed=epoch)
         assert sum(len(y) for _, y in loader) == len(names)
     stats = cache.stats()
@@ -88,7 +90,7 @@ def test_another_working_size_is_another_entry(mixed_folder, tmp_path):
     root, _ = mixed_folder
     folder = tmp_path / "entries"
     IC.DecodedImages(root, PP, IC.MemoryBudget(2**30), folder).get("wide.jpg")
-    bigger = D.Preprocess(48, 40, PP.mean, PP.std)
+    bigger = TX.Preprocess(48, 40, PP.mean, PP.std)
     other = IC.DecodedImages(root, bigger, IC.MemoryBudget(2**30), folder)
     assert min(other.get("wide.jpg").shape[1:]) == 48
     assert other.decoded == 1
@@ -106,8 +108,8 @@ def test_a_changed_file_is_decoded_again(mixed_folder, tmp_path):
     after = cache.get("tall.png")
     assert cache.decoded == 2
     assert not torch.equal(after[:, :30, :30], before[:, :30, :30])
-    assert torch.equal(D.cached_eval_transform(PP)(after),
-                       D.eval_transform(PP)(D.load_rgb(root / "tall.png")))
+    assert torch.equal(TX.cached_eval_transform(PP)(after),
+                       TX.eval_transform(PP)(IMG.load_rgb(root / "tall.png")))
     assert cache.stats()["memory_entries"] == 1  # the stale pixels were dropped, not kept
     # Same size, only a new mtime (e.g. rewritten in place): decoded again too.
     os.utime(root / "tall.png", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
@@ -122,12 +124,12 @@ def test_a_changed_file_is_decoded_again(mixed_folder, tmp_path):
 def test_over_the_memory_cap_images_come_from_files_or_decoding_with_one_line(
         mixed_folder, tmp_path, caplog):
     root, names = mixed_folder
-    eval_t = D.cached_eval_transform(PP)
+    eval_t = TX.cached_eval_transform(PP)
     with caplog.at_level(logging.WARNING, logger="sweep.cache"):
         spill = IC.DecodedImages(root, PP, IC.MemoryBudget(0), tmp_path / "entries")
         for _ in range(2):
             for name in names:
-                assert torch.equal(eval_t(spill.get(name)), D.eval_transform(PP)(D.load_rgb(root / name)))
+                assert torch.equal(eval_t(spill.get(name)), TX.eval_transform(PP)(IMG.load_rgb(root / name)))
         nothing = IC.DecodedImages(root, PP, IC.MemoryBudget(0), None)
         for _ in range(2):
             for name in names:
@@ -180,9 +182,9 @@ def test_augmentation_sources_keep_the_files_resolution_up_to_the_cap(tmp_path):
     sources = IC.shared(root, PP, IC.budget(2**30), folder, for_training=True)
     assert sources is not IC.shared(root, PP, IC.budget(2**30), folder)  # eval inputs: another cache
     small = sources.get("small.png")
-    assert torch.equal(small, torch.from_numpy(np.array(D.load_rgb(root / "small.png"))).permute(2, 0, 1))
+    assert torch.equal(small, torch.from_numpy(np.array(IMG.load_rgb(root / "small.png"))).permute(2, 0, 1))
     assert tuple(sources.get("big.png").shape) == (3, 4 * 32 * 200 // 150, 4 * 32)
-    crops = D.cached_train_transform(PP, 1.0)(small)
+    crops = TX.cached_train_transform(PP, 1.0)(small)
     assert crops.shape == (3, 32, 32) and crops.dtype == torch.float32
     assert sources.decoded == 2
     # eval inputs of the same files are separate entries at the working size

@@ -6,13 +6,14 @@ import math
 
 import optuna
 import pandas as pd
-from conftest import study_dict
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from pipeline import markdown as MD
 from pipeline.comparison import Compute, trials_frame
 from pipeline.config import StudyConfig
+
+from conftest import study_dict
 
 
 def test_table_leaves_missing_cells_empty_and_escapes_pipes():

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from pipeline import model as M
+from pipeline import weights as W
 from pipeline.config import PreprocessConfig, TrainingSection
-from pipeline.data import Preprocess
 from pipeline.errors import ModelError
 from pipeline.train import build_training, train_one_epoch
+from pipeline.transforms import Preprocess
 
 from conftest import SHARED
 
@@ -25,20 +26,20 @@ RESNET_STAGES = {"stem": ("conv1.", "bn1."), "layer1": ("layer1.",), "layer2": (
 
 def fresh(arch="resnet18", num_classes=2, seed=0):
     torch.manual_seed(seed)
-    return M.build_model(M.resolve_weights(arch, "none"), num_classes)[0]
+    return M.build_model(W.resolve_weights(arch, "none"), num_classes)[0]
 
 
 # ---- building -----------------------------------------------------------------------------------
 
 def test_torchvision_weights_none_has_a_new_head():
-    model, report = M.build_model(M.resolve_weights("resnet18", "none"), 3)
+    model, report = M.build_model(W.resolve_weights("resnet18", "none"), 3)
     assert model.fc.weight.shape == (3, 512) and model.fc.bias.shape == (3,)
-    assert report == M.LoadReport() and report.describe() == "all tensors loaded"
+    assert report == W.LoadReport() and report.describe() == "all tensors loaded"
     assert model.training
 
 
 def test_local_torchvision_checkpoint_drops_the_other_head():
-    spec = M.resolve_weights("resnet18", str(RESNET_CKPT))
+    spec = W.resolve_weights("resnet18", str(RESNET_CKPT))
     assert (spec.kind, spec.path) == ("local", RESNET_CKPT.resolve())
     assert spec.origin() == f"local checkpoint {RESNET_CKPT.resolve()}"
     model, report = M.build_model(spec, 2)
@@ -56,8 +57,8 @@ def test_local_torchvision_checkpoint_drops_the_other_head():
 
 
 def test_preloaded_state_is_used_instead_of_the_file(tmp_path):
-    spec = M.resolve_weights("resnet18", str(RESNET_CKPT))
-    state = M.pretrained_state(spec)
+    spec = W.resolve_weights("resnet18", str(RESNET_CKPT))
+    state = W.pretrained_state(spec)
     state["conv1.weight"] = torch.zeros_like(state["conv1.weight"])
     model, _ = M.build_model(spec, 2, state)
     assert torch.count_nonzero(model.conv1.weight) == 0
@@ -67,13 +68,13 @@ def test_wrapped_checkpoint_with_module_prefix_loads(tmp_path):
     ckpt = torch.load(RESNET_CKPT, map_location="cpu", weights_only=True)
     path = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in ckpt.items()}, "epoch": 3}, path)
-    model, report = M.build_model(M.resolve_weights("resnet18", str(path)), 2)
+    model, report = M.build_model(W.resolve_weights("resnet18", str(path)), 2)
     assert report.dropped == {"fc.weight": (10, 512), "fc.bias": (10,)}
     assert torch.equal(model.layer4[1].bn2.running_var, ckpt["layer4.1.bn2.running_var"])
 
 
 def test_timm_local_checkpoint_keeps_backbone_and_replaces_head():
-    spec = M.resolve_weights("timm/efficientnet_lite0", str(LITE0_CKPT))
+    spec = W.resolve_weights("timm/efficientnet_lite0", str(LITE0_CKPT))
     assert (spec.kind, spec.is_timm, spec.timm_name) == ("local", True, "efficientnet_lite0")
     model, report = M.build_model(spec, 2)
     assert report.dropped == {"classifier.weight": (1000, 1280), "classifier.bias": (1000,)}
@@ -88,7 +89,7 @@ def test_timm_local_checkpoint_keeps_backbone_and_replaces_head():
 
 
 def test_checkpoint_of_another_arch_is_refused():
-    spec = M.resolve_weights("timm/efficientnet_lite0", str(RESNET_CKPT))
+    spec = W.resolve_weights("timm/efficientnet_lite0", str(RESNET_CKPT))
     with pytest.raises(ModelError) as info:
         M.build_model(spec, 2)
     assert str(info.value) == (
@@ -97,7 +98,7 @@ def test_checkpoint_of_another_arch_is_refused():
 
 
 def test_checkpoint_missing_tensors_is_refused():
-    spec = M.resolve_weights("resnet34", str(RESNET_CKPT))
+    spec = W.resolve_weights("resnet34", str(RESNET_CKPT))
     with pytest.raises(ModelError) as info:
         M.build_model(spec, 2)
     assert str(info.value) == (
@@ -114,15 +115,15 @@ def test_reshaped_backbone_tensor_is_not_dropped_as_head(tmp_path):
     with pytest.raises(ModelError, match=r"1 tensor\(s\) of another shape outside the head "
                                          r"\(e.g. conv1.weight: checkpoint \(64, 4, 7, 7\), "
                                          r"model \(64, 3, 7, 7\)\)$"):
-        M.build_model(M.resolve_weights("resnet18", str(tmp_path / "rgbd.pth")), 2)
+        M.build_model(W.resolve_weights("resnet18", str(tmp_path / "rgbd.pth")), 2)
 
 
 def test_headless_checkpoint_loads_with_a_new_head(tmp_path):
     ckpt = torch.load(RESNET_CKPT, map_location="cpu", weights_only=True)
     del ckpt["fc.weight"], ckpt["fc.bias"]  # a feature-extractor checkpoint
     torch.save(ckpt, tmp_path / "features.pth")
-    model, report = M.build_model(M.resolve_weights("resnet18", str(tmp_path / "features.pth")), 2)
-    assert report == M.LoadReport(dropped={}, missing=("fc.weight", "fc.bias"))
+    model, report = M.build_model(W.resolve_weights("resnet18", str(tmp_path / "features.pth")), 2)
+    assert report == W.LoadReport(dropped={}, missing=("fc.weight", "fc.bias"))
     assert torch.equal(model.conv1.weight, ckpt["conv1.weight"])
 
 
@@ -135,7 +136,7 @@ def test_head_names():
 
 def test_bad_weights_name_lists_allowed_names():
     with pytest.raises(ModelError) as info:
-        M.resolve_weights("resnet18", "IMAGENET1K_V2")
+        W.resolve_weights("resnet18", "IMAGENET1K_V2")
     assert str(info.value) == (
         "model.weights: 'IMAGENET1K_V2' is not a weights name of resnet18; did you mean IMAGENET1K_V1? "
         "(allowed: DEFAULT, IMAGENET1K_V1, none, or a local checkpoint path)")
@@ -143,7 +144,7 @@ def test_bad_weights_name_lists_allowed_names():
 
 def test_bad_timm_tag_lists_allowed_tags():
     with pytest.raises(ModelError) as info:
-        M.resolve_weights("timm/efficientnet_lite0", "in22k")
+        W.resolve_weights("timm/efficientnet_lite0", "in22k")
     assert str(info.value) == (
         "model.weights: 'in22k' is not a weights name of timm/efficientnet_lite0 "
         "(allowed: DEFAULT, ra_in1k, none, or a local checkpoint path)")
@@ -151,23 +152,23 @@ def test_bad_timm_tag_lists_allowed_tags():
 
 def test_timm_arch_with_tag_takes_default_weights_only():
     with pytest.raises(ModelError) as info:
-        M.resolve_weights("timm/efficientnet_lite0.ra_in1k", "ra_in1k")
+        W.resolve_weights("timm/efficientnet_lite0.ra_in1k", "ra_in1k")
     assert str(info.value) == (
         "model.weights: timm/efficientnet_lite0.ra_in1k already names a pretrained tag; use weights: "
         "DEFAULT (or drop the tag from model.arch)")
-    assert M.resolve_weights("timm/efficientnet_lite0.ra_in1k", "DEFAULT").kind == "timm"
+    assert W.resolve_weights("timm/efficientnet_lite0.ra_in1k", "DEFAULT").kind == "timm"
 
 
 def test_weights_none_and_names_are_classified():
-    assert M.resolve_weights("resnet18", "None").kind == "none"
-    assert M.resolve_weights("resnet18", "none").origin() == "random initialisation"
-    spec = M.resolve_weights("timm/efficientnet_lite0", "ra_in1k")
+    assert W.resolve_weights("resnet18", "None").kind == "none"
+    assert W.resolve_weights("resnet18", "none").origin() == "random initialisation"
+    spec = W.resolve_weights("timm/efficientnet_lite0", "ra_in1k")
     assert (spec.kind, spec.origin()) == ("timm", "timm weights ra_in1k")
 
 
 def test_missing_checkpoint_path_is_named(tmp_path):
     with pytest.raises(ModelError) as info:
-        M.resolve_weights("resnet18", str(tmp_path / "nope.pth"))
+        W.resolve_weights("resnet18", str(tmp_path / "nope.pth"))
     assert str(info.value) == f"model.weights: checkpoint file {tmp_path / 'nope.pth'} not found"
 
 
@@ -176,7 +177,7 @@ def test_garbage_checkpoint_is_a_model_error(tmp_path):
     bad.write_bytes(bytes(range(256)) * 4)
     for arch in ("resnet18", "timm/efficientnet_lite0"):
         with pytest.raises(ModelError) as info:
-            M.build_model(M.resolve_weights(arch, str(bad)), 2)
+            M.build_model(W.resolve_weights(arch, str(bad)), 2)
         assert str(info.value).startswith(f"model.weights: {bad} is not a readable PyTorch checkpoint (")
 
 
@@ -184,7 +185,7 @@ def test_checkpoint_without_tensors_is_a_model_error(tmp_path):
     path = tmp_path / "meta.pt"
     torch.save({"epoch": 3, "note": "no weights"}, path)
     with pytest.raises(ModelError) as info:
-        M.pretrained_state(M.resolve_weights("resnet18", str(path)))
+        W.pretrained_state(W.resolve_weights("resnet18", str(path)))
     assert str(info.value) == f"model.weights: {path} does not hold a state_dict of tensors"
 
 
@@ -195,11 +196,11 @@ def test_uncached_torchvision_weights_name_cache_and_local_alternative(tmp_path,
         raise urllib.error.URLError("no network in this test")
 
     monkeypatch.setattr(torch.hub, "urlopen", no_network)
-    spec = M.resolve_weights("resnet18", "IMAGENET1K_V1")
+    spec = W.resolve_weights("resnet18", "IMAGENET1K_V1")
     cache = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert spec.path == cache
     with pytest.raises(ModelError) as info:
-        M.pretrained_state(spec)
+        W.pretrained_state(spec)
     assert str(info.value) == (
         f"model.weights: cannot get torchvision weights IMAGENET1K_V1 for resnet18: not in the local "
         f"cache ({cache}) and the download failed (URLError: <urlopen error no network in this test>). "
@@ -214,7 +215,7 @@ def test_uncached_timm_weights_name_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ModelError) as info:
-        M.build_model(M.resolve_weights("timm/efficientnet_lite0", "DEFAULT"), 2)
+        M.build_model(W.resolve_weights("timm/efficientnet_lite0", "DEFAULT"), 2)
     assert str(info.value).startswith(
         f"model.weights: cannot get timm weights DEFAULT for timm/efficientnet_lite0: not in the "
         f"local cache ({tmp_path / 'hub'}) and the download failed (")
@@ -326,38 +327,38 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def test_weights_preprocess_torchvision_metadata_without_download(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: metadata only
-    spec = M.resolve_weights("resnet18", "IMAGENET1K_V1")
-    assert M.weights_preprocess(spec) == Preprocess(256, 224, *IMAGENET, "bilinear")
+    spec = W.resolve_weights("resnet18", "IMAGENET1K_V1")
+    assert W.weights_preprocess(spec) == Preprocess(256, 224, *IMAGENET, "bilinear")
 
 
 def test_weights_preprocess_timm_cfg():
-    spec = M.resolve_weights("timm/efficientnet_lite0", str(LITE0_CKPT))
+    spec = W.resolve_weights("timm/efficientnet_lite0", str(LITE0_CKPT))
     model, _ = M.build_model(spec, 2)
     expected = Preprocess(256, 224, *IMAGENET, "bicubic")  # 224 / crop_pct 0.875 = 256
-    assert M.weights_preprocess(spec, model) == expected
-    assert M.weights_preprocess(spec) == expected
+    assert W.weights_preprocess(spec, model) == expected
+    assert W.weights_preprocess(spec) == expected
 
 
 def test_weights_preprocess_local_torchvision_falls_back_to_imagenet():
-    spec = M.resolve_weights("resnet18", str(RESNET_CKPT))
-    assert M.weights_preprocess(spec) == Preprocess(256, 224, *IMAGENET, "bilinear")
+    spec = W.resolve_weights("resnet18", str(RESNET_CKPT))
+    assert W.weights_preprocess(spec) == Preprocess(256, 224, *IMAGENET, "bilinear")
 
 
 def test_resolve_preprocess_image_size_keeps_ratio():
     base = Preprocess(256, 224, *IMAGENET, "bilinear")
-    assert M.resolve_preprocess(base, 32, PreprocessConfig()) == Preprocess(37, 32, *IMAGENET, "bilinear")
-    assert M.resolve_preprocess(base, 160, PreprocessConfig()).resize == 183  # round(160 * 8 / 7)
-    assert M.resolve_preprocess(base, None, PreprocessConfig()) == base
+    assert W.resolve_preprocess(base, 32, PreprocessConfig()) == Preprocess(37, 32, *IMAGENET, "bilinear")
+    assert W.resolve_preprocess(base, 160, PreprocessConfig()).resize == 183  # round(160 * 8 / 7)
+    assert W.resolve_preprocess(base, None, PreprocessConfig()) == base
 
 
 def test_resolve_preprocess_overrides_win():
     base = Preprocess(256, 224, *IMAGENET, "bilinear")
     override = PreprocessConfig(resize=40, crop=30, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                                 interpolation="bicubic")
-    assert M.resolve_preprocess(base, 32, override) == Preprocess(40, 30, (0.5, 0.5, 0.5),
+    assert W.resolve_preprocess(base, 32, override) == Preprocess(40, 30, (0.5, 0.5, 0.5),
                                                                   (0.5, 0.5, 0.5), "bicubic")
     only_mean = PreprocessConfig(mean=(0.5, 0.5, 0.5))
-    assert M.resolve_preprocess(base, 32, only_mean) == Preprocess(37, 32, (0.5, 0.5, 0.5),
+    assert W.resolve_preprocess(base, 32, only_mean) == Preprocess(37, 32, (0.5, 0.5, 0.5),
                                                                    IMAGENET[1], "bilinear")
 
 

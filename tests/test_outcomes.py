@@ -52,7 +52,9 @@ def test_a_failure_on_every_trial_fails_the_study_and_names_the_error(sweep_home
     with pytest.raises(StudyFailedError) as caught:
         run_study(cfg, observers=[breaker])
     message = str(caught.value)
-    assert message.startswith("study 'tiny' produced no usable result (0 complete, 0 pruned, 2 failed; stopped: too many failed trials)")
+    assert message.startswith(
+        "study 'tiny' produced no usable result (0 complete, 0 pruned, 2 failed; stopped: too many failed trials)"
+    )
     assert "every failed trial failed with the same error: " in message
     assert f"{victim}: cannot be decoded mid-training" in message.split("the same error: ")[1]
     assert "does not depend on the sampled parameters" in message
@@ -64,11 +66,19 @@ def test_a_failure_on_every_trial_fails_the_study_and_names_the_error(sweep_home
 
 
 def test_cli_run_of_a_study_without_a_complete_trial_exits_8(sweep_home, tmp_path, image_root):
-    tree = study_dict(image_root, study={"n_trials": 2, "max_failed_trials": 2},
-                      search_space={"lr": {"type": "float", "low": 1e29, "high": 1e30, "log": True}})
+    tree = study_dict(
+        image_root,
+        study={"n_trials": 2, "max_failed_trials": 2},
+        search_space={"lr": {"type": "float", "low": 1e29, "high": 1e30, "log": True}},
+    )
     path = write_study(tmp_path / "study.yaml", tree)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--quiet", "--no-report"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "SWEEP_HOME": str(sweep_home)})
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path), "--quiet", "--no-report"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "SWEEP_HOME": str(sweep_home)},
+    )
     assert done.returncode == 8, done.stderr
     assert "error: study 'tiny' produced no usable result (0 complete, 0 pruned, 2 failed" in done.stderr
     assert "Traceback" not in done.stderr
@@ -94,9 +104,13 @@ def test_a_changed_training_recipe_is_refused_on_resume(sweep_home, tmp_path, im
 def test_ctrl_c_at_any_moment_of_sweep_run_is_one_line_and_130(sweep_home, tmp_path, image_root, delay):
     tree = study_dict(image_root, study={"n_trials": 50}, training={"epochs": 3})
     path = write_study(tmp_path / "study.yaml", tree)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.entry", "run", str(path), "--quiet", "--no-report"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SWEEP_HOME": str(sweep_home)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.entry", "run", str(path), "--quiet", "--no-report"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SWEEP_HOME": str(sweep_home)},
+    )
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -107,11 +121,17 @@ def test_ctrl_c_at_any_moment_of_sweep_run_is_one_line_and_130(sweep_home, tmp_p
 
 
 def test_ctrl_c_in_a_command_without_trials_does_not_talk_of_trials(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.entry", "predict", "models:/x@champion", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.entry", "predict", "models:/x@champion", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert err.strip() in ("interrupted (Ctrl-C) while starting: nothing was changed",
-                           "interrupted (Ctrl-C): stopped; nothing was changed")
+    assert err.strip() in (
+        "interrupted (Ctrl-C) while starting: nothing was changed",
+        "interrupted (Ctrl-C): stopped; nothing was changed",
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import matplotlib
 import optuna
 import pytest
-from conftest import study_dict
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -13,6 +12,8 @@ from pipeline import plots as P
 from pipeline.comparison import trials_frame
 from pipeline.config import StudyConfig
 from pipeline.evaluation import TestEvaluation
+
+from conftest import study_dict
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DIST = {"lr": FloatDistribution(0.001, 0.05, log=True), "freeze_depth": IntDistribution(0, 2)}

@@ -21,8 +21,10 @@ from rich.console import Console
 from torch import nn
 
 from pipeline import data as D
+from pipeline import imagefiles as IMG
 from pipeline import predict as P
 from pipeline import registry as G
+from pipeline import transforms as TX
 from pipeline.errors import DataError, RegistryError
 from pipeline.stores import default_tracking_uri, resolve_tracking
 
@@ -102,7 +104,7 @@ def test_image_files_scans_folders_like_training(tmp_path):
     found = P.image_files([tmp_path / "d", single], warned.append)
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["d/a.png", "d/c.jfif", "d/sub/b.JPG",
                                                                   "single.png"]
-    assert warned == [D.ignored_files_message(tmp_path / "d", [tmp_path / "d" / ".hidden" / "c.png",
+    assert warned == [IMG.ignored_files_message(tmp_path / "d", [tmp_path / "d" / ".hidden" / "c.png",
                                                                 tmp_path / "d" / "notes.txt"])]
     assert warned[0].startswith(f"{tmp_path / 'd'}: 2 file(s) not used as images (hidden: 1, .txt: 1): "
                                 ".hidden/c.png, notes.txt;")
@@ -111,7 +113,8 @@ def test_image_files_scans_folders_like_training(tmp_path):
 def test_image_files_names_bad_paths(tmp_path):
     with pytest.raises(DataError) as info:
         P.image_files([tmp_path / "missing.png"])
-    assert str(info.value) == f"{tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images"
+    assert str(info.value) == (
+        f"{tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(DataError) as info:
@@ -125,8 +128,8 @@ def test_preprocess_images_matches_the_eval_transform_and_names_every_bad_file(t
     good = write_image(tmp_path / "good.png", COLOURS["ants"], size=50)
     batch = P.preprocess_images([good, good], PP)
     assert batch.shape == (2, 3, 32, 32) and batch.dtype == np.float32
-    pp = D.Preprocess(37, 32, tuple(PP["mean"]), tuple(PP["std"]), "bilinear")
-    assert np.array_equal(batch[0], D.eval_transform(pp)(D.load_rgb(good)).numpy())
+    pp = TX.Preprocess(37, 32, tuple(PP["mean"]), tuple(PP["std"]), "bilinear")
+    assert np.array_equal(batch[0], TX.eval_transform(pp)(IMG.load_rgb(good)).numpy())
     (tmp_path / "bad1.jpg").write_bytes(b"")
     (tmp_path / "bad2.png").write_bytes(b"garbage")
     with pytest.raises(DataError) as info:

@@ -8,20 +8,24 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder
 from torch import nn
 
 from pipeline import data as D
+from pipeline import imagefiles as IMG
 from pipeline import model as M
 from pipeline import probe as P
+from pipeline import transforms as TX
+from pipeline import weights as W
 from pipeline.errors import ModelError
 
-PP = D.Preprocess(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+from conftest import make_folder
+
+PP = TX.Preprocess(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def build(arch: str, num_classes: int) -> nn.Module:
     torch.manual_seed(0)
-    return M.build_model(M.resolve_weights(arch, "none"), num_classes)[0]
+    return M.build_model(W.resolve_weights(arch, "none"), num_classes)[0]
 
 
 def loaders(root, classes):
@@ -57,8 +61,8 @@ def test_probe_head_reproduces_sklearn_and_changes_nothing_else(tmp_path, arch, 
     assert y_train.tolist() == [y for _, y in splits.train]
     fitted, folds = P.fit_logistic(x_train, y_train, k, seed=0)
     assert folds == 5 and result.cv_folds == 5
-    assert result.C == float(fitted[-1].C_) and result.C in P.PROBE_CS
-    images = torch.stack([D.eval_transform(PP)(D.load_rgb(splits.root / rel)) for rel, _ in splits.val])
+    assert float(fitted[-1].C_) == result.C and result.C in P.PROBE_CS
+    images = torch.stack([TX.eval_transform(PP)(IMG.load_rgb(splits.root / rel)) for rel, _ in splits.val])
     with torch.inference_mode():
         probs = model.eval()(images).softmax(1).numpy()
     np.testing.assert_allclose(probs, fitted.predict_proba(x_val.astype(np.float64)), atol=1e-5)

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import optuna
 import pandas as pd
 import pytest
-from conftest import COLOURS, make_folder, study_dict, write_image, write_study
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
@@ -32,9 +31,11 @@ from pipeline.cli import app
 from pipeline.config import load_study
 from pipeline.errors import RegistryError
 from pipeline.stores import checkpoint_dir, storage_url, tracking_uri
-from pipeline.track import PARENT_ATTR
 from pipeline.study_run import run_study
+from pipeline.track import PARENT_ATTR
 from pipeline.tune import open_study
+
+from conftest import COLOURS, make_folder, study_dict, write_image, write_study
 
 # Measured on this data: frozen random features (freeze_depth 5) + a head trained at lr 0.2 separate
 # the two colours within 2 epochs of 4 batches; training layer4 at lr 0.01 stays at chance.
@@ -352,7 +353,8 @@ def test_model_loads_in_fresh_cpu_process_both_flavours(done, tmp_path):
     image = write_image(tmp_path / "bee.png", COLOURS["bees"], seed=700)
     script = textwrap.dedent(f"""
         import json, mlflow, numpy as np, torch
-        from pipeline.data import Preprocess, eval_transform, load_rgb
+        from pipeline.imagefiles import load_rgb
+        from pipeline.transforms import Preprocess, eval_transform
 
         mlflow.set_tracking_uri({tracking_uri(done.cfg)!r})
         uri = "models:/tiny-classifier@champion"

@@ -13,9 +13,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import data as D
+from pipeline import transforms as TX
 from pipeline.config import TrainingSection
-from pipeline.train import (EpochResult, NonFiniteLossError, build_training, evaluate, fit,
-                            make_optimizer, make_scheduler, pick_device, train_one_epoch)
+from pipeline.train import (
+    EpochResult,
+    NonFiniteLossError,
+    build_training,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    pick_device,
+    train_one_epoch,
+)
 
 CPU = torch.device("cpu")
 
@@ -63,9 +73,9 @@ def test_fit_learns_a_separable_problem():
 def test_fit_on_image_folder_through_the_loaders(image_root):
     # The data -> train path end to end: red vs blue 32 px images, a tiny conv net with BatchNorm.
     splits = D.build_splits(image_root, test="val")
-    pp = D.Preprocess(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    train = D.make_loader(image_root, splits.train, D.train_transform(pp, 0.5), 8, 0, True, seed=0)
-    val = D.make_loader(image_root, splits.val, D.eval_transform(pp), 8, 0, False)
+    pp = TX.Preprocess(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    train = D.make_loader(image_root, splits.train, TX.train_transform(pp, 0.5), 8, 0, True, seed=0)
+    val = D.make_loader(image_root, splits.val, TX.eval_transform(pp), 8, 0, False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -312,7 +322,7 @@ def test_forward_maps_the_loaders_batches_while_model_keeps_modes_and_state():
             optimizer=make_optimizer([p for p in model.parameters() if p.requires_grad], "sgd", 0.1))
     b = fit(twin, train, val, epochs=2,
             optimizer=make_optimizer([p for p in twin.parameters() if p.requires_grad], "sgd", 0.1))
-    for x, y in zip(a.history, b.history):
+    for x, y in zip(a.history, b.history, strict=True):
         assert x.train_loss == pytest.approx(y.train_loss, rel=1e-5)
         assert x.val_loss == pytest.approx(y.val_loss, rel=1e-5)
         assert (x.train_accuracy, x.val_accuracy) == (y.train_accuracy, y.val_accuracy)
