@@ -240,7 +240,7 @@ def check_weights(study_file: StudyFile, set_: SetOpt = None) -> None:
 
 def main() -> None:
     """Run the typer app (`python -m pipeline.cli` installs the early interrupt handlers too)."""
-    from pipeline.entry import install_early_handlers
+    from pipeline.interrupts import install_early_handlers
 
     install_early_handlers()
     app()
