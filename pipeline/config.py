@@ -61,6 +61,7 @@ TUNABLE: dict[str, tuple[str, str]] = {
     "step_size": ("training.scheduler", "step_size"),
     "gamma": ("training.scheduler", "gamma"),
     "batch_size": ("data", "batch_size"),
+    "head_lr_mult": ("training", "head_lr_mult"),
 }
 
 
@@ -159,6 +160,7 @@ class TrainingSection(_Frozen):
     epochs: Int = Field(8, ge=1)
     optimizer: Literal["sgd", "adamw", "adam"] = "sgd"
     lr: Float = Field(1e-3, gt=0)
+    head_lr_mult: Float = Field(1.0, gt=0, description="the new head's lr = lr x this")
     momentum: Float = Field(0.9, ge=0, lt=1)
     nesterov: Bool = False
     weight_decay: Float = Field(0.0, ge=0)
@@ -288,6 +290,23 @@ class RegistrySection(_Frozen):
         return alias
 
 
+class BaselinesConfig(_Frozen):
+    linear_probe: Bool = True  # logistic regression on the frozen backbone's features, a candidate
+    seed_recipe: Bool = True  # lr 0.001, momentum 0.9, freeze_depth 0, aug_strength 1: first trial
+
+
+class SelectionSection(_Frozen):
+    """How the champion is chosen (pipeline.selection): baselines take part, the `top_k`
+    candidates by val are re-run with `reruns` further seeds and the best mean wins; `refit`
+    retrains it on train + val before the one test evaluation. `reruns: 0` with both baselines
+    off selects as before: the best COMPLETE trial by value."""
+
+    baselines: BaselinesConfig = BaselinesConfig()
+    top_k: Int = Field(3, ge=1, description="candidates re-run with further seeds")
+    reruns: Int = Field(2, ge=0, description="further seeds per candidate")
+    refit: Bool = False
+
+
 class StudyConfig(_Frozen):
     """The whole study file. Sections mirror the YAML top-level keys."""
 
@@ -298,6 +317,7 @@ class StudyConfig(_Frozen):
     search_space: dict[str, Param] = Field(default_factory=dict)
     tracking: TrackingSection = TrackingSection()
     registry: RegistrySection = RegistrySection()
+    selection: SelectionSection = SelectionSection()
 
     _source: str = PrivateAttr(default="<study>")  # the study file, named in with_params errors
 

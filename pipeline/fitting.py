@@ -35,7 +35,7 @@ def fit_config(cfg: StudyConfig, prep: Prepared, seed: int,
     torch.manual_seed(seed)
     model, _ = M.build_model(prep.spec, len(prep.splits.class_to_idx), prep.state)
     frozen = M.freeze(model, cfg.model.arch, t.freeze_depth)
-    optimizer, scheduler = build_training(model, t)
+    optimizer, scheduler = build_training(model, t, head=M.head_names(model, len(prep.splits.class_to_idx)))
     train_loader = D.make_loader(prep.splits.root, prep.splits.train,
                                  D.train_transform(prep.preprocess, t.aug_strength),
                                  d.batch_size, d.num_workers, shuffle=True, seed=seed)
