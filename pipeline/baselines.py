@@ -70,8 +70,9 @@ def enqueue_seed_recipe(study: optuna.Study, cfg: StudyConfig, url: str) -> bool
     return True
 
 
-def add_linear_probe(study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str,
-                     say: Callable[[str], None] = print) -> int | None:
+def add_linear_probe(
+    study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str, say: Callable[[str], None] = print
+) -> int | None:
     """Fit the linear probe on train, score it on val and add it as a COMPLETE trial (once per
     study). Returns its trial number, None when the study has one already.
 
@@ -88,29 +89,57 @@ def add_linear_probe(study: optuna.Study, cfg: StudyConfig, prep: Prepared, url:
     say("linear probe: extracting features and fitting (a baseline candidate, not counted in n_trials)")
     result = P.fit_linear_probe(model, train, val, pick_device(cfg.training.device), d.seed, num_classes=k)
     value = result.val_accuracy if cfg.study.metric == "val_accuracy" else result.val_loss
-    history = [{"epoch": 0, "train_loss": math.nan, "train_accuracy": result.train_accuracy,
-                "val_loss": result.val_loss, "val_accuracy": result.val_accuracy, "lr": 0.0,
-                "seconds": result.seconds}]
+    history = [
+        {
+            "epoch": 0,
+            "train_loss": math.nan,
+            "train_accuracy": result.train_accuracy,
+            "val_loss": result.val_loss,
+            "val_accuracy": result.val_accuracy,
+            "lr": 0.0,
+            "seconds": result.seconds,
+        }
+    ]
     probe_id = uuid.uuid4().hex
-    attrs = {BASELINE_ATTR: "linear_probe", PROBE_ATTR: probe_id, "history": history, "best_epoch": 0,
-             "epochs_run": 1, "seconds": result.seconds, "probe_C": result.C, "probe_cv_folds": result.cv_folds}
+    attrs = {
+        BASELINE_ATTR: "linear_probe",
+        PROBE_ATTR: probe_id,
+        "history": history,
+        "best_epoch": 0,
+        "epochs_run": 1,
+        "seconds": result.seconds,
+        "probe_C": result.C,
+        "probe_cv_folds": result.cv_folds,
+    }
     with store_lock(url):
         if _with_role(study, "linear_probe"):  # another worker added it meanwhile
             return None
         path = checkpoint_dir(cfg.study.name) / f"linear-probe-{probe_id[:8]}.pt"
-        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value,
-                                                  user_attrs={**attrs, "checkpoint": str(path)}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE, value=value, user_attrs={**attrs, "checkpoint": str(path)}
+            )
+        )
     number = next(t.number for t in _with_role(study, "linear_probe") if t.user_attrs.get(PROBE_ATTR) == probe_id)
-    TrialCheckpoint(state_dict=result.state_dict, arch=cfg.model.arch, weights_origin=prep.spec.origin(),
-                    class_to_idx=prep.splits.class_to_idx, preprocess=prep.preprocess.to_dict(),
-                    trial_number=number, best_epoch=0, metric=cfg.study.metric, value=value,
-                    params={}).save(path)
+    TrialCheckpoint(
+        state_dict=result.state_dict,
+        arch=cfg.model.arch,
+        weights_origin=prep.spec.origin(),
+        class_to_idx=prep.splits.class_to_idx,
+        preprocess=prep.preprocess.to_dict(),
+        trial_number=number,
+        best_epoch=0,
+        metric=cfg.study.metric,
+        value=value,
+        params={},
+    ).save(path)
     say(f"linear probe: trial {number}, {cfg.study.metric} {value:.4f} (C {result.C:.3g}, {result.seconds:.0f} s)")
     return number
 
 
-def add_baselines(study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str,
-                  say: Callable[[str], None] = print) -> None:
+def add_baselines(
+    study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str, say: Callable[[str], None] = print
+) -> None:
     """The baselines the study file turns on (`selection.baselines`), before the search.
 
     Raises:
@@ -141,12 +170,14 @@ def enqueue_reruns(study: optuna.Study, cfg: StudyConfig, url: str) -> list[tupl
 
 
 def _waiting_reruns(study: optuna.Study) -> int:
-    return sum(t.user_attrs.get(RERUN_ATTR) is not None
-               for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    return sum(
+        t.user_attrs.get(RERUN_ATTR) is not None for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    )
 
 
-def run_reruns(study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str,
-               observers: Sequence[TrialObserver]) -> int:
+def run_reruns(
+    study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str, observers: Sequence[TrialObserver]
+) -> int:
     """After the search: enqueue the missing re-runs and run every waiting one.
 
     Returns:
@@ -161,8 +192,10 @@ def run_reruns(study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str,
     enqueued = enqueue_reruns(study, cfg, url)
     if enqueued:
         for observer in observers:
-            observer.message(f"re-running the top {cfg.selection.top_k} candidates: "
-                             + ", ".join(f"trial {n} seed {i}" for n, i in enqueued))
+            observer.message(
+                f"re-running the top {cfg.selection.top_k} candidates: "
+                + ", ".join(f"trial {n} seed {i}" for n, i in enqueued)
+            )
     budget = FailureBudget(cfg.study.max_failed_trials, count(study, (TrialState.FAIL,)), observers)
 
     def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -172,6 +205,11 @@ def run_reruns(study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str,
     # One trial per call: each call pops a waiting re-run; another worker may pop the last one
     # between the check and the pop, and then this call samples one extra (counted) trial.
     while (waiting := _waiting_reruns(study)) and not budget.spent:
-        study.optimize(Objective(cfg, prep, observers), n_trials=waiting, callbacks=[stop_when_done, budget],
-                       catch=(Exception,), gc_after_trial=True)
+        study.optimize(
+            Objective(cfg, prep, observers),
+            n_trials=waiting,
+            callbacks=[stop_when_done, budget],
+            catch=(Exception,),
+            gc_after_trial=True,
+        )
     return len(enqueued)
