@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from pipeline import model as M
 from pipeline import probe as P
 from pipeline.checkpoints import TrialCheckpoint
-from pipeline.config import StudyConfig
+from pipeline.config import TUNABLE, StudyConfig
 from pipeline.errors import DataError
 from pipeline.events import TrialObserver
 from pipeline.preflight import Prepared
@@ -49,8 +49,20 @@ def _with_role(study: optuna.Study, role: str) -> list[optuna.trial.FrozenTrial]
 
 
 def seed_recipe_params(cfg: StudyConfig) -> dict[str, Any]:
-    """The seed recipe's values for the names in the search space (others keep the file's)."""
-    return {k: v for k, v in SEED_RECIPE.items() if k in cfg.search_space}
+    """Fixed values for every search-space name: the seed recipe's (`SEED_RECIPE`, plus
+    head_lr_mult 1: one lr for the whole model) where it has one, else the study file's own
+    setting (e.g. its epochs); empty when the space has none of the recipe's names."""
+    if not set(SEED_RECIPE) & set(cfg.search_space):
+        return {}
+    recipe = {**SEED_RECIPE, "head_lr_mult": 1.0}
+    params = {}
+    for name in cfg.search_space:
+        section, key = TUNABLE[name]
+        node: Any = cfg
+        for part in section.split("."):
+            node = getattr(node, part)
+        params[name] = recipe.get(name, getattr(node, key))
+    return params
 
 
 def enqueue_seed_recipe(study: optuna.Study, cfg: StudyConfig, url: str) -> bool:

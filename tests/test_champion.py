@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
-from conftest import make_folder, study_dict, write_study
 from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -29,6 +28,8 @@ from pipeline.stores import storage_url, tracking_uri
 from pipeline.study_run import run_study
 from pipeline.train import build_training
 from pipeline.tune import counted
+
+from conftest import make_folder, study_dict, write_study
 
 SELECTION = {"baselines": {"linear_probe": True, "seed_recipe": True}, "top_k": 2, "reruns": 1, "refit": True}
 
