@@ -36,6 +36,7 @@ from pydantic import (
 from pipeline.errors import ConfigError
 from pipeline.rules import alias_problem, check_arch, has_batch_norm, model_name_problem
 from pipeline.schema import Bool, Float, Frozen, Int, Str, fail
+from pipeline.settings import CacheSection, SelectionSection
 from pipeline.space import (
     TUNABLE,
     CategoricalParam,
@@ -117,6 +118,7 @@ class TrainingSection(Frozen):
     epochs: Int = Field(8, ge=1)
     optimizer: Literal["sgd", "adamw", "adam"] = "sgd"
     lr: Float = Field(1e-3, gt=0)
+    head_lr_mult: Float = Field(1.0, gt=0, description="the new head's lr = lr x this")
     momentum: Float = Field(0.9, ge=0, lt=1)
     nesterov: Bool = False
     weight_decay: Float = Field(0.0, ge=0)
@@ -158,17 +160,6 @@ class RegistrySection(Frozen):
         return alias
 
 
-class CacheSection(Frozen):
-    """Work a sweep does once instead of in every epoch of every trial (pipeline/imagecache.py,
-    pipeline/features.py); each switch only changes speed, never the metrics beyond float rounding."""
-
-    decoded_images: bool = Field(True, description="decode + resize each image file once per study")
-    frozen_features: bool = Field(True, description="frozen stages run apart, without autograd, "
-                                  "and their output is cached on val (and train at aug_strength 0)")
-    max_memory_mb: int | None = Field(
-        None, ge=0, description="MiB of RAM for both caches together; null = a quarter of the machine's")
-
-
 class StudyConfig(Frozen):
     """The whole study file. Sections mirror the YAML top-level keys."""
 
@@ -180,6 +171,7 @@ class StudyConfig(Frozen):
     tracking: TrackingSection = TrackingSection()
     registry: RegistrySection = RegistrySection()
     cache: CacheSection = CacheSection()
+    selection: SelectionSection = SelectionSection()
 
     _source: str = PrivateAttr(default="<study>")  # the study file, named in with_params errors
 

@@ -8,7 +8,7 @@ observer can keep them and never changes what another one sees.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import StudyConfig
@@ -23,6 +23,8 @@ class TrialStarted:
     params: dict[str, Any]  # the sampled values, by search-space name
     config: StudyConfig  # the study with the sampled values applied: what the trial runs
     retry_of: int | None  # number of the FAIL trial whose parameters this one re-runs
+    # Selection roles from the trial's user attrs (`baseline`, `rerun_of`, `seed_index`), if any.
+    roles: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

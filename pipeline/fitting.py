@@ -150,7 +150,7 @@ def fit_config(cfg: StudyConfig, prep: Prepared, seed: int,
     torch.manual_seed(seed)
     model, _ = M.build_model(prep.spec, len(prep.splits.class_to_idx), prep.state)
     frozen = M.freeze(model, cfg.model.arch, t.freeze_depth)
-    optimizer, scheduler = build_training(model, t)
+    optimizer, scheduler = build_training(model, t, head=M.head_names(model, len(prep.splits.class_to_idx)))
     inputs = plan(cfg, prep, model, frozen, device, seed)
     try:
         return fit(model, inputs.train_loader, inputs.val_loader, epochs=t.epochs, optimizer=optimizer,

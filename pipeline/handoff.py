@@ -3,6 +3,9 @@ tags, description, an input example) and which MLflow run the model is attached 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from optuna.trial import FrozenTrial
 
@@ -25,6 +28,7 @@ def register_selected(
     checkpoint: TrialCheckpoint,
     sha256: str,
     evaluation: TestEvaluation,
+    extra: Mapping[str, Any] | None = None,
 ) -> registry.Registered:
     """Register the selected checkpoint once under `registry.model_name` and point the alias at it.
 
@@ -38,7 +42,7 @@ def register_selected(
     """
     run_id = existing_run(tracker, selected.user_attrs.get("mlflow_run_id")) or existing_run(tracker, parent)
     return registry.register(
-        lambda: export(cfg, selected, checkpoint, sha256, evaluation, parent),
+        lambda: export(cfg, selected, checkpoint, sha256, evaluation, parent, extra),
         study=cfg.study.name,
         sha256=sha256,
         tracking=tracker.uri,
@@ -80,12 +84,14 @@ def export(
     sha256: str,
     evaluation: TestEvaluation,
     parent: str | None,
+    extra: Mapping[str, Any] | None = None,
 ) -> registry.Export:
     """The registered model with the metadata that makes it usable alone, and its lineage tags.
 
     Metadata: classes (index order), class_to_idx, preprocess, arch, weights_origin, study,
     trial_number, best_epoch, params, `<metric>` (the trial's value), test_accuracy (0-1),
-    checkpoint_sha256 and a note on the output.
+    checkpoint_sha256 and a note on the output, plus `extra` (the selection: candidates, test
+    accuracy with its interval, val -> test gap; `pipeline.champion.metadata`).
 
     Raises:
         DataError, RegistryError: from `input_example`.
@@ -105,6 +111,7 @@ def export(
         "test_accuracy": evaluation.accuracy,
         "checkpoint_sha256": sha256,
         "output": "class probabilities (softmax), columns in `classes` order",
+        **(extra or {}),  # the selection's figures (pipeline.champion.metadata)
     }
     tags = {
         registry.STUDY_TAG: cfg.study.name,

@@ -42,6 +42,7 @@ def write_markdown(
     outcome: Outcome | None = None,
     notes: Sequence[str] = (),
     plots: Sequence[Path] = (),
+    selection: Sequence[str] = (),
 ) -> Path:
     """Write `folder/report.md` (UTF-8) and return its path.
 
@@ -63,7 +64,7 @@ def write_markdown(
     if outcome is None:
         lines += ["**No COMPLETE trial**: nothing was tested or registered.", ""]
     else:
-        lines += selection_lines(cfg, outcome)
+        lines += [*selection, *selection_lines(cfg, outcome)]
     lines += compute_lines(compute)
     lines += [
         "## Trials",

@@ -3,9 +3,12 @@
 `run_report(cfg)` on a finished or interrupted study:
 1. **Compare** (`pipeline.comparison`, `pipeline.plots`): the trials table is written as
    `trials.csv`, with PNG plots, under the report folder.
-2. **Select, then test once** (`pipeline.evaluation`): the best COMPLETE trial by the study's value
-   (ties: lower trial number) is chosen from Optuna alone. Its best-epoch checkpoint is evaluated on
-   the sealed test split exactly once per checkpoint; later reports reuse the stored result.
+2. **Select, then test once** (`pipeline.champion`, `pipeline.evaluation`): the champion is the
+   best mean val over seeds among the top `selection.top_k` candidates (baselines included),
+   chosen from Optuna alone (`reruns: 0`, baselines off: the best COMPLETE trial by value, ties to
+   the lower number). Its checkpoint, or with `selection.refit` its refit on train + val, is
+   evaluated on the sealed test split exactly once; later reports reuse the stored result. Test
+   accuracy comes with a 95% Wilson interval and the val -> test gap.
 3. **Register** (`pipeline.handoff`, `pipeline.registry`): only the selected model, under
    `registry.model_name`, with the alias moved to it; a later report that selects the same
    checkpoint reuses that version.
@@ -29,15 +32,13 @@ from typing import cast
 import optuna
 from optuna.trial import FrozenTrial
 
-from pipeline import checkpoints, stores
+from pipeline import champion, stores
 from pipeline.comparison import (
     Cleanup,
     Compute,
-    checkpoint_path,
     clean_checkpoints,
     compute_spent,
     ranked_complete,
-    select_trial,
     trials_frame,
 )
 from pipeline.config import StudyConfig
@@ -127,15 +128,17 @@ def run_report(
     frame, compute = trials_frame(study, cfg), compute_spent(trials, cfg.training.epochs)
     ranked = ranked_complete(trials, cfg.study.direction)
     frame.to_csv(folder / "trials.csv", index=False)
-    plots, plot_notes = write_plots(study, cfg, frame, folder, ranked[0].number if ranked else None)
+    choice = champion.choose(trials, cfg) if ranked else None
+    plots, plot_notes = write_plots(study, cfg, frame, folder, choice.selected.number if choice else None)
     notes += plot_notes
-    if not ranked:
+    if choice is None:
         md = write_markdown(folder, cfg, trials, frame, compute, None, notes, plots)
         _log_files(tracker, parent, [folder / "trials.csv", *plots, md])
-        select_trial(trials, cfg.study.direction, cfg.study.name)  # raises the clear message
-    outcome, fresh = _hand_off(cfg, study, trials, ranked[0], tracker, parent)
+        choice = champion.choose(trials, cfg)  # raises the clear message: no COMPLETE trial
+    outcome, fresh, section = _hand_off(cfg, study, trials, choice, tracker, parent)
+    notes.append(section[0])
     confusion = confusion_plot(outcome.test, folder / "confusion_matrix.png")
-    md = write_markdown(folder, cfg, trials, frame, compute, outcome, notes, plots)
+    md = write_markdown(folder, cfg, trials, frame, compute, outcome, notes, plots, section[1:])
     files = (folder / "trials.csv", *plots, confusion, md)
     _log_files(tracker, parent, files)
     _tag_parent(tracker, parent, outcome, fresh)
@@ -177,18 +180,23 @@ def _hand_off(
     cfg: StudyConfig,
     study: optuna.Study,
     trials: Sequence[FrozenTrial],
-    selected: FrozenTrial,
+    choice: champion.Choice,
     tracker: Tracker,
     parent: str | None,
-) -> tuple[Outcome, bool]:
-    """Test the selected checkpoint once, register it, then delete the checkpoints not kept."""
-    path = checkpoint_path(selected, cfg.study.name)
-    checkpoint = checkpoints.TrialCheckpoint.load(path)
-    sha = checkpoints.sha256(path)
+) -> tuple[Outcome, bool, list[str]]:
+    """Test the champion's model (its checkpoint, or its refit on train + val) once, register it,
+    then delete the checkpoints not kept. Also returns the selection section of the report, its
+    first line the one-line figures."""
+    selected = choice.selected
+    checkpoint, path, sha, refitted = champion.tested_model(study, cfg, choice)
     evaluation, fresh = evaluate_once(study, cfg, checkpoint, sha)
-    registered = register_selected(cfg, tracker, parent, selected, checkpoint, sha, evaluation)
+    champion.record_tested(study, selected, path, sha, refitted)
+    figures = champion.honest_figures(cfg, choice, evaluation)
+    extra = champion.metadata(choice, figures, refitted)
+    registered = register_selected(cfg, tracker, parent, selected, checkpoint, sha, evaluation, extra)
     cleanup = clean_checkpoints(trials, selected, cfg.study.direction, cfg.registry.keep_top_k, cfg.study.name)
-    return Outcome(selected, evaluation, registered, cleanup), fresh
+    section = [figures.describe(), *champion.markdown_lines(cfg, choice, figures, refitted)]
+    return Outcome(selected, evaluation, registered, cleanup), fresh, section
 
 
 def _make_folder(folder: Path) -> Path:

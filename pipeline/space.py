@@ -38,6 +38,7 @@ TUNABLE: dict[str, tuple[str, str]] = {
     "step_size": ("training.scheduler", "step_size"),
     "gamma": ("training.scheduler", "gamma"),
     "batch_size": ("data", "batch_size"),
+    "head_lr_mult": ("training", "head_lr_mult"),
 }
 
 

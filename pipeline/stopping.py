@@ -1,4 +1,5 @@
-"""When a study stops early: the failure budget, and failures that repeat on every trial.
+"""When a study stops: what `n_trials` counts (re-runs and the probe do not), the failure budget,
+and failures that repeat on every trial.
 
 Optuna callbacks (called after each finished trial, as `study.optimize(callbacks=...)` does);
 they only read trials and call `study.stop()`.
@@ -8,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.events import TrialObserver
+from pipeline.selection import BASELINE_ATTR, is_rerun
+
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)  # what `n_trials` counts
 
 
 class FailureBudget:
@@ -52,3 +57,33 @@ def same_failure(failed: Sequence[FrozenTrial]) -> str | None:
         f"the same error: {reasons.pop()}; it does not depend on the sampled parameters, so more "
         "trials cannot help: fix the data, model or training setting it names and run again"
     )
+
+
+def is_extra(trial: FrozenTrial) -> bool:
+    """A trial outside the search's budget: a seed re-run or the linear-probe baseline (the seed
+    recipe is a sampled point like any other and counts)."""
+    return is_rerun(trial) or trial.user_attrs.get(BASELINE_ATTR) == "linear_probe"
+
+
+def counted(study: optuna.Study) -> int:
+    """What `n_trials` counts: COMPLETE + PRUNED trials that are not re-runs or the probe."""
+    return sum(not is_extra(t) for t in study.get_trials(deepcopy=False, states=COUNTED_STATES))
+
+
+def rerun_seed(data_seed: int, rerun_of: int, seed_index: int) -> int:
+    """Training seed of re-run `seed_index` of trial `rerun_of`: a SeedSequence hash of the three,
+    so it differs from every original's `data.seed + number` in practice and is the same on
+    every worker and resume."""
+    return int(np.random.SeedSequence([data_seed, rerun_of, seed_index]).generate_state(1)[0])
+
+
+class TrialBudget:
+    """Optuna callback: stop once `counted(study) >= n_trials` (`MaxTrialsCallback` semantics,
+    with re-runs and the probe left out of the count)."""
+
+    def __init__(self, n_trials: int) -> None:
+        self.n_trials = n_trials
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if counted(study) >= self.n_trials:
+            study.stop()

@@ -17,6 +17,7 @@ from types import FrameType
 import optuna
 from optuna.trial import TrialState
 
+from pipeline.baselines import add_baselines, run_reruns
 from pipeline.config import StudyConfig
 from pipeline.errors import StudyFailedError
 from pipeline.events import TrialObserver
@@ -96,11 +97,16 @@ def run_study(
     synced = reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
     if synced:
         say(f"MLflow: created the missing runs of trial(s) {', '.join(map(str, synced))} from Optuna's record")
+    add_baselines(study, cfg, prep, url, say)
+    reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)  # the probe's nested run
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     status = "FAILED"
     try:
-        reason = optimize(study, cfg, prep, [MLflowObserver(tracker, cfg.study.name), *observers])
+        everyone = [MLflowObserver(tracker, cfg.study.name), *observers]
+        reason = optimize(study, cfg, prep, everyone)
+        if reason == "n_trials reached":
+            run_reruns(study, cfg, prep, url, everyone)
         # A study that produced nothing usable is a failure, also for the parent run.
         status = "FAILED" if unusable(study, reason) else "FINISHED"
     except KeyboardInterrupt:

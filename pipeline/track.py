@@ -24,6 +24,7 @@ REASON_TAG = "sweep.fail_reason"
 RETRY_TAG = "sweep.retry_of"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run id
 RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's nested run id
+ROLE_ATTRS = ("baseline", "rerun_of", "seed_index")  # trial user attrs of pipeline.selection
 
 
 def run_params(cfg: StudyConfig) -> dict[str, Any]:
@@ -48,6 +49,11 @@ def run_params(cfg: StudyConfig) -> dict[str, Any]:
     }
 
 
+def role_tags(attrs: Mapping[str, Any]) -> dict[str, str]:
+    """Run tags of a trial's selection role: `sweep.baseline`, `sweep.rerun_of`, `sweep.seed_index`."""
+    return {f"sweep.{k}": str(attrs[k]) for k in ROLE_ATTRS if attrs.get(k) is not None}
+
+
 class MLflowObserver(TrialObserver):
     """Trial events -> one nested run per trial under the tracker's parent run: params at the
     start, metrics per epoch (step = epoch), the Optuna state as run status and tags at the end."""
@@ -63,6 +69,8 @@ class MLflowObserver(TrialObserver):
         self.runs[event.number] = run_id
         if event.retry_of is not None:
             self.tracker.set_tags(run_id, {RETRY_TAG: str(event.retry_of)})
+        if event.roles:  # sweep.baseline / sweep.rerun_of / sweep.seed_index
+            self.tracker.set_tags(run_id, role_tags(event.roles))
         return {RUN_ATTR: run_id}
 
     def epoch_finished(self, number: int, result: EpochResult) -> None:
@@ -114,7 +122,7 @@ def sync_runs(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) 
         run_id = tracker.start_nested_run(study_name, t.number, t.params)
         if run_id:
             _backfill_epochs(tracker, run_id, t)
-        tags = {"sweep.synced": "true"}
+        tags = {"sweep.synced": "true", **role_tags(t.user_attrs)}
         if t.user_attrs.get("fail_reason"):
             tags[REASON_TAG] = t.user_attrs["fail_reason"]
         tracker.end_nested_run(run_id, t.state.name, tags)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -224,10 +224,23 @@ def fit(model: nn.Module, train_loader: Batches, val_loader: Batches, *, epochs:
     return FitResult(tuple(history), best_epoch, sign * best_score, best_state)
 
 
-def build_training(model: nn.Module, training: TrainingSection,
-                   epochs: int | None = None) -> tuple[torch.optim.Optimizer, Scheduler | None]:
-    """Optimizer over the trainable parameters only (frozen stages excluded) and its scheduler."""
-    opt = make_optimizer(trainable_parameters(model), training.optimizer, training.lr,
+def build_training(model: nn.Module, training: TrainingSection, epochs: int | None = None,
+                   head: Collection[str] = ()) -> tuple[torch.optim.Optimizer, Scheduler | None]:
+    """Optimizer over the trainable parameters only (frozen stages excluded) and its scheduler.
+
+    `head`: state-dict names of the new head's parameters (`model.head_names`); they form a
+    second param group with lr `training.lr * training.head_lr_mult` (a freshly initialised head
+    usually wants a larger step than the pretrained body). The scheduler scales both groups.
+    """
+    params = trainable_parameters(model)
+    mult = training.head_lr_mult
+    groups: list = params
+    if head and mult != 1.0:
+        ids = {id(p) for n, p in model.named_parameters() if n in head and p.requires_grad}
+        groups = [g for g in ({"params": [p for p in params if id(p) not in ids]},
+                              {"params": [p for p in params if id(p) in ids], "lr": training.lr * mult})
+                  if g["params"]]
+    opt = make_optimizer(groups, training.optimizer, training.lr,
                          training.momentum, training.weight_decay, training.nesterov)
     sched = make_scheduler(opt, training.scheduler.type, epochs or training.epochs,
                            training.scheduler.step_size, training.scheduler.gamma)

@@ -5,8 +5,9 @@ Semantics (../shared/DESIGN.md):
   pruner decides right after each report.
 - The trial's value is its best validation metric over the epochs it ran, and that epoch's
   weights are its checkpoint: the last epoch is often past the best one under a step LR.
-- `n_trials` counts finished trials (COMPLETE + PRUNED, `COUNTED_STATES`); FAIL trials do not
-  count, so a study resumed after a crash still reaches `n_trials`. `max_failed_trials` bounds a
+- `n_trials` counts finished trials (COMPLETE + PRUNED, `COUNTED_STATES`) of the search itself:
+  seed re-runs (`rerun_of`) and the linear-probe baseline do not count (`counted`); FAIL trials do
+  not count, so a study resumed after a crash still reaches `n_trials`. `max_failed_trials` bounds a
   failing run.
 - Storage is Optuna's RDB storage with heartbeats (see `pipeline.recovery` for dead trials).
 
@@ -31,7 +32,6 @@ from typing import Any
 import optuna
 import torch
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
-from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -42,11 +42,11 @@ from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.fitting import fit_config
 from pipeline.preflight import Prepared
 from pipeline.search import grid_exhausted, make_pruner, make_sampler, suggest
-from pipeline.stopping import FailureBudget
+from pipeline.selection import BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR
+from pipeline.stopping import COUNTED_STATES, FailureBudget, TrialBudget, counted, rerun_seed
 from pipeline.stores import check_local_paths, sqlite_path, storage_url, store_lock
 from pipeline.train import EpochResult, FitResult, NonFiniteLossError
 
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)  # what `n_trials` counts
 FINGERPRINT_ATTR = "sweep_fingerprint"
 
 
@@ -162,7 +162,7 @@ def load_existing(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
 
 
 def count(study: optuna.Study, states: tuple[TrialState, ...] = COUNTED_STATES) -> int:
-    """Number of the study's trials in `states` (default: those `n_trials` counts)."""
+    """Number of the study's trials in `states`, all of them (see `counted` for `n_trials`)."""
     return len(study.get_trials(deepcopy=False, states=states))
 
 
@@ -183,6 +183,7 @@ class Objective:
         try:
             cfg = self.cfg.with_params(suggest(trial, self.cfg.search_space))
             self._start(trial, cfg)
+            rerun_of = trial.user_attrs.get(RERUN_ATTR)
 
             def on_epoch(result: EpochResult) -> None:
                 history.append(dataclasses.asdict(result))
@@ -190,10 +191,13 @@ class Objective:
                 for observer in self.observers:
                     observer.epoch_finished(trial.number, result)
                 trial.report(getattr(result, cfg.study.metric), step=result.epoch)
-                if trial.should_prune():
+                # A re-run measures a candidate's spread: it runs to its last epoch.
+                if rerun_of is None and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
-            fitted = fit_config(cfg, self.prep, cfg.data.seed + trial.number, on_epoch)
+            seed = (cfg.data.seed + trial.number if rerun_of is None
+                    else rerun_seed(cfg.data.seed, int(rerun_of), int(trial.user_attrs.get(SEED_INDEX_ATTR, 1))))
+            fitted = fit_config(cfg, self.prep, seed, on_epoch)
             path = self._save_checkpoint(cfg, trial, fitted)
         except optuna.TrialPruned:
             self._end(trial, "PRUNED", start, history)
@@ -219,7 +223,9 @@ class Objective:
         retry_of = RetryFailedTrialCallback.retried_trial_number(_frozen(trial))
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
-        event = TrialStarted(trial.number, dict(trial.params), cfg, retry_of)
+        roles = {k: trial.user_attrs[k] for k in (BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR)
+                 if trial.user_attrs.get(k) is not None}
+        event = TrialStarted(trial.number, dict(trial.params), cfg, retry_of, roles)
         for observer in self.observers:
             for key, value in (observer.trial_started(event) or {}).items():
                 trial.set_user_attr(key, value)
@@ -294,7 +300,7 @@ def optimize(study: optuna.Study, cfg: StudyConfig, prep: Prepared, observers: S
     """Run trials until `n_trials` counted trials exist, the timeout passes, too many fail, or the
     grid is exhausted; one `study.optimize` call with Optuna's callbacks.
 
-    Each finished trial is checked: `MaxTrialsCallback` (COMPLETE + PRUNED), the failure budget,
+    Each finished trial is checked: `TrialBudget` (`counted`), the failure budget,
     and the grid sampler's own stop. `study.timeout` (seconds) stops starting new trials.
 
     Returns:
@@ -304,7 +310,7 @@ def optimize(study: optuna.Study, cfg: StudyConfig, prep: Prepared, observers: S
         KeyboardInterrupt (`Interrupted` for SIGTERM): after the running trial is recorded FAIL.
     """
     s = cfg.study
-    if count(study) >= s.n_trials:
+    if counted(study) >= s.n_trials:
         return "n_trials reached"
     if grid_exhausted(study, cfg):
         return "grid exhausted"
@@ -312,11 +318,11 @@ def optimize(study: optuna.Study, cfg: StudyConfig, prep: Prepared, observers: S
     study.optimize(
         Objective(cfg, prep, observers),
         timeout=s.timeout,
-        callbacks=[MaxTrialsCallback(s.n_trials, states=COUNTED_STATES), budget],
+        callbacks=[TrialBudget(s.n_trials), budget],
         catch=(Exception,),
         gc_after_trial=True,
     )
-    if count(study) >= s.n_trials:
+    if counted(study) >= s.n_trials:
         return "n_trials reached"
     if budget.spent:
         return "too many failed trials"

@@ -71,6 +71,8 @@ def study_dict(root: Path, **sections) -> dict:
             "freeze_depth": {"type": "int", "low": 0, "high": 2},
         },
         "registry": {"model_name": "tiny-classifier", "alias": "champion"},
+        # Today's selection (no baselines, no re-runs): tests of the selection set their own.
+        "selection": {"baselines": {"linear_probe": False, "seed_recipe": False}, "reruns": 0},
     }
     for key, value in sections.items():
         if isinstance(value, dict):

@@ -14,7 +14,7 @@ from pipeline.space import TUNABLE, FloatParam, IntParam
 
 from conftest import REPO, study_dict, write_study
 
-TUNABLE_LIST = ("aug_strength, batch_size, epochs, freeze_depth, gamma, label_smoothing, lr, "
+TUNABLE_LIST = ("aug_strength, batch_size, epochs, freeze_depth, gamma, head_lr_mult, label_smoothing, lr, "
                 "momentum, nesterov, optimizer, step_size, weight_decay")
 
 
@@ -120,7 +120,7 @@ def test_set_below_a_scalar(path):
 def test_set_unknown_key_is_named(path):
     assert error(path, ["nope.x=3"]) == (
         f"{path}: nope: unknown key (allowed: study, data, model, training, search_space, tracking, "
-        "registry, cache)")
+        "registry, cache, selection)")
 
 
 # ---- unknown keys, types, ranges ------------------------------------------------------------------

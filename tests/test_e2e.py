@@ -58,6 +58,10 @@ def test_sweep_run_on_real_images(tmp_path):
         "study.name": "e2e",
         "study.pruner.n_startup_trials": 1,
         "study.pruner.n_warmup_steps": 0,
+        # Today's selection: this test checks the run of trials itself (see test_champion.py).
+        "selection.baselines.linear_probe": "false",
+        "selection.baselines.seed_recipe": "false",
+        "selection.reruns": 0,
     }
     study_file = REPO / "studies" / "hymenoptera_offline.yaml"
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(study_file), "--n-trials", "3", "--quiet", "--no-report"]
