@@ -29,8 +29,9 @@ KNOWN_PRIVATE = {
 }
 
 
-# namedtuple's public API is underscored so it cannot clash with field names.
-NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
+# Public APIs that start with an underscore: namedtuple's (so it cannot clash with field names)
+# and `os._exit` (exit without running finalisers).
+NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults", "_exit"}
 
 
 def _is_private(name: str) -> bool:
