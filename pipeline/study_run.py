@@ -18,12 +18,13 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import StudyConfig
+from pipeline.datasets import split_inputs
 from pipeline.events import TrialObserver
 from pipeline.mlflow_runs import Tracker
 from pipeline.preflight import prepare
 from pipeline.recovery import recover
 from pipeline.stores import artifact_root, check_local_paths, check_writable, sqlite_path, storage_url, tracking_uri
-from pipeline.track import PARENT_ATTR, MLflowObserver, reconcile
+from pipeline.track import PARENT_ATTR, MLflowObserver, log_study, reconcile
 from pipeline.tune import Interrupted, count, open_storage, open_study, optimize
 
 
@@ -83,6 +84,7 @@ def run_study(
     study.set_user_attr(PARENT_ATTR, parent)
     tracker.log_text(parent, cfg.to_yaml(), "study.yaml")
     tracker.log_text(parent, prep.splits.to_json(), "splits.json")
+    log_study(tracker, parent, cfg, prep.splits)
     tracker.set_tags(
         parent,
         {
@@ -98,7 +100,8 @@ def run_study(
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     status = "FAILED"
     try:
-        reason = optimize(study, cfg, prep, [MLflowObserver(tracker, cfg.study.name), *observers])
+        mlflow_observer = MLflowObserver(tracker, cfg.study.name, split_inputs(prep.splits, ("train", "val")))
+        reason = optimize(study, cfg, prep, [mlflow_observer, *observers])
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
