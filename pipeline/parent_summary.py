@@ -20,7 +20,7 @@ from pipeline.markdown import Outcome
 from pipeline.track import Tracker
 
 NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
-STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
 def checkpoint_val_accuracy(trial: FrozenTrial) -> float | None:
@@ -37,7 +37,7 @@ def checkpoint_val_accuracy(trial: FrozenTrial) -> float | None:
 def describe(cfg: StudyConfig, trials: Sequence[FrozenTrial], outcome: Outcome, report_file: str) -> str:
     """The parent run's description (Markdown), e.g.::
 
-    **Study `tiny`**: 4 trials (2 complete, 1 pruned, 1 fail).
+    **Study `tiny`**: 4 trials (2 complete, 1 pruned, 1 failed).
 
     Selected **trial 1**: val_accuracy 0.9744 at epoch 4.
     Sealed test split: test accuracy 0.909 (70/77; 95% CI 0.824-0.955, wilson); val 0.974, gap +0.065.
@@ -45,7 +45,7 @@ def describe(cfg: StudyConfig, trials: Sequence[FrozenTrial], outcome: Outcome, 
     Full report: `report/report.html` in this run's artifacts.
     """
     counts = Counter(t.state.name for t in trials)
-    states = ", ".join(f"{counts[s]} {s.lower()}" for s in STATE_ORDER if counts[s])
+    states = ", ".join(f"{counts[s]} {word}" for s, word in STATE_WORDS.items() if counts[s])
     selected, registered = outcome.selected, outcome.registered
     figures = figures_of(outcome.test, checkpoint_val_accuracy(selected))
     lines = [

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import CategoricalParam, IntParam, StudyConfig
 from pipeline.data import Splits
-from pipeline.datasets import split_inputs
+from pipeline.datasets import CONTEXT, input_context, split_inputs
 from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.history import epoch_history
 from pipeline.mlflow_runs import Tracker, quiet_mlflow, trial_run_name
@@ -44,6 +44,7 @@ REASON_TAG = "sweep.fail_reason"
 RETRY_TAG = "sweep.retry_of"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run id
 RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's nested run id
+TRIAL_CONTEXTS = (CONTEXT["train"], CONTEXT["val"])  # what a trial's run records; never the test split
 CHANGED_TAG = "sweep.changed_params"  # parent run: study settings changed on resume (params cannot)
 
 
@@ -189,16 +190,21 @@ def reconcile(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) 
 
 
 def sync_runs(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) -> list[int]:
-    """Create the nested runs of finished trials that never reached MLflow; returns their numbers."""
+    """Create the nested runs of finished trials that never reached MLflow, with the train and
+    val dataset inputs the parent run records; returns their numbers."""
     logged = tracker.trial_runs()
     if logged is None:
         return []
     created = []
+    seen: list[DatasetInput] | None = None
     for t in trials:
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) or t.number in logged:
             continue
+        if seen is None:
+            seen = [i for i in tracker.dataset_inputs(tracker.parent_id) if input_context(i) in TRIAL_CONTEXTS]
         run_id = tracker.start_nested_run(study_name, t.number, t.params)
         if run_id:
+            tracker.log_inputs(run_id, seen)
             _backfill_epochs(tracker, run_id, t)
         tags = {"sweep.synced": "true"}
         if t.user_attrs.get("fail_reason"):

@@ -42,16 +42,6 @@ class EpochResult:
                 "val_loss": self.val_loss, "val_accuracy": self.val_accuracy,
                 "epoch_lr": self.lr, "epoch_seconds": self.seconds}
 
-    @classmethod
-    def from_metrics(cls, epoch: int, metrics: dict[str, float]) -> EpochResult:
-        """The inverse of `metrics()` for epoch `epoch`.
-
-        Raises:
-            KeyError: a metric of `metrics()` is missing.
-        """
-        return cls(epoch, metrics["train_loss"], metrics["train_accuracy"], metrics["val_loss"],
-                   metrics["val_accuracy"], metrics["epoch_lr"], metrics["epoch_seconds"])
-
 
 @dataclass(frozen=True)
 class EvalResult:

@@ -14,11 +14,12 @@ from optuna.trial import TrialState
 
 from pipeline import mlflow_runs
 from pipeline.config import load_study
-from pipeline.errors import TrackingError
-from pipeline.events import TrialEnded, TrialStarted
-from pipeline.mlflow_runs import Tracker
 from pipeline.data import Splits, build_splits
 from pipeline.datasets import input_context, split_digest, split_inputs
+from pipeline.errors import TrackingError
+from pipeline.events import TrialEnded, TrialStarted
+from pipeline.history import epoch_attr
+from pipeline.mlflow_runs import Tracker
 from pipeline.track import MLflowObserver, log_study, reconcile, run_params, study_params
 from pipeline.train import EpochResult
 
@@ -104,7 +105,10 @@ def test_observer_mirrors_each_trial_onto_a_nested_run(store, cfg, tmp_path):
     assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.75)]
     assert [(m.step, m.value) for m in client.get_metric_history(done.info.run_id, "best_val_accuracy")] == [(1, 0.75)]
     # the per-epoch rate after the schedule is `epoch_lr`; `lr` is only the param (the sampled rate)
-    assert [(m.step, m.value) for m in client.get_metric_history(done.info.run_id, "epoch_lr")] == [(0, 0.01), (1, 0.01)]
+    assert [(m.step, m.value) for m in client.get_metric_history(done.info.run_id, "epoch_lr")] == [
+        (0, 0.01),
+        (1, 0.01),
+    ]
     assert "lr" not in done.data.metrics
     assert done.data.tags["sweep.best_epoch"] == "1" and done.data.tags["sweep.seconds"] == "2.0"
     assert done.data.params == {k: str(v) for k, v in run_params(cfg.with_params({"lr": 0.01})).items()}
@@ -222,13 +226,15 @@ def _trial(study, state, history, **attrs):
             distributions={"lr": FloatDistribution(1e-3, 1e-1)},
             value=max(h["val_accuracy"] for h in history) if state == TrialState.COMPLETE else None,
             intermediate_values={h["epoch"]: h["val_accuracy"] for h in history},
-            user_attrs={"history": history, **attrs},
+            user_attrs={**dict(epoch_attr(EpochResult(**h)) for h in history), **attrs},
         )
     )
 
 
-def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg):
+def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg, tmp_path):
     uri, tracker = store
+    splits = _splits(tmp_path)
+    log_study(tracker, tracker.parent_id, cfg, splits)
     history = [vars(_epoch(0, 0.5)), vars(_epoch(1, 0.75))]
     observer = MLflowObserver(tracker, "s")
     # Trials 0, 2 and 3 had runs that were left RUNNING (the store went down, or the process
@@ -254,6 +260,9 @@ def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg):
     assert nested[1].data.tags["sweep.fail_reason"] == "non-finite loss: training loss became nan"
     assert [nested[n].info.run_name for n in range(4)] == ["trial-0", "trial-1 (failed)", "trial-2 (failed)", "trial-3"]
     assert [nested[n].data.metrics.get("best_val_accuracy") for n in range(4)] == [0.75, 0.5, 0.5, None]
+    # the rebuilt run records the train and val splits the parent run recorded
+    rebuilt = {(i.dataset.digest, input_context(i)) for i in nested[1].inputs.dataset_inputs}
+    assert rebuilt == {(split_digest(splits, "train"), "training"), (split_digest(splits, "val"), "validation")}
     assert [m.step for m in client.get_metric_history(nested[1].info.run_id, "val_accuracy")] == [0]
     assert nested[2].data.tags["sweep.fail_reason"] == "stale: the process running this trial stopped (heartbeat lost)"
 
@@ -294,7 +303,11 @@ def test_parent_run_records_study_settings_and_the_three_splits(store, tmp_path,
     assert sorted(inputs) == ["test", "training", "validation"]
     assert inputs["test"].name == "images/test" and inputs["test"].digest == split_digest(splits, "test")
     profile = json.loads(inputs["training"].profile)
-    assert profile == {"num_rows": 16, "images_per_class": {"ants": 8, "bees": 8}, "class_to_idx": {"ants": 0, "bees": 1}}
+    assert profile == {
+        "num_rows": 16,
+        "images_per_class": {"ants": 8, "bees": 8},
+        "class_to_idx": {"ants": 0, "bees": 1},
+    }
 
     # resumed with more trials: the first params stay (MLflow params never change), the change is tagged
     more = load_study(tmp_path / "s.yaml", ["study.n_trials=5"])
