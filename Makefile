@@ -9,11 +9,12 @@ SWEEP  := $(VENV)/bin/sweep
 STUDY  ?=
 ARGS   ?=
 PORT   ?= 5000
+DASHBOARD_PORT ?= 8080
 
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install data run report status ui lint test bench clean
+.PHONY: install data run report status ui dashboard lint test bench clean
 
 install: $(VENV)/.installed
 
@@ -42,9 +43,18 @@ report: install
 status: install
 	$(SWEEP) status $(or $(STUDY),studies/hymenoptera_offline.yaml)
 
+# MLflow UI on the embedded store; first the direct link to the study's runs table (MLflow 3 opens
+# an experiment on its GenAI overview otherwise) and to its registered model.
 ui: install
+	@$(SWEEP) ui-links $(or $(STUDY),studies/hymenoptera_offline.yaml) --base-url http://127.0.0.1:$(PORT) || true
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
+
+# optuna-dashboard (the `ui` extra) on the study's Optuna storage: history, importances, trials.
+dashboard: install
+	@$(PY) -c "import optuna_dashboard" 2>/dev/null || $(PY) -m pip install -q -e '.[ui]'
+	@echo "optuna-dashboard: http://127.0.0.1:$(DASHBOARD_PORT)/dashboard/"
+	$(VENV)/bin/optuna-dashboard sqlite:///$(CURDIR)/mlruns/optuna.db --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 # ruff (lint + format check), mypy on pipeline/, and the import-linter contracts in pyproject.toml
 # (the one-way module graph). PYTHONPATH: check this checkout's `pipeline`, whatever is installed.

@@ -225,6 +225,20 @@ def predict(
         out.print(rendered)
 
 
+@app.command("ui-links")
+@handled
+def ui_links(
+    study_file: StudyFile,
+    set_: SetOpt = None,
+    tracking_uri: TrackingOpt = None,
+    base_url: Annotated[str, typer.Option(help="where `mlflow ui` serves")] = "http://127.0.0.1:5000",
+) -> None:
+    """Print the MLflow UI links of the study: its runs table and its registered model."""
+    from pipeline.links import study_links
+
+    out.print("\n".join(study_links(_load(study_file, set_), base_url, tracking_uri)), markup=False)
+
+
 @app.command("check-weights")
 @handled
 def check_weights(study_file: StudyFile, set_: SetOpt = None) -> None:

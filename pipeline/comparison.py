@@ -2,7 +2,7 @@
 trial and which trial checkpoints are kept.
 
 Everything here reads Optuna's record only (`FrozenTrial` states, values, params and the user
-attrs the objective writes: `history`, `epochs_run`, `seconds`, `mlflow_run_id`, `checkpoint`);
+attrs the objective writes: the epochs (`pipeline.history`), `epochs_run`, `seconds`, `mlflow_run_id`, `checkpoint`);
 MLflow run statuses never choose anything. Only `clean_checkpoints` changes anything (it deletes
 checkpoint files).
 """
@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import checkpoints
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
+from pipeline.history import epoch_history
 
 BASE_COLUMNS = ("number", "state")
 RESULT_COLUMNS = ("best_epoch", "epochs_run", "seconds", "mlflow_run_id")
@@ -66,7 +67,7 @@ def trial_seconds(trial: FrozenTrial) -> float:
 
 def epochs_run(trial: FrozenTrial) -> int:
     """Epochs the trial trained: its `epochs_run` user attr, else the length of its history."""
-    return int(trial.user_attrs.get("epochs_run", len(trial.user_attrs.get("history", []))))
+    return int(trial.user_attrs.get("epochs_run", len(epoch_history(trial.user_attrs))))
 
 
 def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
@@ -88,7 +89,7 @@ def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
     names += sorted({p for t in trials for p in t.params} - set(names))
     rows = []
     for t in trials:
-        history = t.user_attrs.get("history", [])
+        history = epoch_history(t.user_attrs)
         best, epoch = best_of_history(history, metric, direction)
         rows.append(
             {
@@ -163,7 +164,7 @@ def compute_spent(trials: Sequence[FrozenTrial], planned_epochs: int) -> Compute
             continue
         pruned += 1
         left = max(int(t.params.get("epochs", planned_epochs)) - run, 0)
-        times = [h["seconds"] for h in t.user_attrs.get("history", []) if "seconds" in h]
+        times = [h["seconds"] for h in epoch_history(t.user_attrs) if "seconds" in h]
         per_epoch = sum(times) / len(times) if times else (0.0 if math.isnan(s) else s / max(run, 1))
         saved += left
         saved_s += left * per_epoch

@@ -1,10 +1,11 @@
 """Hand the selected trial off to the registry: what is logged with its model (metadata, lineage
-tags, description, an input example) and which MLflow run the model is attached to."""
+tags, description, an input example, the test figures with the test split as their dataset) and
+which MLflow run the model is attached to."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.trial import FrozenTrial
@@ -14,10 +15,28 @@ from pipeline import imagefiles as IMG
 from pipeline import registry
 from pipeline import transforms as TX
 from pipeline.checkpoints import TrialCheckpoint
+from pipeline.confidence import TestFigures, sealed_test_figures
 from pipeline.config import StudyConfig
+from pipeline.datasets import input_context
 from pipeline.errors import RegistryError, first_line
 from pipeline.evaluation import TestEvaluation, eval_preprocess, rebuild
 from pipeline.track import Tracker
+
+if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
+
+
+def figures_of(evaluation: TestEvaluation, val_accuracy: float | None = None) -> TestFigures:
+    """The evaluation's accuracy with its 95% Wilson interval (and the val -> test gap when the
+    selected trial's val accuracy is given)."""
+    correct = sum(evaluation.confusion[i][i] for i in range(len(evaluation.confusion)))
+    return sealed_test_figures(correct, evaluation.n_images, val=val_accuracy)
+
+
+def recorded_test_input(tracker: Tracker, parent: str | None) -> DatasetInput | None:
+    """The test split's dataset input as the parent run recorded it when the study started
+    (`track.log_study`); None for a study run before inputs were logged."""
+    return next((i for i in tracker.dataset_inputs(parent) if input_context(i) == "test"), None)
 
 
 def register_selected(
@@ -42,7 +61,9 @@ def register_selected(
     """
     run_id = existing_run(tracker, selected.user_attrs.get("mlflow_run_id")) or existing_run(tracker, parent)
     return registry.register(
-        lambda: export(cfg, selected, checkpoint, sha256, evaluation, parent, extra),
+        lambda: export(
+            cfg, selected, checkpoint, sha256, evaluation, parent, extra, recorded_test_input(tracker, parent)
+        ),
         study=cfg.study.name,
         sha256=sha256,
         tracking=tracker.uri,
@@ -85,13 +106,17 @@ def export(
     evaluation: TestEvaluation,
     parent: str | None,
     extra: Mapping[str, Any] | None = None,
+    tested_on: DatasetInput | None = None,
 ) -> registry.Export:
     """The registered model with the metadata that makes it usable alone, and its lineage tags.
 
     Metadata: classes (index order), class_to_idx, preprocess, arch, weights_origin, study,
     trial_number, best_epoch, params, `<metric>` (the trial's value), test_accuracy (0-1),
-    checkpoint_sha256 and a note on the output, plus `extra` (the selection: candidates, test
-    accuracy with its interval, val -> test gap; `pipeline.champion.metadata`).
+    checkpoint_sha256 and a note on the output. The model is logged at `best_epoch`; its own
+    metrics are test_accuracy, its 95% interval (test_accuracy_ci_low/high) and test_loss, on
+    `tested_on` (the test split's dataset input).
+    `extra` adds the selection: candidates, test accuracy with its interval, val -> test gap
+    (`pipeline.champion.metadata`).
 
     Raises:
         DataError, RegistryError: from `input_example`.
@@ -120,13 +145,27 @@ def export(
         registry.RUN_TAG: selected.user_attrs.get("mlflow_run_id") or "",
         registry.SHA_TAG: sha256,
     }
+    figures = figures_of(evaluation)
     description = (
         f"study {cfg.study.name}, trial {selected.number} (epoch {checkpoint.best_epoch}): "
-        f"{metric} {checkpoint.value:.4f}, test accuracy {evaluation.accuracy:.4f} "
-        f"on {evaluation.n_images} images; {checkpoint.arch} from {checkpoint.weights_origin}"
+        f"{metric} {checkpoint.value:.4f}; {figures.describe()}; "
+        f"{checkpoint.arch} from {checkpoint.weights_origin}"
     )
+    model_metrics = {
+        "test_accuracy": evaluation.accuracy,
+        "test_accuracy_ci_low": figures.low,
+        "test_accuracy_ci_high": figures.high,
+        "test_loss": evaluation.loss,
+    }
     return registry.Export(
-        registry.export_module(rebuild(checkpoint)), input_example(cfg, checkpoint), metadata, tags, description
+        registry.export_module(rebuild(checkpoint)),
+        input_example(cfg, checkpoint),
+        metadata,
+        tags,
+        description,
+        step=checkpoint.best_epoch,
+        model_metrics=model_metrics,
+        metrics_input=tested_on,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,9 +21,12 @@ from pipeline.errors import TrackingError, first_line
 from pipeline.stores import store_lock
 
 if TYPE_CHECKING:
-    from mlflow.entities import RunInfo
+    from mlflow.entities import DatasetInput, RunInfo
 
 TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna state -> run status
+# What the run name says once the trial is over: the runs table shows KILLED and FAILED runs with
+# the same red cross, so a pruned trial would read as a failure without it.
+NAME_SUFFIX = {"COMPLETE": "", "PRUNED": " (pruned)", "FAIL": " (failed)"}
 STUDY_TAG = "sweep.study"
 TRIAL_TAG = "sweep.trial_number"
 STATE_TAG = "sweep.state"
@@ -51,6 +54,14 @@ def store_errors() -> tuple[type[BaseException], ...]:
     from mlflow.exceptions import MlflowException
 
     return (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError, OSError)
+
+
+def trial_run_name(number: int, state: str | None = None, interrupted: bool = False) -> str:
+    """`trial-<number>` while it runs; once over, its end in brackets unless COMPLETE:
+    `trial-3 (pruned)`, `trial-4 (failed)`, `trial-5 (interrupted)`."""
+    if interrupted:
+        return f"trial-{number} (interrupted)"
+    return f"trial-{number}{NAME_SUFFIX.get(state or '', '')}"
 
 
 def _not_found(err: BaseException) -> bool:
@@ -176,7 +187,9 @@ class Tracker:
         """Create the nested run `trial-<number>` under the parent with `params`; returns its id,
         None while the store is down."""
         tags = {PARENT_TAG: self.parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number)}
-        run = self._safe(self.client.create_run, self.experiment_id, run_name=f"trial-{number}", tags=tags, probe=True)
+        run = self._safe(
+            self.client.create_run, self.experiment_id, run_name=trial_run_name(number), tags=tags, probe=True
+        )
         if run is None:
             return None
         from mlflow.entities import Param
@@ -196,17 +209,25 @@ class Tracker:
         self._safe(self.client.log_batch, run_id, metrics=batch)
 
     def end_nested_run(
-        self, run_id: str | None, state: str, tags: Mapping[str, str] | None = None, status: str | None = None
+        self,
+        run_id: str | None,
+        state: str,
+        tags: Mapping[str, str] | None = None,
+        status: str | None = None,
+        name: str | None = None,
     ) -> None:
         """Mirror the Optuna `state` (COMPLETE, PRUNED, FAIL) onto the run: its status and the
-        `sweep.state` tag, plus `tags`. `status` overrides the mirrored status (an interrupted
-        trial is FAIL in Optuna but its run ends KILLED, like the parent run)."""
+        `sweep.state` tag, plus `tags`, and rename it `name` (`trial_run_name`). `status`
+        overrides the mirrored status (an interrupted trial is FAIL in Optuna but its run ends
+        KILLED, like the parent run)."""
         if run_id is None:
             return
         from mlflow.entities import RunTag
 
         all_tags = {STATE_TAG: state, **(tags or {})}
         self._safe(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items()])
+        if name:
+            self._safe(self.client.update_run, run_id, name=name)
         self._safe(self.client.set_terminated, run_id, status=status or TRIAL_STATUS[state])
 
     def trial_runs(self, status: str | None = None) -> dict[int, str] | None:
@@ -224,6 +245,38 @@ class Tracker:
         """Highest step logged for `metric` on the run (-1 when none or the store is down)."""
         history = self._safe(self.client.get_metric_history, run_id, metric) or []
         return max((m.step for m in history), default=-1)
+
+    # -- params and dataset inputs ----------------------------------------------------------
+    def log_new_params(self, run_id: str | None, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        """Log the `params` the run does not hold yet (MLflow params never change once logged).
+
+        Returns:
+            {key: (value logged earlier, value given now)} for params the run holds with another
+            value (a study resumed with a changed setting); empty when the store does not answer.
+        """
+        if run_id is None:
+            return {}
+        run = self._safe(self.client.get_run, run_id)
+        if run is None:
+            return {}
+        from mlflow.entities import Param
+
+        held, given = run.data.params, {k: str(v)[:6000] for k, v in params.items()}
+        new = [Param(k, v) for k, v in given.items() if k not in held]
+        if new:
+            self._safe(self.client.log_batch, run_id, params=new)
+        return {k: (held[k], v) for k, v in given.items() if k in held and held[k] != v}
+
+    def log_inputs(self, run_id: str | None, inputs: Sequence[DatasetInput]) -> None:
+        """Record the datasets the run used (`pipeline.datasets`); MLflow keeps one input per
+        dataset name, digest and context, so logging one again changes nothing."""
+        if run_id and inputs:
+            self._safe(self.client.log_inputs, run_id, datasets=list(inputs))
+
+    def dataset_inputs(self, run_id: str | None) -> list[DatasetInput]:
+        """The dataset inputs logged on the run; empty when none, or the store does not answer."""
+        run = self._safe(self.client.get_run, run_id) if run_id else None
+        return list(run.inputs.dataset_inputs) if run is not None and run.inputs else []
 
     # -- artifacts and tags ------------------------------------------------------------------
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:

@@ -9,7 +9,7 @@ what a pruning study needs to show (see `learning_curves` and `param_plots`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from pipeline.config import StudyConfig
 from pipeline.errors import first_line
 from pipeline.evaluation import TestEvaluation
+from pipeline.history import epoch_history
 from pipeline.space import FloatParam, IntParam
 
 MAIN_PARAMS = ("lr", "momentum", "freeze_depth", "aug_strength")
@@ -32,6 +33,8 @@ STATE_STYLE: dict[str, dict[str, Any]] = {
     "RUNNING": {"linestyle": "-.", "color": "tab:purple", "alpha": 0.7},
 }
 STATE_COLOUR = {"COMPLETE": "tab:green", "PRUNED": "grey", "FAIL": "tab:red", "RUNNING": "tab:purple"}
+LEGEND_LABEL = {"COMPLETE": "complete (one colour per trial)", "PRUNED": "pruned", "FAIL": "fail", "RUNNING": "running"}
+LEGEND_COLOUR = {"COMPLETE": {"color": "tab:blue"}}  # a sample of the per-trial colours
 
 
 def write_plots(
@@ -143,8 +146,15 @@ def importance_plot(study: optuna.Study, cfg: StudyConfig, path: Path) -> str | 
 
 
 def learning_curves(study: optuna.Study, cfg: StudyConfig, path: Path, selected: int | None) -> Path:
-    """Val accuracy per epoch of every trial that reported one, styled by state, each line labelled
-    with its trial number, the selected trial in bold black.
+    """Write `learning_curves_figure` as a PNG at `path`; returns `path`."""
+    _save(learning_curves_figure(study, cfg, selected), path)
+    return path
+
+
+def learning_curves_figure(study: optuna.Study, cfg: StudyConfig, selected: int | None) -> Figure:
+    """Val accuracy per epoch of every trial that reported one, styled by state, each line's end
+    labelled with its trial number, the selected trial in bold black. Trials ending at the same
+    point share one label (`3, 5`); the legend lists only the states drawn.
 
     Drawn here, not with Optuna's `plot_intermediate_values`: that one colours each trial from a
     20-colour cycle with a legend entry per trial, draws PRUNED and COMPLETE trials alike, leaves
@@ -152,35 +162,42 @@ def learning_curves(study: optuna.Study, cfg: StudyConfig, path: Path, selected:
     show where pruning stopped trials and what the winner looked like. It also plots val accuracy
     in a val_loss study, where the intermediate values are losses.
     """
+    from matplotlib.colors import to_hex
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure(7, 4.5)
+    ends: list[tuple[int, float, float, str]] = []  # (trial, last epoch, its val accuracy, line colour)
+    drawn: set[str] = set()
     for t in study.get_trials(deepcopy=False):
-        history = t.user_attrs.get("history", [])
+        history = epoch_history(t.user_attrs)
         if not history:
             continue
-        style = dict(STATE_STYLE.get(t.state.name, STATE_STYLE["RUNNING"]))
+        state = t.state.name if t.state.name in STATE_STYLE else "RUNNING"
+        style = dict(STATE_STYLE[state])
         if t.number == selected:
             style.update(linewidth=2.8, color="black", alpha=1.0)
+        else:
+            drawn.add(state)
         x, y = [h["epoch"] for h in history], [h["val_accuracy"] for h in history]
         (line,) = ax.plot(x, y, marker=".", **style)
+        ends.append((t.number, x[-1], y[-1], to_hex(line.get_color())))
+    low, high = ax.get_ylim()
+    for x_end, y_end, numbers, colour in end_labels(ends, tolerance=0.03 * (high - low)):
         ax.annotate(
-            str(t.number),
-            (x[-1], y[-1]),
+            ", ".join(map(str, numbers)),
+            (x_end, y_end),
             xytext=(4, 0),
             textcoords="offset points",
+            va="center",
             fontsize="x-small",
-            color=line.get_color(),
+            color=colour,
         )
-    proxies = {
-        "complete (one colour per trial)": {**STATE_STYLE["COMPLETE"], "color": "tab:blue"},
-        "pruned": STATE_STYLE["PRUNED"],
-        "fail": STATE_STYLE["FAIL"],
-    }
-    if selected is not None:
+    proxies = {LEGEND_LABEL[s]: {**STATE_STYLE[s], **LEGEND_COLOUR.get(s, {})} for s in LEGEND_LABEL if s in drawn}
+    if selected is not None and any(n == selected for n, *_ in ends):
         proxies[f"selected (trial {selected})"] = {"color": "black", "linewidth": 2.8}
-    ax.legend(handles=[Line2D([], [], label=k, **v) for k, v in proxies.items()], loc="best", fontsize="small")
+    if proxies:
+        ax.legend(handles=[Line2D([], [], label=k, **v) for k, v in proxies.items()], loc="best", fontsize="small")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
         xlabel="epoch (step)",
@@ -188,8 +205,37 @@ def learning_curves(study: optuna.Study, cfg: StudyConfig, path: Path, selected:
         title=f"val accuracy per epoch, labelled by trial\n{cfg.study.name}",
     )
     ax.grid(alpha=0.3)
-    _save(fig, path)
-    return path
+    return fig
+
+
+def end_labels(
+    ends: Sequence[tuple[int, float, float, str]], tolerance: float
+) -> list[tuple[float, float, list[int], str]]:
+    """One label per group of line ends that would overlap: ends at the same epoch whose val
+    accuracies lie within `tolerance` of the next one are labelled together.
+
+    Args:
+        ends: (trial number, last epoch, val accuracy there, line colour) per trial.
+        tolerance: val-accuracy distance under which two labels at one epoch overlap (axis units).
+
+    Returns:
+        (epoch, mean val accuracy of the group, trial numbers in order, colour) per label; the
+        colour is the line's for a single trial, dark grey for a group.
+    """
+    labels = []
+    for x_end in sorted({x for _, x, _, _ in ends}):
+        at_x = sorted((y, n, c) for n, x, y, c in ends if x == x_end)
+        groups: list[list[tuple[float, int, str]]] = []
+        for end in at_x:
+            if groups and end[0] - groups[-1][-1][0] <= tolerance:
+                groups[-1].append(end)
+            else:
+                groups.append([end])
+        for group in groups:
+            numbers = sorted(n for _, n, _ in group)
+            colour = group[0][2] if len(group) == 1 else "dimgrey"
+            labels.append((x_end, sum(y for y, _, _ in group) / len(group), numbers, colour))
+    return labels
 
 
 def param_plot(frame: pd.DataFrame, cfg: StudyConfig, name: str, path: Path) -> str | None:
@@ -224,15 +270,27 @@ def param_plot(frame: pd.DataFrame, cfg: StudyConfig, name: str, path: Path) -> 
 
 
 def confusion_plot(evaluation: TestEvaluation, path: Path) -> Path:
-    """The test confusion matrix as a PNG (rows: true class, columns: predicted class)."""
+    """Write `confusion_figure` as a PNG at `path`; returns `path`."""
+    _save(confusion_figure(evaluation), path)
+    return path
+
+
+def confusion_figure(evaluation: TestEvaluation) -> Figure:
+    """The test confusion matrix (rows: true class, columns: predicted class, cells: counts),
+    titled with the trial and the accuracy with its count on two lines, so a narrow figure of
+    two classes still shows it whole; no grid lines across the cells."""
     import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(evaluation.classes)
-    fig, ax = _figure(2.2 + 0.6 * n, 1.8 + 0.6 * n)
+    correct = sum(evaluation.confusion[i][i] for i in range(n))
+    fig, ax = _figure(max(4.0, 2.4 + 0.6 * n), max(3.6, 2.2 + 0.6 * n))
     ConfusionMatrixDisplay(np.array(evaluation.confusion), display_labels=list(evaluation.classes)).plot(
         ax=ax, colorbar=False, cmap="Blues"
     )
-    ax.set_title(f"test split, trial {evaluation.trial_number} (accuracy {evaluation.accuracy:.3f})")
-    _save(fig, path)
-    return path
+    ax.grid(False)  # a style with axes.grid on (Optuna's ggplot) would draw lines through the cells
+    ax.set_title(
+        f"test split, trial {evaluation.trial_number}\n"
+        f"accuracy {evaluation.accuracy:.3f} ({correct}/{evaluation.n_images})"
+    )
+    return fig

@@ -12,6 +12,9 @@ What is registered (one MLflow model per selected checkpoint):
   `best_epoch`, `params`, the validation value and `test_accuracy`.
 - Model-version tags for lineage: `sweep.study`, `sweep.trial_number`, `sweep.parent_run_id`,
   `sweep.trial_run_id`, `sweep.checkpoint_sha256`.
+- The logged model sits at the checkpoint's epoch (`step`), so MLflow copies that epoch's metrics
+  of the trial's run onto it (not epoch 0's), and the sealed-test figures are logged on the model
+  itself with the test split as their dataset, so the Models page shows what the champion scored.
 
 Serialization (`registry.serialization_format`): "pickle" (default) stores the `nn.Module`, so
 `mlflow.pytorch.load_model` gives back a module that can be inspected or fine-tuned further; it
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,6 +45,7 @@ RUN_TAG = "sweep.trial_run_id"
 ARTIFACT_NAME = "model"
 
 if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
     from mlflow.entities.model_registry import ModelVersion
     from mlflow.models import ModelSignature
     from mlflow.tracking import MlflowClient
@@ -81,8 +85,10 @@ def signature(crop: int, num_classes: int) -> ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, crop, crop))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, crop, crop))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
 
 
 def pip_requirements(arch: str) -> list[str]:
@@ -118,8 +124,10 @@ def find_version(client: MlflowClient, name: str, study: str, sha256: str) -> Mo
     except MlflowException as err:
         if not_found(err):
             return None
-        raise RegistryError(f"looking up the versions of model '{name}' failed: {first_line(err)}; "
-                            "nothing was registered: run `sweep report` again once the store answers") from None
+        raise RegistryError(
+            f"looking up the versions of model '{name}' failed: {first_line(err)}; "
+            "nothing was registered: run `sweep report` again once the store answers"
+        ) from None
     found = [v for v in versions if v.tags.get(SHA_TAG) == sha256 and v.tags.get(STUDY_TAG) == study]
     return min(found, key=lambda v: int(v.version)) if found else None
 
@@ -133,10 +141,23 @@ class Export:
     metadata: dict[str, Any]  # must hold `classes` and `arch`
     tags: dict[str, str]  # model-version tags
     description: str
+    step: int = 0  # the checkpoint's epoch (0-based): the run metrics at this step go onto the model
+    model_metrics: dict[str, float] = field(default_factory=dict)  # test figures, logged on the model
+    metrics_input: DatasetInput | None = None  # the dataset `model_metrics` were measured on
 
 
-def register(build: Callable[[], Export], *, study: str, sha256: str, tracking: str, experiment_id: str,
-             run_id: str | None, name: str, alias: str, serialization_format: str) -> Registered:
+def register(
+    build: Callable[[], Export],
+    *,
+    study: str,
+    sha256: str,
+    tracking: str,
+    experiment_id: str,
+    run_id: str | None,
+    name: str,
+    alias: str,
+    serialization_format: str,
+) -> Registered:
     """Register the selected checkpoint once, then point `alias` at its version.
 
     A version of `name` tagged with this `study` and `sha256` is reused; otherwise `build()` is
@@ -172,8 +193,9 @@ def register(build: Callable[[], Export], *, study: str, sha256: str, tracking: 
     return Registered(name, version, alias, existing is None, previous)
 
 
-def _log_and_register(export: Export, tracking: str, experiment_id: str, run_id: str | None, name: str,
-                      serialization_format: str) -> str:
+def _log_and_register(
+    export: Export, tracking: str, experiment_id: str, run_id: str | None, name: str, serialization_format: str
+) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(tracking)
@@ -182,16 +204,50 @@ def _log_and_register(export: Export, tracking: str, experiment_id: str, run_id:
     # experiment 0 and its relative artifact folder.
     mlflow.set_experiment(experiment_id=experiment_id)
     info = mlflow.pytorch.log_model(
-        export.module, name=ARTIFACT_NAME,
+        export.module,
+        name=ARTIFACT_NAME,
         signature=signature(export.example.shape[-1], len(export.metadata["classes"])),
-        input_example=export.example, metadata=export.metadata, tags=export.tags,
+        input_example=export.example,
+        metadata=export.metadata,
+        tags=export.tags,
         pip_requirements=pip_requirements(export.metadata["arch"]),
-        serialization_format=serialization_format, registered_model_name=name, run_id=run_id,
+        serialization_format=serialization_format,
+        registered_model_name=name,
+        run_id=run_id,
+        step=export.step,
     )
+    client = mlflow.MlflowClient(tracking, registry_uri=tracking)
+    if run_id is not None and export.model_metrics:
+        log_model_metrics(client, run_id, info.model_id, export)
     version = str(info.registered_model_version)
-    mlflow.MlflowClient(tracking, registry_uri=tracking).update_model_version(
-        name, version, description=export.description)
+    client.update_model_version(name, version, description=export.description)
     return version
+
+
+def log_model_metrics(client: MlflowClient, run_id: str, model_id: str, export: Export) -> None:
+    """Log `export.model_metrics` on the logged model `model_id` (through its source run, at the
+    model's step), each tied to `export.metrics_input`'s dataset, which the run records as an input."""
+    import time
+
+    from mlflow.entities import Metric
+
+    dataset = export.metrics_input.dataset if export.metrics_input is not None else None
+    if export.metrics_input is not None:
+        client.log_inputs(run_id, datasets=[export.metrics_input])
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(
+            k,
+            float(v),
+            now,
+            export.step,
+            model_id=model_id,
+            dataset_name=dataset.name if dataset else None,
+            dataset_digest=dataset.digest if dataset else None,
+        )
+        for k, v in export.model_metrics.items()
+    ]
+    client.log_batch(run_id, metrics=batch)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -211,5 +267,3 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         raise
     version = aliases.get(alias)
     return None if version is None else str(version)
-
-

@@ -14,8 +14,10 @@
    checkpoint reuses that version.
 4. **Clean up** trial checkpoints: the top `registry.keep_top_k` COMPLETE trials and the selected
    one are kept, the other COMPLETE trials' checkpoints are deleted.
-5. **Write** `report.md` (`pipeline.markdown`) and log every file to the study's MLflow parent run
-   under `report/`, with the selection tagged on that run.
+5. **Write** `report.md` (`pipeline.markdown`) and `report.html` (the same, self-contained, which
+   MLflow's artifact viewer renders: `pipeline.html_report`), log every file to the study's MLflow
+   parent run under `report/`, with the selection tagged on that run and summed up in its
+   description (`pipeline.parent_summary`).
 
 Report folder: `--out` when given, else `$SWEEP_REPORTS/<study>`, else `reports/<study>` next to the
 store folder (`$SWEEP_HOME/../reports/<study>`; `./reports/<study>` with the default `./mlruns`).
@@ -45,7 +47,9 @@ from pipeline.config import StudyConfig
 from pipeline.errors import TrackingError
 from pipeline.evaluation import TestEvaluation, evaluate_once
 from pipeline.handoff import register_selected
+from pipeline.html_report import write_html
 from pipeline.markdown import Outcome, write_markdown
+from pipeline.parent_summary import summarise_parent
 from pipeline.plots import confusion_plot, write_plots
 from pipeline.registry import Registered
 from pipeline.track import PARENT_ATTR, Tracker, reconcile
@@ -133,15 +137,16 @@ def run_report(
     notes += plot_notes
     if choice is None:
         md = write_markdown(folder, cfg, trials, frame, compute, None, notes, plots)
-        _log_files(tracker, parent, [folder / "trials.csv", *plots, md])
+        _log_files(tracker, parent, [folder / "trials.csv", *plots, md, write_html(md)])
         choice = champion.choose(trials, cfg)  # raises the clear message: no COMPLETE trial
     outcome, fresh, section = _hand_off(cfg, study, trials, choice, tracker, parent)
     notes.append(section[0])
     confusion = confusion_plot(outcome.test, folder / "confusion_matrix.png")
     md = write_markdown(folder, cfg, trials, frame, compute, outcome, notes, plots, section[1:])
-    files = (folder / "trials.csv", *plots, confusion, md)
+    files = (folder / "trials.csv", *plots, confusion, md, write_html(md))
     _log_files(tracker, parent, files)
     _tag_parent(tracker, parent, outcome, fresh)
+    summarise_parent(tracker, parent, cfg, trials, outcome, fresh)
     return ReportResult(
         study_name=cfg.study.name,
         folder=folder,

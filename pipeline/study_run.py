@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from pipeline.baselines import add_baselines, run_reruns
 from pipeline.config import StudyConfig
+from pipeline.datasets import split_inputs
 from pipeline.errors import StudyFailedError
 from pipeline.events import TrialObserver
 from pipeline.mlflow_runs import Tracker
@@ -26,7 +27,7 @@ from pipeline.preflight import prepare
 from pipeline.recovery import recover
 from pipeline.stopping import same_failure
 from pipeline.stores import artifact_root, check_local_paths, check_writable, sqlite_path, storage_url, tracking_uri
-from pipeline.track import PARENT_ATTR, MLflowObserver, reconcile
+from pipeline.track import PARENT_ATTR, MLflowObserver, log_study, reconcile
 from pipeline.tune import Interrupted, count, open_storage, open_study, optimize
 
 
@@ -86,6 +87,7 @@ def run_study(
     study.set_user_attr(PARENT_ATTR, parent)
     tracker.log_text(parent, cfg.to_yaml(), "study.yaml")
     tracker.log_text(parent, prep.splits.to_json(), "splits.json")
+    log_study(tracker, parent, cfg, prep.splits)
     tracker.set_tags(
         parent,
         {
@@ -103,7 +105,8 @@ def run_study(
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     status = "FAILED"
     try:
-        everyone = [MLflowObserver(tracker, cfg.study.name), *observers]
+        mlflow_observer = MLflowObserver(tracker, cfg.study.name, split_inputs(prep.splits, ("train", "val")))
+        everyone = [mlflow_observer, *observers]
         reason = optimize(study, cfg, prep, everyone)
         if reason == "n_trials reached":
             run_reruns(study, cfg, prep, url, everyone)

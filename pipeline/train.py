@@ -40,13 +40,15 @@ class EpochResult:
     train_accuracy: float
     val_loss: float
     val_accuracy: float
-    lr: float
+    lr: float  # the rate this epoch trained with, after the schedule (not the sampled `lr` param)
     seconds: float
 
     def metrics(self) -> dict[str, float]:
+        """The epoch's MLflow metrics. The rate is `epoch_lr`: the param `lr` is the sampled
+        initial rate, this one follows the schedule."""
         return {"train_loss": self.train_loss, "train_accuracy": self.train_accuracy,
                 "val_loss": self.val_loss, "val_accuracy": self.val_accuracy,
-                "lr": self.lr, "epoch_seconds": self.seconds}
+                "epoch_lr": self.lr, "epoch_seconds": self.seconds}
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from pipeline.config import StudyConfig
 from pipeline.errors import StudyStateError, TrackingError, first_line
 from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.fitting import fit_config
+from pipeline.history import epoch_attr, stale_keys
 from pipeline.preflight import Prepared
 from pipeline.search import grid_exhausted, make_pruner, make_sampler, suggest
 from pipeline.selection import BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR
@@ -130,6 +131,7 @@ def open_study(cfg: StudyConfig, storage: str | RDBStorage, accept_changes: bool
             )
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         raise TrackingError(f"Optuna storage {where} cannot be opened: {first_line(err)}") from None
+    study.set_metric_names([cfg.study.metric])  # optuna-dashboard's axes say val_accuracy, not "Objective 0"
     new = fingerprint(cfg)
     old = study.user_attrs.get(FINGERPRINT_ATTR)
     if old is not None and old != new and not accept_changes:
@@ -187,7 +189,7 @@ class Objective:
 
             def on_epoch(result: EpochResult) -> None:
                 history.append(dataclasses.asdict(result))
-                trial.set_user_attr("history", history)
+                trial.set_user_attr(*epoch_attr(result))
                 for observer in self.observers:
                     observer.epoch_finished(trial.number, result)
                 trial.report(getattr(result, cfg.study.metric), step=result.epoch)
@@ -198,7 +200,7 @@ class Objective:
             seed = (cfg.data.seed + trial.number if rerun_of is None
                     else rerun_seed(cfg.data.seed, int(rerun_of), int(trial.user_attrs.get(SEED_INDEX_ATTR, 1))))
             fitted = fit_config(cfg, self.prep, seed, on_epoch)
-            path = self._save_checkpoint(cfg, trial, fitted)
+            self._save_checkpoint(cfg, trial, fitted)
         except optuna.TrialPruned:
             self._end(trial, "PRUNED", start, history)
             raise
@@ -209,15 +211,17 @@ class Objective:
                 trial.set_user_attr("interrupted", True)
             self._end(trial, "FAIL", start, history, reason=reason, interrupted=interrupted)
             raise
+        # The checkpoint's path is not recorded on the trial: a finished trial's attrs cannot
+        # change, and the report deletes most checkpoints (`checkpoints.resolve` finds the file).
         trial.set_user_attr("best_epoch", fitted.best_epoch)
-        trial.set_user_attr("checkpoint", str(path))
         self._end(trial, "COMPLETE", start, history, best_epoch=fitted.best_epoch)
         return fitted.best_value
 
     def _start(self, trial: optuna.Trial, cfg: StudyConfig) -> None:
         # Who runs this trial: a later start on this host fails it at once if the pid is gone.
         # A retried trial inherits the failed one's user attrs: reset what described that run.
-        fresh = {"host": socket.gethostname(), "pid": os.getpid(), "history": [], "fail_reason": None}
+        fresh = {"host": socket.gethostname(), "pid": os.getpid(), "fail_reason": None}
+        fresh.update(dict.fromkeys(stale_keys(trial.user_attrs)))  # the failed run's epochs
         for key, value in {**fresh, "interrupted": False}.items():
             trial.set_user_attr(key, value)
         retry_of = RetryFailedTrialCallback.retried_trial_number(_frozen(trial))

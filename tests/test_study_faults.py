@@ -19,6 +19,7 @@ from pipeline import tune
 from pipeline.config import load_study
 from pipeline.errors import DataError, StudyStateError, TrackingError
 from pipeline.events import TrialObserver
+from pipeline.history import epoch_history
 from pipeline.stores import storage_url, tracking_uri
 from pipeline.study_run import run_study
 from pipeline.track import Tracker, reconcile
@@ -238,7 +239,7 @@ def test_tracking_server_down_mid_study_keeps_results_in_optuna(sweep_home, tmp_
         for number, run in runs.items():
             assert run.info.status == "FINISHED"
             history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_accuracy")
-            expected = outcome.study.trials[number].user_attrs["history"]
+            expected = epoch_history(outcome.study.trials[number].user_attrs)
             assert [m.value for m in history] == pytest.approx([h["val_accuracy"] for h in expected])
         assert runs[2].data.tags["sweep.synced"] == "true"
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 from mlflow.exceptions import MlflowException
@@ -12,13 +14,16 @@ from optuna.trial import TrialState
 
 from pipeline import mlflow_runs
 from pipeline.config import load_study
+from pipeline.data import Splits, build_splits
+from pipeline.datasets import input_context, split_digest, split_inputs
 from pipeline.errors import TrackingError
 from pipeline.events import TrialEnded, TrialStarted
+from pipeline.history import epoch_attr
 from pipeline.mlflow_runs import Tracker
-from pipeline.track import MLflowObserver, reconcile, run_params
+from pipeline.track import MLflowObserver, log_study, reconcile, run_params, study_params
 from pipeline.train import EpochResult
 
-from conftest import study_dict, write_study
+from conftest import make_folder, study_dict, write_study
 
 
 @pytest.fixture
@@ -53,9 +58,15 @@ def _nested(uri):
     return client, parents, nested
 
 
-def test_observer_mirrors_each_trial_onto_a_nested_run(store, cfg):
+def _splits(tmp_path) -> Splits:
+    root = make_folder(tmp_path / "images", {"train": 3, "val": 4})
+    return build_splits(root, "train", "val", None, 0.5, 0)
+
+
+def test_observer_mirrors_each_trial_onto_a_nested_run(store, cfg, tmp_path):
     uri, tracker = store
-    observer = MLflowObserver(tracker, "s")
+    splits = _splits(tmp_path)
+    observer = MLflowObserver(tracker, "s", split_inputs(splits, ("train", "val")))
     scripts = [  # (state, accuracies per epoch, reason, interrupted)
         ("COMPLETE", [0.5, 0.75], None, False),
         ("PRUNED", [0.25], None, False),
@@ -81,16 +92,35 @@ def test_observer_mirrors_each_trial_onto_a_nested_run(store, cfg):
     assert [nested[n].info.status for n in range(4)] == ["FINISHED", "KILLED", "FAILED", "KILLED"]
     assert [nested[n].data.tags["sweep.state"] for n in range(4)] == ["COMPLETE", "PRUNED", "FAIL", "FAIL"]
     assert {r.data.tags["mlflow.parentRunId"] for r in nested.values()} == {tracker.parent_id}
-    assert [r.info.run_name for _, r in sorted(nested.items())] == ["trial-0", "trial-1", "trial-2", "trial-3"]
+    # the runs table tells a pruned trial from a failed one by its name
+    assert [r.info.run_name for _, r in sorted(nested.items())] == [
+        "trial-0",
+        "trial-1 (pruned)",
+        "trial-2 (failed)",
+        "trial-3 (interrupted)",
+    ]
 
     done = nested[0]
     history = client.get_metric_history(done.info.run_id, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.75)]
     assert [(m.step, m.value) for m in client.get_metric_history(done.info.run_id, "best_val_accuracy")] == [(1, 0.75)]
+    # the per-epoch rate after the schedule is `epoch_lr`; `lr` is only the param (the sampled rate)
+    assert [(m.step, m.value) for m in client.get_metric_history(done.info.run_id, "epoch_lr")] == [
+        (0, 0.01),
+        (1, 0.01),
+    ]
+    assert "lr" not in done.data.metrics
     assert done.data.tags["sweep.best_epoch"] == "1" and done.data.tags["sweep.seconds"] == "2.0"
     assert done.data.params == {k: str(v) for k, v in run_params(cfg.with_params({"lr": 0.01})).items()}
     assert done.data.params["lr"] == "0.01" and done.data.params["freeze_depth"] == "0"
-    assert "best_val_accuracy" not in nested[1].data.metrics and "sweep.best_epoch" not in nested[1].data.tags
+    # best_val_accuracy on every trial that ran an epoch: pruned and interrupted ones too
+    assert [nested[n].data.metrics.get("best_val_accuracy") for n in range(4)] == [0.75, 0.25, None, 0.5]
+    assert "sweep.best_epoch" not in nested[1].data.tags and "best_epoch" not in nested[1].data.metrics
+    # every trial's run records the train and val splits it saw, never the sealed test split
+    expected = {(f"images/{s}", split_digest(splits, s), c) for s, c in (("train", "training"), ("val", "validation"))}
+    for run in nested.values():
+        seen = {(i.dataset.name, i.dataset.digest, input_context(i)) for i in run.inputs.dataset_inputs}
+        assert seen == expected
     assert nested[2].data.tags["sweep.fail_reason"] == "non-finite loss: training loss became nan"
     assert nested[3].data.tags["sweep.fail_reason"] == "interrupted (SIGTERM)"
     assert nested[3].data.tags["sweep.retry_of"] == "2"
@@ -196,13 +226,15 @@ def _trial(study, state, history, **attrs):
             distributions={"lr": FloatDistribution(1e-3, 1e-1)},
             value=max(h["val_accuracy"] for h in history) if state == TrialState.COMPLETE else None,
             intermediate_values={h["epoch"]: h["val_accuracy"] for h in history},
-            user_attrs={"history": history, **attrs},
+            user_attrs={**dict(epoch_attr(EpochResult(**h)) for h in history), **attrs},
         )
     )
 
 
-def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg):
+def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg, tmp_path):
     uri, tracker = store
+    splits = _splits(tmp_path)
+    log_study(tracker, tracker.parent_id, cfg, splits)
     history = [vars(_epoch(0, 0.5)), vars(_epoch(1, 0.75))]
     observer = MLflowObserver(tracker, "s")
     # Trials 0, 2 and 3 had runs that were left RUNNING (the store went down, or the process
@@ -226,6 +258,11 @@ def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg):
     ]  # epoch 1 backfilled from Optuna's record
     assert nested[1].data.tags["sweep.synced"] == "true"
     assert nested[1].data.tags["sweep.fail_reason"] == "non-finite loss: training loss became nan"
+    assert [nested[n].info.run_name for n in range(4)] == ["trial-0", "trial-1 (failed)", "trial-2 (failed)", "trial-3"]
+    assert [nested[n].data.metrics.get("best_val_accuracy") for n in range(4)] == [0.75, 0.5, 0.5, None]
+    # the rebuilt run records the train and val splits the parent run recorded
+    rebuilt = {(i.dataset.digest, input_context(i)) for i in nested[1].inputs.dataset_inputs}
+    assert rebuilt == {(split_digest(splits, "train"), "training"), (split_digest(splits, "val"), "validation")}
     assert [m.step for m in client.get_metric_history(nested[1].info.run_id, "val_accuracy")] == [0]
     assert nested[2].data.tags["sweep.fail_reason"] == "stale: the process running this trial stopped (heartbeat lost)"
 
@@ -234,3 +271,48 @@ def test_reconcile_closes_stale_runs_and_rebuilds_missing_ones(store, cfg):
     assert {n: (r.info.run_id, r.info.status) for n, r in again.items()} == {
         n: (r.info.run_id, r.info.status) for n, r in nested.items()
     }
+
+
+def test_parent_run_records_study_settings_and_the_three_splits(store, tmp_path, image_root):
+    uri, tracker = store
+    tree = study_dict(
+        image_root,
+        study={"sampler": {"type": "tpe", "seed": 3}, "pruner": {"type": "percentile", "percentile": 40}},
+        search_space={
+            "lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True},
+            "freeze_depth": {"type": "int", "low": 0, "high": 2},
+            "optimizer": {"type": "categorical", "choices": ["sgd", "adamw"]},
+            "momentum": {"type": "float", "low": 0.5, "high": 0.9, "step": 0.1},
+        },
+    )
+    cfg = load_study(write_study(tmp_path / "s.yaml", tree))
+    splits = build_splits(image_root, "train", "val", None, 0.5, 0)
+    log_study(tracker, tracker.parent_id, cfg, splits)
+    run = MlflowClient(uri).get_run(tracker.parent_id)
+    params = run.data.params
+    assert params == {k: str(v) for k, v in study_params(cfg).items()}
+    assert (params["arch"], params["weights"], params["n_trials"]) == ("resnet18", "none", "2")
+    assert params["sampler"] == "tpe (seed=3)"
+    assert params["pruner"] == "percentile (n_startup_trials=2, n_warmup_steps=1, percentile=40)"
+    assert params["metric"] == "val_accuracy (maximize)"
+    assert params["space.lr"] == "float [0.001, 0.05] log"
+    assert params["space.freeze_depth"] == "int [0, 2]"
+    assert params["space.optimizer"] == "categorical ['sgd', 'adamw']"
+    assert params["space.momentum"] == "float [0.5, 0.9] step 0.1"
+    inputs = {input_context(i): i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "training", "validation"]
+    assert inputs["test"].name == "images/test" and inputs["test"].digest == split_digest(splits, "test")
+    profile = json.loads(inputs["training"].profile)
+    assert profile == {
+        "num_rows": 16,
+        "images_per_class": {"ants": 8, "bees": 8},
+        "class_to_idx": {"ants": 0, "bees": 1},
+    }
+
+    # resumed with more trials: the first params stay (MLflow params never change), the change is tagged
+    more = load_study(tmp_path / "s.yaml", ["study.n_trials=5"])
+    log_study(tracker, tracker.parent_id, more, splits)
+    again = MlflowClient(uri).get_run(tracker.parent_id)
+    assert again.data.params["n_trials"] == "2"
+    assert json.loads(again.data.tags["sweep.changed_params"]) == {"n_trials": "2 -> 5"}
+    assert len(again.inputs.dataset_inputs) == 3, "logging the same splits again adds no input"

@@ -67,7 +67,7 @@ def test_fit_learns_a_separable_problem():
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert all(h.seconds > 0 and h.lr == 0.1 for h in result.history)
     assert set(result.history[0].metrics()) == {"train_loss", "train_accuracy", "val_loss",
-                                                "val_accuracy", "lr", "epoch_seconds"}
+                                                "val_accuracy", "epoch_lr", "epoch_seconds"}
 
 
 def test_fit_on_image_folder_through_the_loaders(image_root):

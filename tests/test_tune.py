@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.config import load_study
+from pipeline.history import epoch_history
 from pipeline.stores import tracking_uri
 from pipeline.study_run import run_study
 
@@ -38,7 +39,7 @@ def test_run_study_creates_parent_and_nested_runs(sweep_home, study_file):
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == [0, 1]
         trial = trials[int(run.data.tags["sweep.trial_number"])]
-        assert [m.value for m in history] == pytest.approx([h["val_accuracy"] for h in trial.user_attrs["history"]])
+        assert [m.value for m in history] == pytest.approx([h["val_accuracy"] for h in epoch_history(trial.user_attrs)])
         assert trial.value == pytest.approx(max(m.value for m in history))
         assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
