@@ -24,19 +24,31 @@ from torchvision import datasets, transforms
 def tutorial_transforms(crop: int, resize: int, mean, std) -> dict[str, transforms.Compose]:
     """The tutorial's `data_transforms` at the benchmark's size and the weights' mean/std."""
     return {
-        "train": transforms.Compose([transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(),
-                                     transforms.ToTensor(), transforms.Normalize(mean, std)]),
-        "val": transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop),
-                                   transforms.ToTensor(), transforms.Normalize(mean, std)]),
+        "train": transforms.Compose(
+            [
+                transforms.RandomResizedCrop(crop),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+        "val": transforms.Compose(
+            [
+                transforms.Resize(resize),
+                transforms.CenterCrop(crop),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
     }
 
 
 def loaders(data_dir: Path, data_transforms: dict, batch_size: int, num_workers: int):
-    image_datasets = {x: datasets.ImageFolder(os.path.join(data_dir, x), data_transforms[x])
-                      for x in ["train", "val"]}
-    dataloaders = {x: torch.utils.data.DataLoader(image_datasets[x], batch_size=batch_size,
-                                                  shuffle=True, num_workers=num_workers)
-                   for x in ["train", "val"]}
+    image_datasets = {x: datasets.ImageFolder(os.path.join(data_dir, x), data_transforms[x]) for x in ["train", "val"]}
+    dataloaders = {
+        x: torch.utils.data.DataLoader(image_datasets[x], batch_size=batch_size, shuffle=True, num_workers=num_workers)
+        for x in ["train", "val"]
+    }
     sizes = {x: len(image_datasets[x]) for x in ["train", "val"]}
     return dataloaders, sizes
 
@@ -46,8 +58,9 @@ def efficientnet(weights: Path, num_classes: int = 2) -> nn.Module:
     users load offline weights."""
     import timm
 
-    return timm.create_model("efficientnet_lite0", pretrained=True, num_classes=num_classes,
-                             pretrained_cfg_overlay={"file": str(weights)})
+    return timm.create_model(
+        "efficientnet_lite0", pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(weights)}
+    )
 
 
 def fixed_feature_extractor(model: nn.Module) -> list[nn.Parameter]:
@@ -58,8 +71,7 @@ def fixed_feature_extractor(model: nn.Module) -> list[nn.Parameter]:
     return list(model.get_classifier().parameters())
 
 
-def train_model(model, dataloaders, dataset_sizes, criterion, optimizer, scheduler, num_epochs,
-                device, on_epoch=None):
+def train_model(model, dataloaders, dataset_sizes, criterion, optimizer, scheduler, num_epochs, device, on_epoch=None):
     """The tutorial's loop. Returns (model with best weights, best val acc, per-epoch seconds)."""
     seconds = []
     with TemporaryDirectory() as tempdir:
@@ -101,16 +113,30 @@ def train_model(model, dataloaders, dataset_sizes, criterion, optimizer, schedul
     return model, float(best_acc), seconds
 
 
-def run(data_dir: Path, weights: Path, *, fixed: bool, epochs: int, lr: float, momentum: float,
-        batch_size: int, num_workers: int, crop: int, resize: int, mean, std, device) -> dict:
+def run(
+    data_dir: Path,
+    weights: Path,
+    *,
+    fixed: bool,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    num_workers: int,
+    crop: int,
+    resize: int,
+    mean,
+    std,
+    device,
+) -> dict:
     """One tutorial run: fine-tune everything, or the fixed-feature-extractor recipe."""
-    dataloaders, sizes = loaders(data_dir, tutorial_transforms(crop, resize, mean, std), batch_size,
-                                 num_workers)
+    dataloaders, sizes = loaders(data_dir, tutorial_transforms(crop, resize, mean, std), batch_size, num_workers)
     model = efficientnet(weights).to(device)
     params = fixed_feature_extractor(model) if fixed else model.parameters()
     model.to(device)
     optimizer = optim.SGD(params, lr=lr, momentum=momentum)
     scheduler = lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
-    _, best, seconds = train_model(model, dataloaders, sizes, nn.CrossEntropyLoss(), optimizer,
-                                   scheduler, epochs, device)
+    _, best, seconds = train_model(
+        model, dataloaders, sizes, nn.CrossEntropyLoss(), optimizer, scheduler, epochs, device
+    )
     return {"epoch_seconds": seconds, "best_val_accuracy": best, "images": sizes}

@@ -28,24 +28,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-S = {"train_per_class": 32, "val_per_class": 16, "test_per_class": 8, "image_size": 160, "batch_size": 16,
-     "num_workers": 2, "epochs": 3, "lr": 0.01, "momentum": 0.9, "study_trials": 8, "study_epochs": 4, "seed": 0,
-     "aug_epochs": 5, "aug_seeds": 3}
-SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True},
-         "momentum": {"type": "float", "low": 0.5, "high": 0.99},
-         "freeze_depth": {"type": "int", "low": 0, "high": 8},
-         "aug_strength": {"type": "float", "low": 0.0, "high": 1.0}}
-TARGETS = {"throughput_depth0_vs_bare": (">=", 0.95), "epoch_frozen_vs_bare": ("<=", 0.35),
-           "epoch_frozen_aug0_vs_bare": ("<=", 0.05), "sweep_pruned_vs_unpruned_wall": ("<=", 0.6),
-           "sweep_pruned_minus_unpruned_best": (">=", -0.01), "tracking_overhead_share": ("<=", 0.01),
-           "peak_rss_vs_bare": ("<=", 1.5), "study_vs_usual_wall": ("report", None)}
+S = {
+    "train_per_class": 32,
+    "val_per_class": 16,
+    "test_per_class": 8,
+    "image_size": 160,
+    "batch_size": 16,
+    "num_workers": 2,
+    "epochs": 3,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "study_trials": 8,
+    "study_epochs": 4,
+    "seed": 0,
+    "aug_epochs": 5,
+    "aug_seeds": 3,
+}
+SPACE = {
+    "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True},
+    "momentum": {"type": "float", "low": 0.5, "high": 0.99},
+    "freeze_depth": {"type": "int", "low": 0, "high": 8},
+    "aug_strength": {"type": "float", "low": 0.0, "high": 1.0},
+}
+TARGETS = {
+    "throughput_depth0_vs_bare": (">=", 0.95),
+    "epoch_frozen_vs_bare": ("<=", 0.35),
+    "epoch_frozen_aug0_vs_bare": ("<=", 0.05),
+    "sweep_pruned_vs_unpruned_wall": ("<=", 0.6),
+    "sweep_pruned_minus_unpruned_best": (">=", -0.01),
+    "tracking_overhead_share": ("<=", 0.01),
+    "peak_rss_vs_bare": ("<=", 1.5),
+    "study_vs_usual_wall": ("report", None),
+}
 
 
 def make_slice(source: Path, target: Path) -> Path:
     """Symlink the fixed slice: train/<class> first 32 JPEGs, val/<class> first 16, test/<class> next 8."""
-    counts = {"train": (("train", 0, S["train_per_class"]),),
-              "val": (("val", 0, S["val_per_class"]), ("test", S["val_per_class"],
-                                                       S["val_per_class"] + S["test_per_class"]))}
+    counts = {
+        "train": (("train", 0, S["train_per_class"]),),
+        "val": (("val", 0, S["val_per_class"]), ("test", S["val_per_class"], S["val_per_class"] + S["test_per_class"])),
+    }
     for src_split, outs in counts.items():
         for cls in sorted(p.name for p in (source / src_split).iterdir() if p.is_dir()):
             files = sorted(p for p in (source / src_split / cls).iterdir() if p.suffix.lower() == ".jpg")
@@ -62,10 +84,19 @@ def make_slice(source: Path, target: Path) -> Path:
 def study_tree(data: Path, weights: Path, name: str, **training) -> dict:
     return {
         "study": {"name": name, "n_trials": S["study_trials"], "sampler": {"type": "tpe", "seed": S["seed"]}},
-        "data": {"root": str(data), "test": "test", "image_size": S["image_size"],
-                 "batch_size": S["batch_size"], "num_workers": S["num_workers"], "seed": S["seed"]},
-        "model": {"arch": "timm/efficientnet_lite0", "weights": str(weights),
-                  "preprocess": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+        "data": {
+            "root": str(data),
+            "test": "test",
+            "image_size": S["image_size"],
+            "batch_size": S["batch_size"],
+            "num_workers": S["num_workers"],
+            "seed": S["seed"],
+        },
+        "model": {
+            "arch": "timm/efficientnet_lite0",
+            "weights": str(weights),
+            "preprocess": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        },
         "training": {"epochs": S["epochs"], "lr": S["lr"], "momentum": S["momentum"]} | training,
         "search_space": SPACE,
     }
@@ -90,15 +121,27 @@ def after_first(seconds: list[float]) -> float:
 
 # ---- parts (each runs in its own process) -------------------------------------------------------
 
+
 def part_bare(args, fixed: bool) -> dict:
     from benchmarks import bare
     from pipeline.train import pick_device
 
     pp_resize = round(S["image_size"] / 0.875)
-    return bare.run(args.data_slice, args.weights, fixed=fixed, epochs=S["epochs"], lr=S["lr"],
-                    momentum=S["momentum"], batch_size=S["batch_size"], num_workers=S["num_workers"],
-                    crop=S["image_size"], resize=pp_resize, mean=(0.5,) * 3, std=(0.5,) * 3,
-                    device=pick_device("auto"))
+    return bare.run(
+        args.data_slice,
+        args.weights,
+        fixed=fixed,
+        epochs=S["epochs"],
+        lr=S["lr"],
+        momentum=S["momentum"],
+        batch_size=S["batch_size"],
+        num_workers=S["num_workers"],
+        crop=S["image_size"],
+        resize=pp_resize,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        device=pick_device("auto"),
+    )
 
 
 def part_sweep(args, depth: int, aug: float, decoded: bool = True) -> dict:
@@ -110,8 +153,11 @@ def part_sweep(args, depth: int, aug: float, decoded: bool = True) -> dict:
     cfg = config(tree, args.work)
     prep = preflight.prepare(cfg, warn=lambda _: None)
     result = fit_config(cfg, prep, seed=S["seed"])
-    return {"epoch_seconds": [h.seconds for h in result.history], "best_val_accuracy": result.best_value,
-            "images": imagecache.totals()}
+    return {
+        "epoch_seconds": [h.seconds for h in result.history],
+        "best_val_accuracy": result.best_value,
+        "images": imagecache.totals(),
+    }
 
 
 def part_augmentation(args) -> dict:
@@ -123,8 +169,9 @@ def part_augmentation(args) -> dict:
 
     out: dict[str, list[float]] = {"cached": [], "decoded": []}
     for decoded in (True, False):
-        tree = study_tree(args.data_slice, args.weights, "bench-aug", freeze_depth=8, aug_strength=1.0,
-                          epochs=S["aug_epochs"])
+        tree = study_tree(
+            args.data_slice, args.weights, "bench-aug", freeze_depth=8, aug_strength=1.0, epochs=S["aug_epochs"]
+        )
         tree["cache"] = {"decoded_images": decoded}
         cfg = config(tree, args.work)
         prep = preflight.prepare(cfg, warn=lambda _: None)
@@ -188,9 +235,18 @@ def run_study(cfg) -> dict:
         except optuna.TrialPruned:
             tracker.end_trial(run_id, "PRUNED")
             raise
-        TrialCheckpoint(fitted.best_state, cfg.model.arch, prep.spec.origin(), prep.splits.class_to_idx,
-                        prep.preprocess.to_dict(), trial.number, fitted.best_epoch, cfg.study.metric,
-                        fitted.best_value, trial.params).save(TrialCheckpoint.path_for(cfg.study.name, trial.number))
+        TrialCheckpoint(
+            fitted.best_state,
+            cfg.model.arch,
+            prep.spec.origin(),
+            prep.splits.class_to_idx,
+            prep.preprocess.to_dict(),
+            trial.number,
+            fitted.best_epoch,
+            cfg.study.metric,
+            fitted.best_value,
+            trial.params,
+        ).save(TrialCheckpoint.path_for(cfg.study.name, trial.number))
         tracker.end_trial(run_id, "COMPLETE")
         return fitted.best_value
 
@@ -200,12 +256,19 @@ def run_study(cfg) -> dict:
         rss.append(psutil.Process().memory_info().rss)
     tracker.close_parent("FINISHED")
     trials = study.get_trials(deepcopy=False)
-    return {"wall_seconds": time.perf_counter() - start, "best_value": study.best_value,
-            "best_trial": study.best_trial.number,
-            "states": [t.state.name for t in trials], "params": [t.params for t in trials],
-            "epochs_run": [len(t.intermediate_values) for t in trials],
-            "tracking_seconds": spent["tracking"], "epoch_seconds": spent["epochs"],
-            "trial_run_seconds": spent["trial_runs"], "images": imagecache.totals(), "rss_after_trial": rss}
+    return {
+        "wall_seconds": time.perf_counter() - start,
+        "best_value": study.best_value,
+        "best_trial": study.best_trial.number,
+        "states": [t.state.name for t in trials],
+        "params": [t.params for t in trials],
+        "epochs_run": [len(t.intermediate_values) for t in trials],
+        "tracking_seconds": spent["tracking"],
+        "epoch_seconds": spent["epochs"],
+        "trial_run_seconds": spent["trial_runs"],
+        "images": imagecache.totals(),
+        "rss_after_trial": rss,
+    }
 
 
 def part_usual(args) -> dict:
@@ -229,8 +292,11 @@ def part_usual(args) -> dict:
     start = time.perf_counter()
     device = pick_device("auto")
     pp = TX.Preprocess(round(S["image_size"] / 0.875), S["image_size"], (0.5,) * 3, (0.5,) * 3)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=S["seed"]),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=S["seed"]),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
     for p in params:
         study.enqueue_trial(p)
 
@@ -254,14 +320,26 @@ def part_usual(args) -> dict:
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        _, best, _ = bare.train_model(model, dataloaders, sizes, nn.CrossEntropyLoss(), optimizer,
-                                      scheduler, S["study_epochs"], device, on_epoch=report)
+        _, best, _ = bare.train_model(
+            model,
+            dataloaders,
+            sizes,
+            nn.CrossEntropyLoss(),
+            optimizer,
+            scheduler,
+            S["study_epochs"],
+            device,
+            on_epoch=report,
+        )
         return best
 
     callback = MLflowCallback(tracking_uri=stores.default_tracking_uri(), metric_name="val_accuracy")
     study.optimize(objective, n_trials=len(params), callbacks=[callback])
-    return {"wall_seconds": time.perf_counter() - start, "best_value": study.best_value,
-            "states": [t.state.name for t in study.trials]}
+    return {
+        "wall_seconds": time.perf_counter() - start,
+        "best_value": study.best_value,
+        "states": [t.state.name for t in study.trials],
+    }
 
 
 PARTS = {
@@ -295,10 +373,26 @@ def child(args) -> None:
 
 def run_part(name: str, args, extra: list[str] = ()) -> dict:
     home = args.work / "home" / name
-    env = {**os.environ, "SWEEP_HOME": str(home), "PYTHONPATH": str(ROOT),
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    cmd = [sys.executable, __file__, "--part", name, "--work", str(args.work), "--data", str(args.data),
-           "--weights", str(args.weights), *extra]
+    env = {
+        **os.environ,
+        "SWEEP_HOME": str(home),
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--part",
+        name,
+        "--work",
+        str(args.work),
+        "--data",
+        str(args.data),
+        "--weights",
+        str(args.weights),
+        *extra,
+    ]
     print(f"  {name} ...", end="", flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=1800)
@@ -318,13 +412,20 @@ def machine() -> dict:
 
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                 platform.processor())
-    return {"cpu_model": model, "cores_usable": cpu_cores(), "cpu_count": os.cpu_count(),
-            "torch_threads": min(torch.get_num_threads(), cpu_cores()), "ram_bytes": psutil.virtual_memory().total,
-            "load_average_1m_at_start": os.getloadavg()[0], "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()
+    )
+    return {
+        "cpu_model": model,
+        "cores_usable": cpu_cores(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": min(torch.get_num_threads(), cpu_cores()),
+        "ram_bytes": psutil.virtual_memory().total,
+        "load_average_1m_at_start": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
 
 
 def verdict(key: str, value: float) -> str:
@@ -357,8 +458,10 @@ def main() -> None:
     make_slice(args.data, args.data_slice)
     began = dt.datetime.now(dt.UTC)
     info = machine()
-    print(f"bench: {S['train_per_class'] * 2} train / {S['val_per_class'] * 2} val images at "
-          f"{S['image_size']} px, {info['torch_threads']} torch threads, {info['cpu_model']}")
+    print(
+        f"bench: {S['train_per_class'] * 2} train / {S['val_per_class'] * 2} val images at "
+        f"{S['image_size']} px, {info['torch_threads']} torch threads, {info['cpu_model']}"
+    )
     r = {name: run_part(name, args) for name in PARTS if name != "study_usual"}
     params_file = args.work / "study_params.json"
     params_file.write_text(json.dumps(r["study_pruned"]["params"]))
@@ -380,27 +483,31 @@ def main() -> None:
         **{k: round(v, 4) for k, v in ratios.items()},
         "images_decoded_per_study": {
             "files": 2 * (S["train_per_class"] + S["val_per_class"]),
-            "decoded": {k: r[k]["images"]["decoded"] for k in ("study_pruned", "study_unpruned")}},
+            "decoded": {k: r[k]["images"]["decoded"] for k in ("study_pruned", "study_unpruned")},
+        },
         "machine": info,
-        "timestamps": {"started": began.isoformat(timespec="seconds"), "ended": ended.isoformat(timespec="seconds"),
-                       "seconds": round((ended - began).total_seconds(), 1)},
+        "timestamps": {
+            "started": began.isoformat(timespec="seconds"),
+            "ended": ended.isoformat(timespec="seconds"),
+            "seconds": round((ended - began).total_seconds(), 1),
+        },
         "method": {
             "epochs": "fastest epoch (train + val) among epochs 1.. of one run (a shared machine disturbs "
-                      "some epochs; epoch 0 fills caches and starts workers); all epoch times in details",
+            "some epochs; epoch 0 fills caches and starts workers); all epoch times in details",
             "augmentation": "best val accuracy, freeze_depth 8, aug 1, 3 seeds: augmentation from the cached "
-                            "sources vs from the file decoded every epoch (details.augmentation)",
+            "sources vs from the file decoded every epoch (details.augmentation)",
             "throughput_depth0_vs_bare": "images/s of sweep's trial epoch (freeze 0, aug 1) / the tutorial loop's",
             "studies": "Optuna API driving pipeline.fitting.fit_config per trial with the product's storage "
-                       "(tune.open_study: SQLite RDB + heartbeats), tune.reseed, track.Tracker nested runs and "
-                       "trial checkpoints, because `sweep run`'s objective (tune.Objective._fit) is being moved "
-                       "onto fit_config in parallel; once it is, `sweep run` takes the same fast paths",
+            "(tune.open_study: SQLite RDB + heartbeats), tune.reseed, track.Tracker nested runs and "
+            "trial checkpoints, because `sweep run`'s objective (tune.Objective._fit) is being moved "
+            "onto fit_config in parallel; once it is, `sweep run` takes the same fast paths",
             "tracking_overhead_share": "time in trial.set_user_attr + Tracker.log_metrics + trial.report + "
-                                       "should_prune per epoch / epoch time, pruned study",
+            "should_prune per epoch / epoch time, pruned study",
             "peak_rss_vs_bare": "ru_maxrss of the trial process (sweep: freeze 0, aug 1) / the tutorial "
-                                "loop's main process (its DataLoader workers are separate processes, in details)",
+            "loop's main process (its DataLoader workers are separate processes, in details)",
             "study_vs_usual_wall": "wall of the usual study (Optuna + optuna-integration MLflowCallback around "
-                                   "the tutorial loop, same enqueued trial parameters, epochs, pruner) / the "
-                                   "pruned sweep study's wall; > 1 means sweep is faster",
+            "the tutorial loop, same enqueued trial parameters, epochs, pruner) / the "
+            "pruned sweep study's wall; > 1 means sweep is faster",
         },
         "targets": {k: verdict(k, v) for k, v in ratios.items()},
         "settings": S,
@@ -414,8 +521,10 @@ def main() -> None:
     best = {k: round(r[k]["best_val_accuracy"], 3) for k in r if "best_val_accuracy" in r[k]}
     print(f"best val accuracy per run: {best}")
     aug = r["augmentation"]
-    print(f"augmentation from cached vs decoded images, best val accuracy over seeds: {aug['cached']} vs "
-          f"{aug['decoded']} (mean difference {aug['mean_cached_minus_decoded']:+.3f})")
+    print(
+        f"augmentation from cached vs decoded images, best val accuracy over seeds: {aug['cached']} vs "
+        f"{aug['decoded']} (mean difference {aug['mean_cached_minus_decoded']:+.3f})"
+    )
     print(f"images decoded per study: {report['images_decoded_per_study']}")
     print(f"wrote {args.out}")
 

@@ -42,20 +42,37 @@ def main() -> None:
     train, val = P.probe_loaders(prep.splits, prep.preprocess, d.batch_size, 0)
     result = P.fit_linear_probe(model, train, val, device, args.seed, num_classes=k)
     start = time.perf_counter()
-    test = D.make_loader(prep.splits.root, prep.splits.test, TX.eval_transform(prep.preprocess), d.batch_size, 0,
-                         shuffle=False)
+    test = D.make_loader(
+        prep.splits.root, prep.splits.test, TX.eval_transform(prep.preprocess), d.batch_size, 0, shuffle=False
+    )
     criterion = torch.nn.CrossEntropyLoss()
     on_val, on_test = evaluate(model, val, criterion, device), evaluate(model, test, criterion, device)
-    print(json.dumps({
-        "study": args.study, "overrides": args.set, "arch": prep.spec.arch, "weights": prep.spec.origin(),
-        "preprocess": prep.preprocess.to_dict(), "split": prep.splits.test_source,
-        "counts": {s: len(getattr(prep.splits, s)) for s in ("train", "val", "test")},
-        "C": result.C, "cv_folds": result.cv_folds, "feature_dim": result.feature_dim,
-        "train_accuracy": result.train_accuracy, "val_accuracy": result.val_accuracy, "val_loss": result.val_loss,
-        "val_accuracy_model": on_val.accuracy, "test_accuracy": on_test.accuracy,
-        "test_correct": int((on_test.predictions == on_test.labels).sum()), "test_total": len(on_test.labels),
-        "probe_seconds": result.seconds, "eval_seconds": time.perf_counter() - start,
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "study": args.study,
+                "overrides": args.set,
+                "arch": prep.spec.arch,
+                "weights": prep.spec.origin(),
+                "preprocess": prep.preprocess.to_dict(),
+                "split": prep.splits.test_source,
+                "counts": {s: len(getattr(prep.splits, s)) for s in ("train", "val", "test")},
+                "C": result.C,
+                "cv_folds": result.cv_folds,
+                "feature_dim": result.feature_dim,
+                "train_accuracy": result.train_accuracy,
+                "val_accuracy": result.val_accuracy,
+                "val_loss": result.val_loss,
+                "val_accuracy_model": on_val.accuracy,
+                "test_accuracy": on_test.accuracy,
+                "test_correct": int((on_test.predictions == on_test.labels).sum()),
+                "test_total": len(on_test.labels),
+                "probe_seconds": result.seconds,
+                "eval_seconds": time.perf_counter() - start,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("SWEEP_SHARED") or next(
-    (p / "shared" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared"))
+SHARED = Path(
+    os.environ.get("SWEEP_SHARED")
+    or next((p / "shared" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared")
+)
 
 VARIANTS = {
     "today": {"baselines": {"linear_probe": False, "seed_recipe": False}, "reruns": 0, "refit": False},
@@ -46,12 +48,16 @@ def _overrides(args: argparse.Namespace, split: int, variant: str) -> list[str]:
     sets = [
         f"data.root={SHARED / 'data' / 'hymenoptera_data'}",
         f"model.weights={SHARED / 'weights' / 'efficientnet_lite0_imagenet.pth'}",
-        f"data.image_size={args.image_size}", f"data.seed={split}", f"data.num_workers={args.num_workers}",
-        f"study.n_trials={args.n_trials}", f"training.epochs={args.epochs}",
+        f"data.image_size={args.image_size}",
+        f"data.seed={split}",
+        f"data.num_workers={args.num_workers}",
+        f"study.n_trials={args.n_trials}",
+        f"training.epochs={args.epochs}",
         f"study.name=bench-{variant}-split{split}",
         f"selection.baselines.linear_probe={str(sel['baselines']['linear_probe']).lower()}",
         f"selection.baselines.seed_recipe={str(sel['baselines']['seed_recipe']).lower()}",
-        f"selection.reruns={sel.get('reruns', args.reruns)}", f"selection.top_k={args.top_k}",
+        f"selection.reruns={sel.get('reruns', args.reruns)}",
+        f"selection.top_k={args.top_k}",
         f"selection.refit={str(sel['refit']).lower()}",
     ]
     return sets + args.set
@@ -60,9 +66,9 @@ def _overrides(args: argparse.Namespace, split: int, variant: str) -> list[str]:
 def probe_test(cfg) -> float:
     """The linear probe fitted on train, accuracy on the split's test half (fraction 0-1)."""
     from pipeline import data as D
-    from pipeline import transforms as TX
     from pipeline import model as M
     from pipeline import probe as P
+    from pipeline import transforms as TX
     from pipeline.preflight import prepare
     from pipeline.train import evaluate
 
@@ -71,8 +77,14 @@ def probe_test(cfg) -> float:
     model, _ = M.build_model(prep.spec, k, prep.state)
     train, val = P.probe_loaders(prep.splits, prep.preprocess, d.batch_size, d.num_workers)
     P.fit_linear_probe(model, train, val, torch.device("cpu"), d.seed, num_classes=k)
-    test = D.make_loader(prep.splits.root, prep.splits.test, TX.eval_transform(prep.preprocess), d.batch_size,
-                         d.num_workers, shuffle=False)
+    test = D.make_loader(
+        prep.splits.root,
+        prep.splits.test,
+        TX.eval_transform(prep.preprocess),
+        d.batch_size,
+        d.num_workers,
+        shuffle=False,
+    )
     return evaluate(model, test, torch.nn.CrossEntropyLoss(), torch.device("cpu")).accuracy
 
 
@@ -90,11 +102,18 @@ def run_one(args: argparse.Namespace, split: int, variant: str) -> dict:
         wall = time.perf_counter() - start
         trials = outcome.study.get_trials(deepcopy=False)
     champion = next(t for t in trials if t.number == report.selected_trial)
-    return {"split": split, "variant": variant, "champion": report.selected_trial,
-            "champion_kind": champion.user_attrs.get("baseline") or "trial",
-            "champion_val_selected": report.val_value, "champion_test": report.test.accuracy,
-            "test_images": report.test.n_images, "trials": len(trials), "wall_seconds": wall,
-            "notes": list(report.notes)}
+    return {
+        "split": split,
+        "variant": variant,
+        "champion": report.selected_trial,
+        "champion_kind": champion.user_attrs.get("baseline") or "trial",
+        "champion_val_selected": report.val_value,
+        "champion_test": report.test.accuracy,
+        "test_images": report.test.n_images,
+        "trials": len(trials),
+        "wall_seconds": wall,
+        "notes": list(report.notes),
+    }
 
 
 def main() -> None:
@@ -121,8 +140,13 @@ def main() -> None:
             row = {**run_one(args, split, variant), "probe_test": probe}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    budget = {"n_trials": args.n_trials, "epochs": args.epochs, "image_size": args.image_size,
-              "top_k": args.top_k, "reruns": args.reruns}
+    budget = {
+        "n_trials": args.n_trials,
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "top_k": args.top_k,
+        "reruns": args.reruns,
+    }
     summary = {}
     for variant in args.variants:
         mine = [r for r in rows if r["variant"] == variant]
@@ -130,9 +154,12 @@ def main() -> None:
             "mean_champion_test": sum(r["champion_test"] for r in mine) / len(mine),
             "mean_gap": sum(r["champion_val_selected"] - r["champion_test"] for r in mine) / len(mine),
             "beats_probe_on_all_splits": all(r["champion_test"] >= r["probe_test"] for r in mine),
-            "wall_vs_today": (sum(r["wall_seconds"] for r in mine)
-                              / max(sum(r["wall_seconds"] for r in rows if r["variant"] == "today"), 1e-9))
-            if "today" in args.variants else None,
+            "wall_vs_today": (
+                sum(r["wall_seconds"] for r in mine)
+                / max(sum(r["wall_seconds"] for r in rows if r["variant"] == "today"), 1e-9)
+            )
+            if "today" in args.variants
+            else None,
         }
     result = {"budget": budget, "runs": rows, "summary": summary}
     print(json.dumps(summary, indent=1))

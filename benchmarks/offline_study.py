@@ -39,8 +39,9 @@ def test_accuracy(cfg, prep, checkpoint: Path) -> float:
     saved = TrialCheckpoint.load(checkpoint)
     model, _ = M.build_model(prep.spec, len(prep.splits.class_to_idx), prep.state)
     model.load_state_dict(saved.state_dict)
-    loader = D.make_loader(prep.splits.root, prep.splits.test, TX.eval_transform(prep.preprocess),
-                           cfg.data.batch_size, 0, shuffle=False)
+    loader = D.make_loader(
+        prep.splits.root, prep.splits.test, TX.eval_transform(prep.preprocess), cfg.data.batch_size, 0, shuffle=False
+    )
     return evaluate(model, loader, torch.nn.CrossEntropyLoss(), pick_device(cfg.training.device)).accuracy
 
 
@@ -77,19 +78,33 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         home = args.out.parent / "offline_home" / name
-        env = {**os.environ, "SWEEP_HOME": str(home), "PYTHONPATH": str(ROOT),
-               "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+        env = {
+            **os.environ,
+            "SWEEP_HOME": str(home),
+            "PYTHONPATH": str(ROOT),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+        }
         sets = [a for s in [*args.overrides, *extra] for a in ("--set", s)]
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", "--study", str(args.study), *sets],
-                              check=False, env=env, capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", "--study", str(args.study), *sets],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if done.returncode != 0:
             sys.exit(f"offline study ({name}) failed:\n{done.stderr[-3000:]}")
         report[name] = json.loads(done.stdout.strip().splitlines()[-1])
         report[name]["process_seconds"] = time.perf_counter() - start
         r = report[name]
-        print(f"{name:6}: wall {r['wall_seconds']:.0f} s, best val {r['best_value']:.3f}, "
-              f"test {r['test_accuracy']:.3f} ({r['test_images']} images), states {r['states']}", flush=True)
+        print(
+            f"{name:6}: wall {r['wall_seconds']:.0f} s, best val {r['best_value']:.3f}, "
+            f"test {r['test_accuracy']:.3f} ({r['test_images']} images), states {r['states']}",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     if len(report) == 2:

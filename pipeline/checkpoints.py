@@ -69,14 +69,17 @@ class TrialCheckpoint:
             RegistryError: the file is missing, unreadable or not a trial checkpoint.
         """
         if not path.is_file():
-            raise RegistryError(f"{path}: checkpoint of the selected trial not found; re-run the trial "
-                                "(`sweep run` with a new study name) or restore the file")
+            raise RegistryError(
+                f"{path}: checkpoint of the selected trial not found; re-run the trial "
+                "(`sweep run` with a new study name) or restore the file"
+            )
         try:
             record = torch.load(path, map_location="cpu", weights_only=True)
             return cls(**record)
         except (OSError, RuntimeError, TypeError, ValueError, EOFError) as err:
-            raise RegistryError(f"{path}: checkpoint cannot be read ({first_line(err)}); "
-                                "restore the file or re-run the study") from None
+            raise RegistryError(
+                f"{path}: checkpoint cannot be read ({first_line(err)}); restore the file or re-run the study"
+            ) from None
 
 
 def sha256(path: Path) -> str:

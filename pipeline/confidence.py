@@ -39,8 +39,10 @@ class TestFigures:
 
     def describe(self) -> str:
         """One line, e.g. 'test accuracy 0.909 (70/77; 95% CI 0.824-0.955, wilson); val 0.974, gap +0.065'."""
-        text = (f"test accuracy {self.accuracy:.3f} ({self.correct}/{self.total}; "
-                f"{self.confidence:.0%} CI {self.low:.3f}-{self.high:.3f}, {self.method})")
+        text = (
+            f"test accuracy {self.accuracy:.3f} ({self.correct}/{self.total}; "
+            f"{self.confidence:.0%} CI {self.low:.3f}-{self.high:.3f}, {self.method})"
+        )
         if self.val is not None and self.gap is not None:
             text += f"; val {self.val:.3f}, gap {self.gap:+.3f}"
         return text
@@ -74,8 +76,9 @@ def val_test_gap(val: float, test: float) -> float:
     return float(val) - float(test)
 
 
-def sealed_test_figures(correct: int, total: int, val: float | None = None, confidence: float = 0.95,
-                 method: str = "wilson") -> TestFigures:
+def sealed_test_figures(
+    correct: int, total: int, val: float | None = None, confidence: float = 0.95, method: str = "wilson"
+) -> TestFigures:
     """Test accuracy `correct / total` with its interval and, given the champion's val accuracy,
     the val -> test gap.
 
@@ -85,5 +88,6 @@ def sealed_test_figures(correct: int, total: int, val: float | None = None, conf
     low, high = accuracy_interval(correct, total, confidence, method)
     accuracy = correct / total
     gap = None if val is None else val_test_gap(val, accuracy)
-    return TestFigures(int(correct), int(total), accuracy, low, high, confidence, method,
-                       None if val is None else float(val), gap)
+    return TestFigures(
+        int(correct), int(total), accuracy, low, high, confidence, method, None if val is None else float(val), gap
+    )

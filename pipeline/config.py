@@ -51,6 +51,7 @@ from pipeline.studyfile import Words, apply_override, describe, parse, where
 
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
+
 class StudySection(Frozen):
     name: Str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     direction: Literal["maximize", "minimize"] = "maximize"
@@ -68,8 +69,10 @@ class StudySection(Frozen):
     @model_validator(mode="after")
     def _direction_fits_metric(self) -> StudySection:
         if METRICS[self.metric] != self.direction:
-            raise fail("direction", f"'{self.direction}' does not fit metric '{self.metric}' "
-                                     f"(use direction: {METRICS[self.metric]})")
+            raise fail(
+                "direction",
+                f"'{self.direction}' does not fit metric '{self.metric}' (use direction: {METRICS[self.metric]})",
+            )
         return self
 
 
@@ -129,7 +132,6 @@ class TrainingSection(Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Bool = False
     channels_last: Bool = False
-
 
 
 class TrackingSection(Frozen):
@@ -223,8 +225,11 @@ class StudyConfig(Frozen):
         else:
             at = "data.batch_size" if self.data.batch_size == 1 else None
         if at and has_batch_norm(self.model.arch):
-            raise fail(at, f"a train batch of 1 image cannot train {self.model.arch}: its BatchNorm "
-                            "layers need at least 2 images per batch; use 2 or more")
+            raise fail(
+                at,
+                f"a train batch of 1 image cannot train {self.model.arch}: its BatchNorm "
+                "layers need at least 2 images per batch; use 2 or more",
+            )
         return self
 
     @model_validator(mode="after")
@@ -239,8 +244,7 @@ class StudyConfig(Frozen):
             target = f"{section}.{key}"
             annotation = type(node).model_fields[key].annotation
             if isinstance(p, FloatParam) and annotation is int:
-                raise fail(f"search_space.{name}.type",
-                            f"{target} takes whole numbers; use type: int")
+                raise fail(f"search_space.{name}.type", f"{target} takes whole numbers; use type: int")
             if isinstance(p, CategoricalParam):
                 values = [("choices", v) for v in p.choices]
             else:
@@ -249,10 +253,8 @@ class StudyConfig(Frozen):
                 try:
                     type(node).model_validate({**node.model_dump(), key: value})
                 except ValidationError as err:
-                    why = next((e["msg"] for e in err.errors() if e["loc"][:1] == (key,)),
-                               err.errors()[0]["msg"])
-                    raise fail(f"search_space.{name}.{at}",
-                                f"{value!r} is not a valid {target}: {why}") from None
+                    why = next((e["msg"] for e in err.errors() if e["loc"][:1] == (key,)), err.errors()[0]["msg"])
+                    raise fail(f"search_space.{name}.{at}", f"{value!r} is not a valid {target}: {why}") from None
         return self
 
     @property

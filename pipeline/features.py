@@ -91,8 +91,11 @@ class FeatureStore:
         return value
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._values), "computed": self.computed,
-                "bytes": sum(self._sizes[k] for k in self._values)}
+        return {
+            "entries": len(self._values),
+            "computed": self.computed,
+            "bytes": sum(self._sizes[k] for k in self._values),
+        }
 
 
 _STORES: dict[int, FeatureStore] = {}
@@ -111,8 +114,9 @@ def clear() -> None:
     _STORES.clear()
 
 
-def compute(cut: Split, images: ImageList | CachedImageList, batch_size: int, device: torch.device,
-            amp: bool = False) -> torch.Tensor:
+def compute(
+    cut: Split, images: ImageList | CachedImageList, batch_size: int, device: torch.device, amp: bool = False
+) -> torch.Tensor:
     """Run the prefix over every item of `images` (eval-transformed `(3, H, W)` float32, in order).
 
     Returns:
@@ -128,7 +132,7 @@ def compute(cut: Split, images: ImageList | CachedImageList, batch_size: int, de
         for batch, _ in loader:
             with autocast(device, amp):
                 features = cut.prefix(batch.to(device))
-            out[start:start + len(batch)] = features.float().cpu()
+            out[start : start + len(batch)] = features.float().cpu()
             start += len(batch)
     return out
 
@@ -137,8 +141,7 @@ class FeatureList(Dataset):
     """(prefix output, label) of one split; the features are computed on first access, so the
     first epoch pays for them. Indexed in batches (`__getitems__`) for speed."""
 
-    def __init__(self, store: FeatureStore, key: str, labels: list[int],
-                 compute_fn: Callable[[], torch.Tensor]):
+    def __init__(self, store: FeatureStore, key: str, labels: list[int], compute_fn: Callable[[], torch.Tensor]):
         self.store, self.key, self.compute_fn = store, key, compute_fn
         self.labels = torch.tensor(labels, dtype=torch.int64)
 
@@ -161,9 +164,14 @@ def feature_loader(dataset: FeatureList, batch_size: int, shuffle: bool, seed: i
     """Batches in exactly the order `data.loader` gives the image dataset with the same
     `batch_size`, `shuffle` and `seed` (same sampler, same seeded generator)."""
     # torch types collate_fn as taking a list of samples; with `__getitems__` it gets the batch.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0,
-                      generator=torch.Generator().manual_seed(seed),
-                      collate_fn=_batch)  # type: ignore[arg-type]
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=_batch,  # type: ignore[arg-type]  # torch types collate_fn over list[Any] only
+    )
 
 
 def nbytes(cut: Split, n: int) -> int:
@@ -175,6 +183,8 @@ def nbytes(cut: Split, n: int) -> int:
 
 
 def too_big(split_name: str, size: int, budget: MemoryBudget) -> None:
-    notice(f"cache: frozen-stage features of the {split_name} split ({size / 2**20:.0f} MiB) do not fit "
-           f"cache.max_memory_mb ({budget.limit / 2**20:.0f} MiB); the frozen stages run every epoch "
-           "for it (raise cache.max_memory_mb to cache them)")
+    notice(
+        f"cache: frozen-stage features of the {split_name} split ({size / 2**20:.0f} MiB) do not fit "
+        f"cache.max_memory_mb ({budget.limit / 2**20:.0f} MiB); the frozen stages run every epoch "
+        "for it (raise cache.max_memory_mb to cache them)"
+    )

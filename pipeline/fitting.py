@@ -62,8 +62,9 @@ class Inputs:
         self.held.clear()
 
 
-def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Module],
-         device: torch.device, seed: int) -> Inputs:
+def plan(
+    cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Module], device: torch.device, seed: int
+) -> Inputs:
     """Choose each split's fast path for a model already frozen to `cfg.training.freeze_depth`.
 
     Args:
@@ -93,14 +94,21 @@ def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Mod
         if cut is None:
             imagecache.notice(
                 f"frozen stages: no exact prefix/suffix cut of {cfg.model.arch} at freeze_depth "
-                f"{t.freeze_depth}; its frozen stages run (without gradients) every epoch")
+                f"{t.freeze_depth}; its frozen stages run (without gradients) every epoch"
+            )
     workers = loader_workers(d.num_workers, device, cheap_items=images is not None)
     forward = cut.forward if cut is not None else None
-    inputs = Inputs(D.loader(image_set(splits.train, True), d.batch_size, workers, True, seed),
-                    D.loader(image_set(splits.val, False), d.batch_size, workers, False),
-                    forward, forward, {"images": "cached" if images else "decoded",
-                                       "train": "prefix" if cut else "model",
-                                       "val": "prefix" if cut else "model"})
+    inputs = Inputs(
+        D.loader(image_set(splits.train, True), d.batch_size, workers, True, seed),
+        D.loader(image_set(splits.val, False), d.batch_size, workers, False),
+        forward,
+        forward,
+        {
+            "images": "cached" if images else "decoded",
+            "train": "prefix" if cut else "model",
+            "val": "prefix" if cut else "model",
+        },
+    )
     if cut is None:
         return inputs
     inputs.store = F.shared_store(memory)
@@ -130,8 +138,9 @@ def plan(cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Mod
     return inputs
 
 
-def fit_config(cfg: StudyConfig, prep: Prepared, seed: int,
-               on_epoch: Callable[[EpochResult], None] | None = None) -> FitResult:
+def fit_config(
+    cfg: StudyConfig, prep: Prepared, seed: int, on_epoch: Callable[[EpochResult], None] | None = None
+) -> FitResult:
     """Build the model for `cfg` (params already applied) and fine-tune it on train, scoring val.
 
     Args:
@@ -153,11 +162,22 @@ def fit_config(cfg: StudyConfig, prep: Prepared, seed: int,
     optimizer, scheduler = build_training(model, t, head=M.head_names(model, len(prep.splits.class_to_idx)))
     inputs = plan(cfg, prep, model, frozen, device, seed)
     try:
-        return fit(model, inputs.train_loader, inputs.val_loader, epochs=t.epochs, optimizer=optimizer,
-                   scheduler=scheduler,
-                   criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
-                   device=device, frozen=frozen, metric=cfg.study.metric, amp=t.amp,
-                   channels_last=t.channels_last, on_epoch=on_epoch,
-                   train_forward=inputs.train_forward, val_forward=inputs.val_forward)
+        return fit(
+            model,
+            inputs.train_loader,
+            inputs.val_loader,
+            epochs=t.epochs,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+            device=device,
+            frozen=frozen,
+            metric=cfg.study.metric,
+            amp=t.amp,
+            channels_last=t.channels_last,
+            on_epoch=on_epoch,
+            train_forward=inputs.train_forward,
+            val_forward=inputs.val_forward,
+        )
     finally:
         inputs.release()

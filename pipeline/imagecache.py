@@ -104,8 +104,9 @@ class DecodedImages:
     `file_hits` (entries read from the folder). Returned tensors are shared: do not modify them.
     """
 
-    def __init__(self, root: Path, pp: TX.Preprocess, budget: MemoryBudget, folder: Path | None,
-                 for_training: bool = False):
+    def __init__(
+        self, root: Path, pp: TX.Preprocess, budget: MemoryBudget, folder: Path | None, for_training: bool = False
+    ):
         self.root, self.pp, self.budget = Path(root).resolve(), pp, budget
         self.folder = self._usable(folder)
         self.for_training = for_training
@@ -119,8 +120,10 @@ class DecodedImages:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            notice(f"cache: cannot write decoded images under {folder} ({err.strerror or err}); "
-                   "images beyond cache.max_memory_mb are decoded on the fly")
+            notice(
+                f"cache: cannot write decoded images under {folder} ({err.strerror or err}); "
+                "images beyond cache.max_memory_mb are decoded on the fly"
+            )
             return None
         return folder
 
@@ -158,8 +161,10 @@ class DecodedImages:
             self._memory[rel] = (stamp, image)
         else:
             where = f"read from {self.folder}" if self.folder else "decoded again"
-            notice(f"cache: decoded images pass cache.max_memory_mb "
-                   f"({self.budget.limit / 2**20:.0f} MiB); the rest are {where} every epoch")
+            notice(
+                f"cache: decoded images pass cache.max_memory_mb "
+                f"({self.budget.limit / 2**20:.0f} MiB); the rest are {where} every epoch"
+            )
         return image
 
     def _decode(self, path: Path) -> torch.Tensor:
@@ -191,8 +196,10 @@ class DecodedImages:
         target = self.folder / name[:2] / name
         try:
             if shutil.disk_usage(self.folder).free < image.nbytes + DISK_RESERVE:
-                notice(f"cache: under {DISK_RESERVE // 2**20} MiB free on the disk of {self.folder}; "
-                       "decoded images are no longer written there")
+                notice(
+                    f"cache: under {DISK_RESERVE // 2**20} MiB free on the disk of {self.folder}; "
+                    "decoded images are no longer written there"
+                )
                 return
             target.parent.mkdir(exist_ok=True)
             tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
@@ -200,22 +207,29 @@ class DecodedImages:
                 np.save(handle, image.numpy(), allow_pickle=False)
             os.replace(tmp, target)  # readers see a whole entry or none
         except OSError as err:
-            notice(f"cache: cannot write decoded images under {self.folder} ({err.strerror or err}); "
-                   "images beyond cache.max_memory_mb are decoded on the fly")
+            notice(
+                f"cache: cannot write decoded images under {self.folder} ({err.strerror or err}); "
+                "images beyond cache.max_memory_mb are decoded on the fly"
+            )
             self.folder = None
 
     def stats(self) -> dict[str, int]:
         """Counters plus `memory_bytes` / `memory_entries` held by this cache."""
-        return {"decoded": self.decoded, "memory_hits": self.memory_hits, "file_hits": self.file_hits,
-                "memory_entries": len(self._memory),
-                "memory_bytes": sum(t.nbytes for _, t in self._memory.values())}
+        return {
+            "decoded": self.decoded,
+            "memory_hits": self.memory_hits,
+            "file_hits": self.file_hits,
+            "memory_entries": len(self._memory),
+            "memory_bytes": sum(t.nbytes for _, t in self._memory.values()),
+        }
 
 
 _CACHES: dict[tuple, DecodedImages] = {}
 
 
-def shared(root: Path, pp: TX.Preprocess, memory: MemoryBudget, folder: Path | None = None,
-           for_training: bool = False) -> DecodedImages:
+def shared(
+    root: Path, pp: TX.Preprocess, memory: MemoryBudget, folder: Path | None = None, for_training: bool = False
+) -> DecodedImages:
     """The process-wide cache of `root` for `pp` (eval inputs, or augmentation sources when
     `for_training`), so every trial reuses it.
 
@@ -223,8 +237,7 @@ def shared(root: Path, pp: TX.Preprocess, memory: MemoryBudget, folder: Path | N
         folder: where entries are written; default `default_folder()` at the time of the call.
     """
     folder = folder if folder is not None else default_folder()
-    key = (str(Path(root).resolve()), pp.resize, pp.crop, pp.interpolation, str(folder), id(memory),
-           for_training)
+    key = (str(Path(root).resolve()), pp.resize, pp.crop, pp.interpolation, str(folder), id(memory), for_training)
     if key not in _CACHES:
         _CACHES[key] = DecodedImages(root, pp, memory, folder, for_training)
     return _CACHES[key]

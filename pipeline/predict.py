@@ -89,8 +89,7 @@ class Prediction:
             record["file_bytes_b64"] = exact
         if self.error is not None:
             return {**record, "error": self.error}
-        return {**record, "label": self.label, "probability": self.probability,
-                "probabilities": self.probabilities}
+        return {**record, "label": self.label, "probability": self.probability, "probabilities": self.probabilities}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=True)
@@ -108,8 +107,10 @@ def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path]:
             listing = IMG.list_images(path)
             if not listing.images:
                 held = f" (only other files: {IMG.ignored_kinds(listing.ignored, path)})" if listing.ignored else ""
-                raise DataError(f"{display_name(path)}: no image files in this folder{held}; give image "
-                                "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them")
+                raise DataError(
+                    f"{display_name(path)}: no image files in this folder{held}; give image "
+                    "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them"
+                )
             if listing.ignored:
                 warn(IMG.ignored_files_message(path, listing.ignored))
             files += listing.images
@@ -120,9 +121,7 @@ def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path]:
     return files
 
 
-def load_model(
-    model_uri: str, tracking: str, registry: str | None = None
-) -> tuple[PyFuncModel, dict[str, Any]]:
+def load_model(model_uri: str, tracking: str, registry: str | None = None) -> tuple[PyFuncModel, dict[str, Any]]:
     """Load a registered model with the pyfunc flavour.
 
     Args:
@@ -145,28 +144,39 @@ def load_model(
     store = sqlite_path(registry if model_uri.startswith("models:/") else tracking)
     if store is not None and not store.is_file():
         # MLflow would create an empty store there and then report an unknown model
-        raise RegistryError(f"no MLflow store at {store}: pass --tracking-uri, or set MLFLOW_TRACKING_URI "
-                            "(or SWEEP_HOME), to the store `sweep report` registered the model in")
+        raise RegistryError(
+            f"no MLflow store at {store}: pass --tracking-uri, or set MLFLOW_TRACKING_URI "
+            "(or SWEEP_HOME), to the store `sweep report` registered the model in"
+        )
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(registry)
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as err:  # noqa: BLE001  MlflowException, OSError, unpickling errors
         where = tracking if registry == tracking else f"{tracking} (registry {registry})"
-        raise RegistryError(f"{model_uri}: cannot be loaded from {where} ({first_line(err)}); "
-                            "check the name, version or alias (`mlflow ui`, `sweep report`) and "
-                            "--tracking-uri") from None
+        raise RegistryError(
+            f"{model_uri}: cannot be loaded from {where} ({first_line(err)}); "
+            "check the name, version or alias (`mlflow ui`, `sweep report`) and "
+            "--tracking-uri"
+        ) from None
     meta = (model.metadata.metadata or {}) if model.metadata else {}
     if not {"classes", "preprocess"} <= set(meta):
-        raise RegistryError(f"{model_uri}: has no sweep metadata (classes, preprocess); only models "
-                            "registered by `sweep report` can be used with `sweep predict`")
+        raise RegistryError(
+            f"{model_uri}: has no sweep metadata (classes, preprocess); only models "
+            "registered by `sweep report` can be used with `sweep predict`"
+        )
     return model, meta
 
 
 def eval_transform(preprocess: dict[str, Any]) -> TX.Transform:
     """The study's eval transform from a registered model's `preprocess` metadata."""
-    pp = TX.Preprocess(preprocess["resize"], preprocess["crop"], tuple(preprocess["mean"]),
-                      tuple(preprocess["std"]), preprocess.get("interpolation", "bilinear"))
+    pp = TX.Preprocess(
+        preprocess["resize"],
+        preprocess["crop"],
+        tuple(preprocess["mean"]),
+        tuple(preprocess["std"]),
+        preprocess.get("interpolation", "bilinear"),
+    )
     return TX.eval_transform(pp)
 
 
@@ -192,8 +202,9 @@ def preprocess_images(files: list[Path], preprocess: dict[str, Any]) -> np.ndarr
     return np.stack(arrays).astype(np.float32)
 
 
-def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None,
-                  batch_size: int = 32, warn: Warn = _stderr) -> list[Prediction]:
+def predict_files(
+    model_uri: str, paths: list[Path], tracking: str | None = None, batch_size: int = 32, warn: Warn = _stderr
+) -> list[Prediction]:
     """Predict the class of every image under `paths` with a registered model.
 
     Images are decoded and predicted `batch_size` at a time, so memory stays bounded for large
@@ -228,7 +239,7 @@ def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None
     found = IMG.Findings()
     predictions: list[Prediction] = []
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+        chunk = files[start : start + batch_size]
         arrays, rows = [], []
         for path in chunk:
             image, check = IMG.decode_image(path)
@@ -241,8 +252,12 @@ def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None
         for row in rows:
             if row.error is None:
                 p = next(probs)
-                row = Prediction(row.file, classes[int(p.argmax())], float(p.max()),
-                                 {c: float(v) for c, v in zip(classes, p, strict=True)})
+                row = Prediction(
+                    row.file,
+                    classes[int(p.argmax())],
+                    float(p.max()),
+                    {c: float(v) for c, v in zip(classes, p, strict=True)},
+                )
             predictions.append(row)
     for message in found.messages("predict"):
         warn(message)
@@ -250,8 +265,10 @@ def predict_files(model_uri: str, paths: list[Path], tracking: str | None = None
         head = "" if len(files) == 1 else f"none of the {len(files)} image files can be read: "
         raise DataError(head + _named(found.bad))
     if found.bad:
-        warn(f"skipped {len(found.bad)} of {len(files)} image files that cannot be read (the others are "
-             f"predicted): {_named(found.bad)}")
+        warn(
+            f"skipped {len(found.bad)} of {len(files)} image files that cannot be read (the others are "
+            f"predicted): {_named(found.bad)}"
+        )
     return predictions
 
 

@@ -31,8 +31,19 @@ from pipeline import model as M
 from pipeline import weights as W
 
 # Parameter-free modules whose result does not depend on train/eval mode.
-_FIXED = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d,
-          nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
+_FIXED = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Identity,
+)
 _RTOL, _ATOL = 1e-4, 1e-5  # the check's tolerance: float rounding, not a different function
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 
@@ -88,12 +99,16 @@ def steps(model: nn.Module, arch: str) -> list[Callable] | None:
         return _timm_steps(model, arch)
     part = model.get_submodule
     if arch.startswith(_RESNETS):
-        return [*map(part, ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                            "avgpool")), nn.Flatten(1), part("fc")]
+        return [
+            *map(part, ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")),
+            nn.Flatten(1),
+            part("fc"),
+        ]
     if arch.startswith("regnet"):
         return [part("stem"), *part("trunk_output").children(), part("avgpool"), nn.Flatten(1), part("fc")]
-    if all(isinstance(getattr(model, n, None), nn.Module) for n in ("features", "avgpool", "classifier")) \
-            and isinstance(part("features"), nn.Sequential):
+    if all(
+        isinstance(getattr(model, n, None), nn.Module) for n in ("features", "avgpool", "classifier")
+    ) and isinstance(part("features"), nn.Sequential):
         return [*part("features").children(), part("avgpool"), nn.Flatten(1), part("classifier")]
     return None
 
@@ -102,13 +117,11 @@ def _timm_steps(model: nn.Module, arch: str) -> list[Callable] | None:
     head = getattr(model, "forward_head", None)
     if not callable(head):
         return None
-    grouped = {id(t) for _, modules in M.stages(model, arch) for m in modules
-               for t in _tensors(m)}
+    grouped = {id(t) for _, modules in M.stages(model, arch) for m in modules for t in _tensors(m)}
     children = list(model.children())
-    last = max((i for i, c in enumerate(children) if any(id(t) in grouped for t in _tensors(c))),
-               default=-1)
+    last = max((i for i, c in enumerate(children) if any(id(t) in grouped for t in _tensors(c))), default=-1)
     out: list[Callable] = []
-    for child in children[:last + 1]:
+    for child in children[: last + 1]:
         out += list(child.children()) if isinstance(child, nn.Sequential) else [child]
     return [*out, head]
 
@@ -119,8 +132,9 @@ def _tensors(step: object) -> list[torch.Tensor]:
     return [*step.parameters(), *step.buffers()]
 
 
-def split(model: nn.Module, arch: str, frozen: list[nn.Module], image_size: int,
-          channels_last: bool = False) -> Split | None:
+def split(
+    model: nn.Module, arch: str, frozen: list[nn.Module], image_size: int, channels_last: bool = False
+) -> Split | None:
     """Cut `model` after its frozen modules (`model.freeze`'s result), or None when it cannot.
 
     Args:

@@ -34,8 +34,9 @@ class Prepared:
     load_report: W.LoadReport
 
 
-def prepare(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None,
-            warn: Callable[[str], None] = print) -> Prepared:
+def prepare(
+    cfg: StudyConfig, progress: Callable[[int, int], None] | None = None, warn: Callable[[str], None] = print
+) -> Prepared:
     """Scan data, resolve and load weights, check freeze depths fit the arch.
 
     Args:
@@ -53,8 +54,10 @@ def prepare(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None
     for w in caught:
         warn(f"warning: {w.message}")
     if splits.skipped:
-        warn(f"data.bad_images: skip: training without {len(splits.skipped)} unreadable image(s): "
-             f"{', '.join(splits.skipped)} (listed in splits.json)")
+        warn(
+            f"data.bad_images: skip: training without {len(splits.skipped)} unreadable image(s): "
+            f"{', '.join(splits.skipped)} (listed in splits.json)"
+        )
     spec = W.resolve_weights(cfg.model.arch, cfg.model.weights)
     state = W.pretrained_state(spec)
     model, report = M.build_model(spec, len(splits.class_to_idx), state)

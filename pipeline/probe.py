@@ -65,8 +65,14 @@ class ProbeResult:
 
     def metrics(self) -> dict[str, float]:
         """The scalar figures, for logging next to trials' metrics."""
-        return {"probe_C": self.C, "train_accuracy": self.train_accuracy, "val_accuracy": self.val_accuracy,
-                "val_loss": self.val_loss, "seconds": self.seconds, "feature_dim": float(self.feature_dim)}
+        return {
+            "probe_C": self.C,
+            "train_accuracy": self.train_accuracy,
+            "val_accuracy": self.val_accuracy,
+            "val_loss": self.val_loss,
+            "seconds": self.seconds,
+            "feature_dim": float(self.feature_dim),
+        }
 
 
 def head_module(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
@@ -82,9 +88,11 @@ def head_module(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
     head = model.get_submodule(modules[0]) if len(modules) == 1 else None
     if not (isinstance(head, nn.Linear) and head.out_features == num_classes and head.bias is not None):
         found = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in modules) or "none"
-        raise ModelError(f"linear probe: {type(model).__name__} has no single nn.Linear head with "
-                         f"{num_classes} outputs and a bias (found: {found}); turn the linear-probe "
-                         "baseline off for this arch")
+        raise ModelError(
+            f"linear probe: {type(model).__name__} has no single nn.Linear head with "
+            f"{num_classes} outputs and a bias (found: {found}); turn the linear-probe "
+            "baseline off for this arch"
+        )
     return modules[0], head
 
 
@@ -120,8 +128,10 @@ def _folds(labels: np.ndarray, num_classes: int) -> int:
     counts = np.bincount(labels, minlength=num_classes)
     if counts.min() < 2:
         rare = [str(i) for i in np.flatnonzero(counts < 2)]
-        raise ValueError(f"linear probe: class index(es) {', '.join(rare)} have fewer than 2 train images; "
-                         "cross-validation needs at least 2 per class")
+        raise ValueError(
+            f"linear probe: class index(es) {', '.join(rare)} have fewer than 2 train images; "
+            "cross-validation needs at least 2 per class"
+        )
     return int(min(PROBE_FOLDS, counts.min()))
 
 
@@ -147,9 +157,15 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int, see
     # Log loss, not accuracy, scores the folds: on a few dozen images accuracy ties across many C,
     # and on hymenoptera the C chosen by accuracy jumped 1e-3 .. 10 with the fold seed (log loss: 0.1-0.3).
     solver = LogisticRegressionCV(
-        Cs=list(PROBE_CS), l1_ratios=(0.0,), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-        scoring="neg_log_loss", solver="lbfgs", max_iter=PROBE_MAX_ITER, random_state=seed,
-        use_legacy_attributes=False)
+        Cs=list(PROBE_CS),
+        l1_ratios=(0.0,),
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+        scoring="neg_log_loss",
+        solver="lbfgs",
+        max_iter=PROBE_MAX_ITER,
+        random_state=seed,
+        use_legacy_attributes=False,
+    )
     return make_pipeline(StandardScaler(), solver).fit(features.astype(np.float64), labels), folds
 
 
@@ -169,8 +185,15 @@ def head_weights(fitted: Pipeline, num_classes: int) -> tuple[torch.Tensor, torc
     return torch.as_tensor(coef, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
 
 
-def fit_linear_probe(model: nn.Module, train_loader: Batches, val_loader: Batches, device: torch.device,
-                     seed: int = 0, *, num_classes: int) -> ProbeResult:
+def fit_linear_probe(
+    model: nn.Module,
+    train_loader: Batches,
+    val_loader: Batches,
+    device: torch.device,
+    seed: int = 0,
+    *,
+    num_classes: int,
+) -> ProbeResult:
     """Fit the linear-probe baseline and write it into `model`'s head (in place).
 
     Args:
@@ -212,17 +235,31 @@ def fit_linear_probe(model: nn.Module, train_loader: Batches, val_loader: Batche
     train_acc, _ = scores(x_train, y_train)
     val_acc, val_loss = scores(x_val, y_val)
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    return ProbeResult(state, name, float(fitted[-1].C_), folds, train_acc, val_acc, val_loss,
-                       time.perf_counter() - start, int(x_train.shape[1]), len(y_train), len(y_val))
+    return ProbeResult(
+        state,
+        name,
+        float(fitted[-1].C_),
+        folds,
+        train_acc,
+        val_acc,
+        val_loss,
+        time.perf_counter() - start,
+        int(x_train.shape[1]),
+        len(y_train),
+        len(y_val),
+    )
 
 
-def probe_loaders(splits: Splits, preprocess: Preprocess, batch_size: int,
-                  num_workers: int) -> tuple[DataLoader, DataLoader]:
+def probe_loaders(
+    splits: Splits, preprocess: Preprocess, batch_size: int, num_workers: int
+) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for the probe: both with the eval transform, unshuffled."""
     from pipeline import data as D
     from pipeline import transforms as TX
 
     transform = TX.eval_transform(preprocess)
-    train, val = (D.make_loader(splits.root, samples, transform, batch_size, num_workers, shuffle=False)
-                  for samples in (splits.train, splits.val))
+    train, val = (
+        D.make_loader(splits.root, samples, transform, batch_size, num_workers, shuffle=False)
+        for samples in (splits.train, splits.val)
+    )
     return train, val

@@ -25,8 +25,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 13000  # Optuna's default proxy port
 
 
-def serve_storage_proxy(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                        threads: int = 10) -> None:
+def serve_storage_proxy(
+    storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int = 10
+) -> None:
     """Serve the Optuna storage behind `storage_url` over gRPC on `host:port` until the process is
     stopped (SIGTERM, or KeyboardInterrupt from Ctrl-C, which propagates to the caller).
 
@@ -44,14 +45,19 @@ def serve_storage_proxy(storage_url: str, host: str = DEFAULT_HOST, port: int = 
     check_grpc_installed("sweep storage-proxy")
     kind = storage_kind(storage_url)
     if kind != "rdb":
-        raise TrackingError(f"sweep storage-proxy {mask_url(storage_url)}: the proxy serves a database "
-                            "(postgresql://..., mysql://..., sqlite:///...), not a "
-                            f"{'gRPC proxy' if kind == 'grpc' else 'journal file'}; give it the database URL")
+        raise TrackingError(
+            f"sweep storage-proxy {mask_url(storage_url)}: the proxy serves a database "
+            "(postgresql://..., mysql://..., sqlite:///...), not a "
+            f"{'gRPC proxy' if kind == 'grpc' else 'journal file'}; give it the database URL"
+        )
     # Optuna's docs ask for get_storage(): it adds the in-process trial cache RDBStorage lacks alone.
     storage = optuna.storages.get_storage(open_storage(storage_url))
     try:
-        optuna.storages.run_grpc_proxy_server(storage, host=host, port=port,
-                                              thread_pool=ThreadPoolExecutor(max_workers=threads))
+        optuna.storages.run_grpc_proxy_server(
+            storage, host=host, port=port, thread_pool=ThreadPoolExecutor(max_workers=threads)
+        )
     except RuntimeError as err:  # grpc: "Failed to bind to address HOST:PORT ..."
-        raise TrackingError(f"sweep storage-proxy: cannot listen on {host}:{port} ({str(err).split(';')[0]}); "
-                            "is another proxy running there? choose another --port") from None
+        raise TrackingError(
+            f"sweep storage-proxy: cannot listen on {host}:{port} ({str(err).split(';')[0]}); "
+            "is another proxy running there? choose another --port"
+        ) from None

@@ -69,6 +69,7 @@ class Registered:
 
 # ---- export -----------------------------------------------------------------------------------
 
+
 def export_module(classifier: nn.Module) -> nn.Module:
     """Wrap a classifier (logits) so the registered model returns class probabilities.
 

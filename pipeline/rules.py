@@ -26,12 +26,11 @@ def check_arch(arch: str) -> None:
     if arch.startswith(TIMM_PREFIX):
         import timm
 
-        name = arch[len(TIMM_PREFIX):]
+        name = arch[len(TIMM_PREFIX) :]
         if not timm.is_model(name.split(".")[0]):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown arch '{arch}': timm has no model '{name}'{hint} "
-                             "(see timm.list_models())")
+            raise ValueError(f"unknown arch '{arch}': timm has no model '{name}'{hint} (see timm.list_models())")
         return
     if arch not in _torchvision_archs():
         close = difflib.get_close_matches(arch, _torchvision_archs(), n=3)
@@ -57,7 +56,7 @@ def has_batch_norm(arch: str) -> bool:
         if arch.startswith(TIMM_PREFIX):
             import timm
 
-            return timm.create_model(arch[len(TIMM_PREFIX):].split(".")[0], pretrained=False)
+            return timm.create_model(arch[len(TIMM_PREFIX) :].split(".")[0], pretrained=False)
         import torchvision
 
         return torchvision.models.get_model(arch, weights=None)
@@ -86,8 +85,10 @@ def model_name_problem(name: str) -> str | None:
     bad = [c for c in "/:%?" if c in name]
     if bad:
         fixed = re.sub(r"[/:%?]", "-", name)
-        return (f"{name!r} contains {' and '.join(repr(c) for c in bad)}: MLflow registered model "
-                f"names cannot contain '/', ':' or '%' ('?' breaks models:/ URIs); use e.g. {fixed!r}")
+        return (
+            f"{name!r} contains {' and '.join(repr(c) for c in bad)}: MLflow registered model "
+            f"names cannot contain '/', ':' or '%' ('?' breaks models:/ URIs); use e.g. {fixed!r}"
+        )
     if name == "." or name.startswith(".."):
         return f"{name!r}: MLflow treats model names as paths and refuses '.' and names starting with '..'"
     return None
@@ -105,9 +106,13 @@ def alias_problem(alias: str) -> str | None:
     if len(alias) > 255:
         return f"an MLflow alias has at most 255 characters (this one has {len(alias)})"
     if alias.lower() == "latest":
-        return (f"{alias!r} is reserved by MLflow (models:/NAME@latest always means the newest "
-                "version); choose another alias, e.g. champion")
+        return (
+            f"{alias!r} is reserved by MLflow (models:/NAME@latest always means the newest "
+            "version); choose another alias, e.g. champion"
+        )
     if re.fullmatch(r"[vV]\d+", alias):
-        return (f"{alias!r} is reserved by MLflow for version aliases (models:/NAME@{alias} means "
-                f"version {int(alias[1:])}); choose another alias, e.g. champion")
+        return (
+            f"{alias!r} is reserved by MLflow for version aliases (models:/NAME@{alias} means "
+            f"version {int(alias[1:])}); choose another alias, e.g. champion"
+        )
     return None

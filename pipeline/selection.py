@@ -36,8 +36,21 @@ SEEDLESS: frozenset[str] = frozenset({"linear_probe"})
 # attrs) shows up as WAITING or RUNNING and counts as present.
 _PRESENT = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.PRUNED)
 
-TABLE_COLUMNS = ("number", "kind", "baseline", "params", "value", "n_seeds", "seed_values", "mean", "std",
-                 "min", "max", "mean_best_epoch", "refit_epochs")
+TABLE_COLUMNS = (
+    "number",
+    "kind",
+    "baseline",
+    "params",
+    "value",
+    "n_seeds",
+    "seed_values",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "mean_best_epoch",
+    "refit_epochs",
+)
 
 
 def _sign(direction: str) -> float:
@@ -79,8 +92,9 @@ def top_candidates(trials: Sequence[FrozenTrial], k: int, direction: str = "maxi
     return sorted(done, key=lambda t: (sign * _value(t), t.number))[:k]
 
 
-def rerun_plan(trials: Sequence[FrozenTrial], k: int, r: int, direction: str = "maximize",
-               seedless: Collection[str] = SEEDLESS) -> list[tuple[int, int]]:
+def rerun_plan(
+    trials: Sequence[FrozenTrial], k: int, r: int, direction: str = "maximize", seedless: Collection[str] = SEEDLESS
+) -> list[tuple[int, int]]:
     """Re-runs still missing for the top `k` candidates: `(trial number, seed index)` pairs.
 
     Each candidate needs seed indexes 1..r; one is present when some trial carries
@@ -93,19 +107,34 @@ def rerun_plan(trials: Sequence[FrozenTrial], k: int, r: int, direction: str = "
     """
     if r < 0:
         raise ValueError(f"r (seed re-runs per candidate) must be at least 0, got {r}")
-    present = {(t.user_attrs[RERUN_ATTR], t.user_attrs.get(SEED_INDEX_ATTR))
-               for t in trials if is_rerun(t) and t.state in _PRESENT}
-    return [(t.number, i) for t in top_candidates(trials, k, direction)
-            if t.user_attrs.get(BASELINE_ATTR) not in seedless
-            for i in range(1, r + 1) if (t.number, i) not in present]
+    present = {
+        (t.user_attrs[RERUN_ATTR], t.user_attrs.get(SEED_INDEX_ATTR))
+        for t in trials
+        if is_rerun(t) and t.state in _PRESENT
+    }
+    return [
+        (t.number, i)
+        for t in top_candidates(trials, k, direction)
+        if t.user_attrs.get(BASELINE_ATTR) not in seedless
+        for i in range(1, r + 1)
+        if (t.number, i) not in present
+    ]
 
 
 def _seed_trials(original: FrozenTrial, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The original plus its COMPLETE re-runs, one per seed index (the lowest number when a race
     between workers ran one twice), ordered by seed index."""
     by_index: dict[tuple[int, int], FrozenTrial] = {(0, 0): original}
-    reruns = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-                     and t.user_attrs.get(RERUN_ATTR) == original.number), key=lambda t: t.number)
+    reruns = sorted(
+        (
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE
+            and t.value is not None
+            and t.user_attrs.get(RERUN_ATTR) == original.number
+        ),
+        key=lambda t: t.number,
+    )
     for t in reruns:
         index = t.user_attrs.get(SEED_INDEX_ATTR)
         # A re-run without a seed index is still a seed of its own, after the indexed ones.
@@ -150,14 +179,23 @@ def candidate_table(trials: Sequence[FrozenTrial], k: int | None = None, directi
         values = [_value(s) for s in seeds]
         best_steps = [b for s in seeds if (b := _best_step(s.intermediate_values, sign)) is not None]
         name = t.user_attrs.get(BASELINE_ATTR) or ""
-        rows.append({
-            "number": t.number, "kind": "baseline" if name else "trial", "baseline": name, "params": dict(t.params),
-            "value": _value(t), "n_seeds": len(values), "seed_values": tuple(values),
-            "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
-            "min": min(values), "max": max(values),
-            "mean_best_epoch": float(np.mean(best_steps)) if best_steps else math.nan,
-            "refit_epochs": _refit_epochs(seeds, sign),
-        })
+        rows.append(
+            {
+                "number": t.number,
+                "kind": "baseline" if name else "trial",
+                "baseline": name,
+                "params": dict(t.params),
+                "value": _value(t),
+                "n_seeds": len(values),
+                "seed_values": tuple(values),
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+                "min": min(values),
+                "max": max(values),
+                "mean_best_epoch": float(np.mean(best_steps)) if best_steps else math.nan,
+                "refit_epochs": _refit_epochs(seeds, sign),
+            }
+        )
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     table["refit_epochs"] = table["refit_epochs"].astype("Int64")
     table["n_seeds"] = table["n_seeds"].astype(int)
@@ -168,8 +206,13 @@ def _champion_order(table: pd.DataFrame, direction: str) -> pd.DataFrame:
     # A single seed has no spread: it ranks as std 0 among ties on the mean (with r = 0 every
     # candidate has one seed, so ties fall through to the trial number, as before re-runs).
     # Means equal to 12 decimals tie: mean(0.7, 0.8, 0.9) is 0.7999999999999999, not 0.8.
-    key = pd.DataFrame({"mean": (_sign(direction) * table["mean"]).round(12), "std": table["std"].fillna(0.0),
-                        "number": table["number"]})
+    key = pd.DataFrame(
+        {
+            "mean": (_sign(direction) * table["mean"]).round(12),
+            "std": table["std"].fillna(0.0),
+            "number": table["number"],
+        }
+    )
     order = key.sort_values(["mean", "std", "number"], kind="mergesort").index
     return table.loc[order].reset_index(drop=True)
 

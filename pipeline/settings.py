@@ -13,10 +13,14 @@ class CacheSection(Frozen):
     pipeline/features.py); each switch only changes speed, never the metrics beyond float rounding."""
 
     decoded_images: bool = Field(True, description="decode + resize each image file once per study")
-    frozen_features: bool = Field(True, description="frozen stages run apart, without autograd, "
-                                  "and their output is cached on val (and train at aug_strength 0)")
+    frozen_features: bool = Field(
+        True,
+        description="frozen stages run apart, without autograd, "
+        "and their output is cached on val (and train at aug_strength 0)",
+    )
     max_memory_mb: int | None = Field(
-        None, ge=0, description="MiB of RAM for both caches together; null = a quarter of the machine's")
+        None, ge=0, description="MiB of RAM for both caches together; null = a quarter of the machine's"
+    )
 
 
 class BaselinesConfig(Frozen):

@@ -33,8 +33,11 @@ _Loader.add_implicit_resolver(
 )
 
 
-_TYPED = {"tag:yaml.org,2002:bool": "a boolean", "tag:yaml.org,2002:int": "a number",
-          "tag:yaml.org,2002:float": "a number"}
+_TYPED = {
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:int": "a number",
+    "tag:yaml.org,2002:float": "a number",
+}
 
 
 def parse(text: str, path: Path) -> tuple[Any, dict[tuple[str, ...], str]]:
@@ -70,8 +73,10 @@ def _walk(node: yaml.Node, at: tuple[str, ...], words: dict, duplicates: list[st
                 continue
             key, line = str(key_node.value), key_node.start_mark.line + 1
             if key in seen:
-                duplicates.append(f"{'.'.join((*at, key))}: duplicate key (lines {seen[key]} and {line}); "
-                                  "YAML would keep only the last one: merge them or delete one")
+                duplicates.append(
+                    f"{'.'.join((*at, key))}: duplicate key (lines {seen[key]} and {line}); "
+                    "YAML would keep only the last one: merge them or delete one"
+                )
             seen.setdefault(key, line)
             _walk(value, (*at, key), words, duplicates)
     elif isinstance(node, yaml.SequenceNode):
@@ -83,6 +88,7 @@ def _walk(node: yaml.Node, at: tuple[str, ...], words: dict, duplicates: list[st
 
 def where(err: yaml.MarkedYAMLError) -> str:
     """'line L, column C: problem' plus where the unfinished construct started, 1-based."""
+
     def at(mark: yaml.Mark) -> str:
         return f"line {mark.line + 1}, column {mark.column + 1}"
 
@@ -95,9 +101,7 @@ def where(err: yaml.MarkedYAMLError) -> str:
 def apply_override(tree: dict, item: str, path: Path, words: dict[tuple[str, ...], str]) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(
-            f"{path}: --set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3"
-        )
+        raise ConfigError(f"{path}: --set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
     parts = key.strip().split(".")
     try:
         value, new_words = parse(raw, path)
@@ -105,7 +109,7 @@ def apply_override(tree: dict, item: str, path: Path, words: dict[tuple[str, ...
         value, new_words = raw, {}
     except ConfigError as err:  # a duplicate key inside a {...} value
         raise ConfigError(f"{path}: --set {key.strip()}: {str(err).removeprefix(f'{path}: ')}") from None
-    for old in [w for w in words if w[:len(parts)] == tuple(parts)]:
+    for old in [w for w in words if w[: len(parts)] == tuple(parts)]:
         del words[old]
     words.update({(*parts, *sub): word for sub, word in new_words.items()})
     node = tree
@@ -121,8 +125,11 @@ def describe(error: ErrorDetails, words: Words, allowed_keys: Callable[[tuple], 
     """One line for one pydantic error: `key.path: reason (got value)`."""
     raw_loc = list(error["loc"])
     # Drop the union tag pydantic inserts: search_space.lr.float.low -> search_space.lr.low.
-    loc = [str(p) for i, p in enumerate(raw_loc)
-           if not (i == 2 and raw_loc[0] == "search_space" and p in ("float", "int", "categorical"))]
+    loc = [
+        str(p)
+        for i, p in enumerate(raw_loc)
+        if not (i == 2 and raw_loc[0] == "search_space" and p in ("float", "int", "categorical"))
+    ]
     word = words.get(tuple(loc))
     if error["type"] == "sweep" and error["ctx"]["at"]:
         loc += error["ctx"]["at"].split(".")
@@ -144,8 +151,7 @@ def describe(error: ErrorDetails, words: Words, allowed_keys: Callable[[tuple], 
         msg = "missing 'type' (one of float, int, categorical)"
     value = error.get("input")
     # Our own messages quote the bad string already ("unknown arch 'resnet19'"): no second copy.
-    if "input" in error and not isinstance(value, dict) and not (
-            isinstance(value, str) and repr(value) in msg):
+    if "input" in error and not isinstance(value, dict) and not (isinstance(value, str) and repr(value) in msg):
         msg += f" (got {error['input']!r}{_read_as(word, value, error['type'])})"
     return f"{key}: {msg}"
 

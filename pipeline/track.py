@@ -76,7 +76,6 @@ def role_tags(attrs: Mapping[str, Any]) -> dict[str, str]:
     return {f"sweep.{k}": str(attrs[k]) for k in ROLE_ATTRS if attrs.get(k) is not None}
 
 
-
 def study_params(cfg: StudyConfig) -> dict[str, Any]:
     """The study-level settings, as the parent run's params: model, sampler, pruner, budget,
     data, fixed training settings, and each search-space dimension as `space.<name>`

@@ -46,9 +46,14 @@ class EpochResult:
     def metrics(self) -> dict[str, float]:
         """The epoch's MLflow metrics. The rate is `epoch_lr`: the param `lr` is the sampled
         initial rate, this one follows the schedule."""
-        return {"train_loss": self.train_loss, "train_accuracy": self.train_accuracy,
-                "val_loss": self.val_loss, "val_accuracy": self.val_accuracy,
-                "epoch_lr": self.lr, "epoch_seconds": self.seconds}
+        return {
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "epoch_lr": self.lr,
+            "epoch_seconds": self.seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -68,12 +73,19 @@ class FitResult:
     best_state: dict[str, torch.Tensor]  # CPU copy of the weights at best_epoch
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[nn.Parameter],
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
     """SGD with momentum (the seed recipe), AdamW or Adam, by name."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=nesterov and momentum > 0)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+        )
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adam":
@@ -81,8 +93,9 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentu
     raise ValueError(f"unknown optimizer {name!r} (allowed: sgd, adamw, adam)")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, step_size: int = 7,
-                   gamma: float = 0.1) -> Scheduler | None:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, epochs: int, step_size: int = 7, gamma: float = 0.1
+) -> Scheduler | None:
     """Per-epoch LR schedule: StepLR (the seed's step_size=7, gamma=0.1), cosine, or none."""
     if kind == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
@@ -111,11 +124,18 @@ def _to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torc
     return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
 
 
-def train_one_epoch(model: nn.Module, loader: Batches, criterion: Loss, optimizer: torch.optim.Optimizer,
-                    device: torch.device, frozen: Sequence[nn.Module] = (), amp: bool = False,
-                    channels_last: bool = False,
-                    scaler: torch.amp.GradScaler | None = None,
-                    forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Batches,
+    criterion: Loss,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    frozen: Sequence[nn.Module] = (),
+    amp: bool = False,
+    channels_last: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
     """One pass over `loader` (batches of `(B, 3, H, W)` float32, `(B,)` int64).
 
     `forward` maps a batch to logits when the loader does not yield images for `model` itself
@@ -153,9 +173,15 @@ def train_one_epoch(model: nn.Module, loader: Batches, criterion: Loss, optimize
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Batches, criterion: Loss, device: torch.device, amp: bool = False,
-             channels_last: bool = False,
-             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    loader: Batches,
+    criterion: Loss,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> EvalResult:
     """Evaluate in eval mode without autograd; returns loss, accuracy and per-image outputs.
 
     `forward`: as in `train_one_epoch` (default `model`)."""
@@ -177,13 +203,24 @@ def evaluate(model: nn.Module, loader: Batches, criterion: Loss, device: torch.d
     return EvalResult(total_loss / n, (preds == labels).sum().item() / n, labels, preds, probs)
 
 
-def fit(model: nn.Module, train_loader: Batches, val_loader: Batches, *, epochs: int,
-        optimizer: torch.optim.Optimizer, scheduler: Scheduler | None = None, criterion: Loss | None = None,
-        device: torch.device = torch.device("cpu"), frozen: Sequence[nn.Module] = (),
-        metric: str = "val_accuracy", amp: bool = False, channels_last: bool = False,
-        on_epoch: Callable[[EpochResult], None] | None = None,
-        train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        val_forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    train_loader: Batches,
+    val_loader: Batches,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler | None = None,
+    criterion: Loss | None = None,
+    device: torch.device = torch.device("cpu"),
+    frozen: Sequence[nn.Module] = (),
+    metric: str = "val_accuracy",
+    amp: bool = False,
+    channels_last: bool = False,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    val_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> FitResult:
     """Train for `epochs`, evaluating on val after each; keep the best epoch's weights.
 
     "Best" is the highest val accuracy (or lowest val loss when `metric='val_loss'`); ties keep
@@ -209,13 +246,13 @@ def fit(model: nn.Module, train_loader: Batches, val_loader: Batches, *, epochs:
     for epoch in range(epochs):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, device,
-                                                frozen, amp, channels_last, scaler, train_forward)
+        train_loss, train_acc = train_one_epoch(
+            model, train_loader, criterion, optimizer, device, frozen, amp, channels_last, scaler, train_forward
+        )
         val = evaluate(model, val_loader, val_criterion, device, amp, channels_last, val_forward)
         if scheduler is not None:
             scheduler.step()
-        result = EpochResult(epoch, train_loss, train_acc, val.loss, val.accuracy, lr,
-                             time.perf_counter() - start)
+        result = EpochResult(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, time.perf_counter() - start)
         history.append(result)
         score = sign * getattr(result, metric)
         if score > best_score:
@@ -226,8 +263,9 @@ def fit(model: nn.Module, train_loader: Batches, val_loader: Batches, *, epochs:
     return FitResult(tuple(history), best_epoch, sign * best_score, best_state)
 
 
-def build_training(model: nn.Module, training: TrainingSection, epochs: int | None = None,
-                   head: Collection[str] = ()) -> tuple[torch.optim.Optimizer, Scheduler | None]:
+def build_training(
+    model: nn.Module, training: TrainingSection, epochs: int | None = None, head: Collection[str] = ()
+) -> tuple[torch.optim.Optimizer, Scheduler | None]:
     """Optimizer over the trainable parameters only (frozen stages excluded) and its scheduler.
 
     `head`: state-dict names of the new head's parameters (`model.head_names`); they form a
@@ -239,11 +277,18 @@ def build_training(model: nn.Module, training: TrainingSection, epochs: int | No
     groups: list = params
     if head and mult != 1.0:
         ids = {id(p) for n, p in model.named_parameters() if n in head and p.requires_grad}
-        groups = [g for g in ({"params": [p for p in params if id(p) not in ids]},
-                              {"params": [p for p in params if id(p) in ids], "lr": training.lr * mult})
-                  if g["params"]]
-    opt = make_optimizer(groups, training.optimizer, training.lr,
-                         training.momentum, training.weight_decay, training.nesterov)
-    sched = make_scheduler(opt, training.scheduler.type, epochs or training.epochs,
-                           training.scheduler.step_size, training.scheduler.gamma)
+        groups = [
+            g
+            for g in (
+                {"params": [p for p in params if id(p) not in ids]},
+                {"params": [p for p in params if id(p) in ids], "lr": training.lr * mult},
+            )
+            if g["params"]
+        ]
+    opt = make_optimizer(
+        groups, training.optimizer, training.lr, training.momentum, training.weight_decay, training.nesterov
+    )
+    sched = make_scheduler(
+        opt, training.scheduler.type, epochs or training.epochs, training.scheduler.step_size, training.scheduler.gamma
+    )
     return opt, sched

@@ -197,8 +197,11 @@ class Objective:
                 if rerun_of is None and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
 
-            seed = (cfg.data.seed + trial.number if rerun_of is None
-                    else rerun_seed(cfg.data.seed, int(rerun_of), int(trial.user_attrs.get(SEED_INDEX_ATTR, 1))))
+            seed = (
+                cfg.data.seed + trial.number
+                if rerun_of is None
+                else rerun_seed(cfg.data.seed, int(rerun_of), int(trial.user_attrs.get(SEED_INDEX_ATTR, 1)))
+            )
             fitted = fit_config(cfg, self.prep, seed, on_epoch)
             self._save_checkpoint(cfg, trial, fitted)
         except optuna.TrialPruned:
@@ -227,8 +230,11 @@ class Objective:
         retry_of = RetryFailedTrialCallback.retried_trial_number(_frozen(trial))
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
-        roles = {k: trial.user_attrs[k] for k in (BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR)
-                 if trial.user_attrs.get(k) is not None}
+        roles = {
+            k: trial.user_attrs[k]
+            for k in (BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR)
+            if trial.user_attrs.get(k) is not None
+        }
         event = TrialStarted(trial.number, dict(trial.params), cfg, retry_of, roles)
         for observer in self.observers:
             for key, value in (observer.trial_started(event) or {}).items():

@@ -61,8 +61,10 @@ def place_data(source: Path | None) -> None:
         shutil.rmtree(target)
     if local is not None:
         if tree_digest(local) != DATA_TREE_SHA256:
-            sys.exit(f"data: {local} does not match the expected hymenoptera tree (sha256); "
-                     "pass --source with an untouched copy")
+            sys.exit(
+                f"data: {local} does not match the expected hymenoptera tree (sha256); "
+                "pass --source with an untouched copy"
+            )
         target.symlink_to(local.resolve(), target_is_directory=True)
         print(f"data: linked {target} -> {local.resolve()}")
         return
@@ -91,8 +93,10 @@ def place_weights() -> None:
             print(f"weights: {target} in place (verified)")
             continue
         if not source.is_file():
-            print(f"weights: {source} not found; studies/hymenoptera_offline.yaml needs {target} "
-                  "(studies/hymenoptera.yaml uses torchvision's hub weights instead)")
+            print(
+                f"weights: {source} not found; studies/hymenoptera_offline.yaml needs {target} "
+                "(studies/hymenoptera.yaml uses torchvision's hub weights instead)"
+            )
             continue
         if sha256_file(source) != digest:
             sys.exit(f"weights: {source} does not match its sha256 {digest}")

@@ -58,9 +58,17 @@ def done(tmp_path_factory):
         mp.setattr(D, "make_loader", real)
         from pipeline.evaluation import sealed_splits
 
-        yield SimpleNamespace(cfg=cfg, outcome=outcome, first=first, second=second, loads=loads,
-                              first_loads=first_loads, splits=sealed_splits(cfg), tmp=tmp,
-                              study=optuna.load_study(study_name=cfg.study.name, storage=storage_url(cfg)))
+        yield SimpleNamespace(
+            cfg=cfg,
+            outcome=outcome,
+            first=first,
+            second=second,
+            loads=loads,
+            first_loads=first_loads,
+            splits=sealed_splits(cfg),
+            tmp=tmp,
+            study=optuna.load_study(study_name=cfg.study.name, storage=storage_url(cfg)),
+        )
 
 
 def _role(t):
@@ -146,8 +154,12 @@ def test_honest_figures_in_report_and_metadata(done):
 
 
 def _trial(number: int, value: float):
-    return create_trial(state=TrialState.COMPLETE, value=value, params={"lr": 0.01 * (number + 1)},
-                        distributions={"lr": FloatDistribution(1e-4, 1.0)})
+    return create_trial(
+        state=TrialState.COMPLETE,
+        value=value,
+        params={"lr": 0.01 * (number + 1)},
+        distributions={"lr": FloatDistribution(1e-4, 1.0)},
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -163,8 +175,11 @@ def test_reruns_off_and_no_baselines_select_as_before(tmp_path, seed):
 
 
 def test_head_lr_mult_gives_the_head_its_own_group(tmp_path):
-    tree = study_dict(tmp_path, training={"lr": 0.01, "head_lr_mult": 10.0},
-                      search_space={"head_lr_mult": {"type": "float", "low": 1.0, "high": 100.0, "log": True}})
+    tree = study_dict(
+        tmp_path,
+        training={"lr": 0.01, "head_lr_mult": 10.0},
+        search_space={"head_lr_mult": {"type": "float", "low": 1.0, "high": 100.0, "log": True}},
+    )
     cfg = load_study(write_study(tmp_path / "s.yaml", tree))
     model, _ = M.build_model(M.WeightsSpec("resnet18", "none", "none"), 2)
     M.freeze(model, "resnet18", 2)

@@ -50,8 +50,7 @@ def test_figures_with_the_val_to_test_gap():
     assert figures.accuracy == 70 / 77 and (figures.correct, figures.total) == (70, 77)
     assert figures.gap == pytest.approx(0.974 - 70 / 77) and round(figures.gap, 4) == 0.0649
     assert (figures.confidence, figures.method) == (0.95, "wilson")
-    assert figures.describe() == ("test accuracy 0.909 (70/77; 95% CI 0.824-0.955, wilson); "
-                                  "val 0.974, gap +0.065")
+    assert figures.describe() == ("test accuracy 0.909 (70/77; 95% CI 0.824-0.955, wilson); val 0.974, gap +0.065")
     record = figures.to_record()
     assert list(record) == ["correct", "total", "accuracy", "low", "high", "confidence", "method", "val", "gap"]
     assert record["low"] == figures.low and record["val"] == 0.974
@@ -61,13 +60,16 @@ def test_figures_with_the_val_to_test_gap():
     assert C.val_test_gap(0.9, 0.95) == pytest.approx(-0.05)
 
 
-@pytest.mark.parametrize("args,message", [
-    ((0, 0), "test accuracy needs at least one test image, got total=0"),
-    ((78, 77), "correct must be between 0 and total=77, got 78"),
-    ((-1, 77), "correct must be between 0 and total=77, got -1"),
-    ((70, 77, 95), "confidence must be between 0 and 1 \\(e.g. 0.95\\), got 95"),
-    ((70, 77, 0.95, "wald"), "unknown interval method 'wald' \\(allowed: wilson, exact\\)"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((0, 0), "test accuracy needs at least one test image, got total=0"),
+        ((78, 77), "correct must be between 0 and total=77, got 78"),
+        ((-1, 77), "correct must be between 0 and total=77, got -1"),
+        ((70, 77, 95), "confidence must be between 0 and 1 \\(e.g. 0.95\\), got 95"),
+        ((70, 77, 0.95, "wald"), "unknown interval method 'wald' \\(allowed: wilson, exact\\)"),
+    ],
+)
 def test_bad_counts_are_named(args, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         C.accuracy_interval(*args)

@@ -29,6 +29,7 @@ PP = TX.Preprocess(resize=37, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.
 
 # ---- class map and folder rules -----------------------------------------------------------------
 
+
 def test_class_to_idx_from_train_only_and_reused(tmp_path):
     # train has three classes, val two: indices come from train's sorted names, val reuses them.
     root = make_folder(tmp_path, {"train": 2}, classes=("ants", "bees", "wasps"))
@@ -37,32 +38,43 @@ def test_class_to_idx_from_train_only_and_reused(tmp_path):
         splits = D.build_splits(root, test="val")
     assert splits.class_to_idx == {"ants": 0, "bees": 1, "wasps": 2}
     assert splits.classes == ["ants", "bees", "wasps"]
-    assert splits.val == [("val/bees/img_0.png", 1), ("val/bees/img_1.png", 1),
-                          ("val/wasps/img_0.png", 2), ("val/wasps/img_1.png", 2)]
+    assert splits.val == [
+        ("val/bees/img_0.png", 1),
+        ("val/bees/img_1.png", 1),
+        ("val/wasps/img_0.png", 2),
+        ("val/wasps/img_1.png", 2),
+    ]
     assert splits.test_source == "folder 'val'"
 
 
 def test_hidden_entries_and_plain_files_are_not_classes(tmp_path):
     root = make_folder(tmp_path, {"train": 2, "val": 2})
     write_image(root / "train" / ".ipynb_checkpoints" / "x.png", COLOURS["ants"])  # hidden dir
-    (root / "train" / ".DS_Store").write_bytes(b"\0\1")                           # hidden file
-    (root / "train" / "README.txt").write_text("not a class")                    # plain file
-    write_image(root / "train" / "ants" / ".hidden.png", COLOURS["ants"])        # hidden image
-    write_image(root / "train" / "ants" / ".cache" / "y.png", COLOURS["ants"])   # hidden subdir
+    (root / "train" / ".DS_Store").write_bytes(b"\0\1")  # hidden file
+    (root / "train" / "README.txt").write_text("not a class")  # plain file
+    write_image(root / "train" / "ants" / ".hidden.png", COLOURS["ants"])  # hidden image
+    write_image(root / "train" / "ants" / ".cache" / "y.png", COLOURS["ants"])  # hidden subdir
     (root / "train" / "ants" / "notes.txt").write_text("not an image")
     write_image(root / "train" / "ants" / "more" / "deep.PNG", COLOURS["ants"])  # nested, upper-case
     with pytest.warns(IMG.DataWarning) as record:
         splits = D.build_splits(root, test="val")
     assert splits.class_to_idx == {"ants": 0, "bees": 1}
-    assert splits.train == [("train/ants/img_0.png", 0), ("train/ants/img_1.png", 0),
-                            ("train/ants/more/deep.PNG", 0),
-                            ("train/bees/img_0.png", 1), ("train/bees/img_1.png", 1)]
+    assert splits.train == [
+        ("train/ants/img_0.png", 0),
+        ("train/ants/img_1.png", 0),
+        ("train/ants/more/deep.PNG", 0),
+        ("train/bees/img_0.png", 1),
+        ("train/bees/img_1.png", 1),
+    ]
     # Every file under a class folder is used or counted: one warning, by extension.
     assert [str(w.message) for w in record] == [
-        (f"{root}: 3 file(s) not used as images (hidden: 2, .txt: 1): train/ants/.cache/y.png, "
-        "train/ants/.hidden.png, train/ants/notes.txt; only files whose extension Pillow opens as an "
-        "image are used (.jpg, .jfif, .png, .webp, ... see pipeline.imagefiles.IMAGE_EXTENSIONS): rename "
-        "image files, move other files out")]
+        (
+            f"{root}: 3 file(s) not used as images (hidden: 2, .txt: 1): train/ants/.cache/y.png, "
+            "train/ants/.hidden.png, train/ants/notes.txt; only files whose extension Pillow opens as an "
+            "image are used (.jpg, .jfif, .png, .webp, ... see pipeline.imagefiles.IMAGE_EXTENSIONS): rename "
+            "image files, move other files out"
+        )
+    ]
 
 
 def test_every_extension_pillow_opens_is_used_and_the_rest_named_in_one_warning(tmp_path):
@@ -78,13 +90,16 @@ def test_every_extension_pillow_opens_is_used_and_the_rest_named_in_one_warning(
         splits = D.build_splits(root, test="val")
     assert len(splits.train) == 20
     assert [s for s in splits.train if s[0].endswith((".jfif", ".JPE"))] == (
-        [(f"train/ants/extra_{i}.jfif", 0) for i in range(4)]
-        + [(f"train/bees/extra_{i}.JPE", 1) for i in range(4)])
+        [(f"train/ants/extra_{i}.jfif", 0) for i in range(4)] + [(f"train/bees/extra_{i}.JPE", 1) for i in range(4)]
+    )
     assert [str(w.message) for w in record] == [
-        (f"{root}: 5 file(s) not used as images (.txt: 2, no extension: 1, .json: 1, .mp4: 1): "
-        "train/bees/README, train/bees/labels.txt, train/bees/meta.json and 2 more; only files whose "
-        "extension Pillow opens as an image are used (.jpg, .jfif, .png, .webp, ... see "
-        "pipeline.imagefiles.IMAGE_EXTENSIONS): rename image files, move other files out")]
+        (
+            f"{root}: 5 file(s) not used as images (.txt: 2, no extension: 1, .json: 1, .mp4: 1): "
+            "train/bees/README, train/bees/labels.txt, train/bees/meta.json and 2 more; only files whose "
+            "extension Pillow opens as an image are used (.jpg, .jfif, .png, .webp, ... see "
+            "pipeline.imagefiles.IMAGE_EXTENSIONS): rename image files, move other files out"
+        )
+    ]
     assert D.scan_images(splits) is splits  # and they decode
 
 
@@ -101,7 +116,8 @@ def test_one_class_only_is_refused_naming_it(tmp_path):
         D.build_splits(root)
     assert str(info.value) == (
         f"{root / 'train'}: only one class folder, 'ants': a classifier needs at least two classes; "
-        f"add a folder of images per class ({root / 'train'}/<class>/<image>)")
+        f"add a folder of images per class ({root / 'train'}/<class>/<image>)"
+    )
 
 
 def test_val_class_missing_from_train_is_named(tmp_path):
@@ -111,7 +127,8 @@ def test_val_class_missing_from_train_is_named(tmp_path):
         D.build_splits(root)
     assert str(info.value) == (
         f"{root / 'val'}: class folder(s) wasps not in train (train classes: ants, bees); "
-        "add them to train or remove them")
+        "add them to train or remove them"
+    )
 
 
 def test_class_missing_from_val_warns(tmp_path):
@@ -132,15 +149,15 @@ def test_empty_class_folders_are_named(tmp_path):
         D.build_splits(root)
     assert str(info.value) == (
         f"{root / 'train'}: no image files in class folder(s) bees, wasps (.txt: 1); add images "
-        "(extensions Pillow opens, e.g. .jpg, .png, .webp) or remove the folders")
+        "(extensions Pillow opens, e.g. .jpg, .png, .webp) or remove the folders"
+    )
 
 
 def test_missing_split_folder(tmp_path):
     root = make_folder(tmp_path, {"train": 2})
     with pytest.raises(DataError) as info:
         D.build_splits(root)
-    assert str(info.value) == (
-        f"{root / 'val'}: split folder not found (expected {root}/val/<class>/<image>)")
+    assert str(info.value) == (f"{root / 'val'}: split folder not found (expected {root}/val/<class>/<image>)")
 
 
 def test_missing_test_folder_when_named(tmp_path):
@@ -165,6 +182,7 @@ def test_split_without_class_folders(tmp_path):
 
 
 # ---- the carved test split ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def uneven(tmp_path) -> Path:
@@ -206,7 +224,8 @@ def test_too_few_val_images_to_carve(tmp_path):
     assert str(info.value) == (
         f"{root / 'val'}: cannot carve a stratified test split with test_fraction=0.1: The test_size "
         "= 1 should be greater or equal to the number of classes = 2. Add val images, add a test "
-        "folder (data.test), or change data.test_fraction")
+        "folder (data.test), or change data.test_fraction"
+    )
 
 
 def test_to_json_round_trips_the_lists(uneven):
@@ -221,6 +240,7 @@ def test_to_json_round_trips_the_lists(uneven):
 
 
 # ---- decoding -----------------------------------------------------------------------------------
+
 
 def _rgb(path: Path) -> np.ndarray:
     image = IMG.load_rgb(path)
@@ -293,7 +313,7 @@ def test_load_rgb_applies_exif_rotation(tmp_path):
     rotated = IMG.load_rgb(tmp_path / "r.jpg")
     assert rotated.size == (20, 40)
     pixels = np.asarray(rotated).astype(int)
-    assert np.abs(pixels[5, 10] - (255, 0, 0)).max() < 30   # red now on top
+    assert np.abs(pixels[5, 10] - (255, 0, 0)).max() < 30  # red now on top
     assert np.abs(pixels[35, 10] - (0, 0, 255)).max() < 30  # blue below
 
 
@@ -305,6 +325,7 @@ def test_real_palette_gif_passes_check_image():
 
 
 # ---- the pre-flight scan ------------------------------------------------------------------------
+
 
 @pytest.fixture
 def with_bad_files(tmp_path) -> tuple[Path, dict[str, str]]:
@@ -352,7 +373,8 @@ def test_scan_images_stop_lists_every_bad_file_in_one_message(with_bad_files):
     listing = "\n  ".join(f"{root / rel}: {why}" for rel, why in bad.items())
     assert str(info.value) == (
         f"3 unreadable image(s) under {root}:\n  {listing}\n"
-        "Fix or remove them, or set data.bad_images: skip to train without them")
+        "Fix or remove them, or set data.bad_images: skip to train without them"
+    )
     total = len(splits.train) + len(splits.val) + len(splits.test)
     assert seen == [(i, total) for i in range(1, total + 1)]
 
@@ -381,7 +403,8 @@ def test_scan_images_skip_refuses_a_class_left_without_train_images(tmp_path):
     with pytest.raises(DataError) as info:
         D.scan_images(splits, "skip")
     assert str(info.value) == (
-        f"{root}: every train image of class(es) bees is unreadable; fix the files or remove the class")
+        f"{root}: every train image of class(es) bees is unreadable; fix the files or remove the class"
+    )
 
 
 def test_content_in_another_format_than_the_extension_is_used_with_one_warning(tmp_path):
@@ -395,9 +418,12 @@ def test_content_in_another_format_than_the_extension_is_used_with_one_warning(t
     assert kept is writeable and ("train/ants/scraped.jpg", 0) in kept.train
     assert IMG.check_image(root / "train" / "ants" / "scraped.jpg") is None
     assert [str(w.message) for w in record] == [
-        (f"{root}: 2 image(s) hold another format than their extension says and are used as decoded: "
-        f"{root}/train/ants/scraped.jpg is WEBP, {root}/train/bees/scraped.jpg is PNG; rename them to "
-        "their format's extension to silence this")]
+        (
+            f"{root}: 2 image(s) hold another format than their extension says and are used as decoded: "
+            f"{root}/train/ants/scraped.jpg is WEBP, {root}/train/bees/scraped.jpg is PNG; rename them to "
+            "their format's extension to silence this"
+        )
+    ]
 
 
 def _corrupt_exif_jpeg(path: Path) -> Path:
@@ -417,13 +443,20 @@ def test_pillow_warnings_become_one_line_naming_the_files(tmp_path):
         assert D.scan_images(splits, "stop") is splits
     # Only the product's warning: Pillow's own never reaches the terminal (val is scanned twice as
     # val and test here, so the val file is named twice).
-    assert [(w.category, str(w.message)) for w in record] == [(IMG.DataWarning, (
-        f"{root}: while decoding 3 image(s) Pillow warned \"Corrupt EXIF data. Expecting to read 12 "
-        f"bytes but only got 0.\": {root}/train/ants/exif.jpg, {root}/val/bees/exif.jpg, "
-        f"{root}/val/bees/exif.jpg; the decoded images are used"))]
+    assert [(w.category, str(w.message)) for w in record] == [
+        (
+            IMG.DataWarning,
+            (
+                f'{root}: while decoding 3 image(s) Pillow warned "Corrupt EXIF data. Expecting to read 12 '
+                f'bytes but only got 0.": {root}/train/ants/exif.jpg, {root}/val/bees/exif.jpg, '
+                f"{root}/val/bees/exif.jpg; the decoded images are used"
+            ),
+        )
+    ]
 
 
 # ---- transforms ---------------------------------------------------------------------------------
+
 
 def _photo(size=(48, 40), seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -435,8 +468,9 @@ def test_eval_transform_output():
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     # resize short side 40 -> 37 (48 -> 44), centre crop 32, normalise with mean 0.5 std 0.25
     resized = _photo().resize((44, 37), Image.Resampling.BILINEAR)  # PIL resizes PIL images
-    expected = T.functional.to_dtype(T.functional.to_image(
-        T.functional.center_crop(resized, 32)), torch.float32, scale=True)
+    expected = T.functional.to_dtype(
+        T.functional.to_image(T.functional.center_crop(resized, 32)), torch.float32, scale=True
+    )
     assert torch.allclose(out, (expected - 0.5) / 0.25)
 
 
@@ -485,16 +519,21 @@ def test_train_transform_rejects_strength_out_of_range():
 
 
 def test_preprocess_to_dict():
-    assert PP.to_dict() == {"resize": 37, "crop": 32, "mean": [0.5, 0.5, 0.5],
-                            "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+    assert PP.to_dict() == {
+        "resize": 37,
+        "crop": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "interpolation": "bilinear",
+    }
 
 
 # ---- loaders ------------------------------------------------------------------------------------
 
+
 def test_make_loader_batches(image_root):
     splits = D.build_splits(image_root, test="val")
-    loader = D.make_loader(image_root, splits.train, TX.eval_transform(PP), batch_size=5,
-                           num_workers=0, shuffle=False)
+    loader = D.make_loader(image_root, splits.train, TX.eval_transform(PP), batch_size=5, num_workers=0, shuffle=False)
     batches = list(loader)
     assert [len(y) for _, y in batches] == [5, 5, 5, 1]
     images, labels = batches[0]
@@ -600,6 +639,8 @@ def test_preflight_passes_the_scan_warnings_to_the_user(tmp_path):
     assert ("train/ants/scraped.jpg", 0) in prepared.splits.train
     assert [line.split(": ", 2)[:2] for line in said] == [["warning", str(root)], ["warning", str(root)]]
     assert said[0].startswith(f"warning: {root}: 1 file(s) not used as images (.txt: 1): train/ants/notes.txt;")
-    assert said[1] == (f"warning: {root}: 1 image(s) hold another format than their extension says and are "
-                       f"used as decoded: {root}/train/ants/scraped.jpg is WEBP; rename them to their "
-                       "format's extension to silence this")
+    assert said[1] == (
+        f"warning: {root}: 1 image(s) hold another format than their extension says and are "
+        f"used as decoded: {root}/train/ants/scraped.jpg is WEBP; rename them to their "
+        "format's extension to silence this"
+    )

@@ -31,7 +31,7 @@ def strings(node):
 
 
 def has_sequence(command: list[str], part: list[str]) -> bool:
-    return any(command[i:i + len(part)] == part for i in range(len(command) - len(part) + 1))
+    return any(command[i : i + len(part)] == part for i in range(len(command) - len(part) + 1))
 
 
 def flag(command: list[str], name: str) -> str:
@@ -76,7 +76,9 @@ def test_compose_services_form_the_topology(compose):
     assert command[:2] == ["sweep", "run"] and "--no-report" in command
     assert has_sequence(command, STORAGE_FLAGS[:2]) and has_sequence(command, STORAGE_FLAGS[2:])
     assert {name: dep["condition"] for name, dep in worker["depends_on"].items()} == {
-        "proxy": "service_healthy", "mlflow": "service_healthy"}
+        "proxy": "service_healthy",
+        "mlflow": "service_healthy",
+    }
     assert services["proxy"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "sweep-home:/sweep-home" in worker["volumes"], "the report reads the workers' checkpoints"
     assert {s["image"] for n, s in services.items() if n != "postgres"} == {"${SWEEP_IMAGE:-sweep:latest}"}
@@ -87,8 +89,14 @@ def test_compose_study_default_exists_and_readme_covers_the_steps(compose):
     study = re.fullmatch(r"\$\{STUDY:-(.+)\}", compose["services"]["worker"]["command"][2])
     assert study and (REPO / study.group(1)).is_file()
     readme = (DEPLOY / "compose" / "README.md").read_text()
-    for needle in ("docker compose up --build -d", "--scale worker=", "http://localhost:5000",
-                   "http://localhost:8080", "sweep report", "cp .env.example .env"):
+    for needle in (
+        "docker compose up --build -d",
+        "--scale worker=",
+        "http://localhost:5000",
+        "http://localhost:8080",
+        "sweep report",
+        "cp .env.example .env",
+    ):
         assert needle in readme, needle
 
 
@@ -157,8 +165,14 @@ def test_kubernetes_passwords_come_from_the_secret(manifests):
                     seen += 1
     assert seen == 4  # postgres, proxy, mlflow, dashboard
     readme = (DEPLOY / "kubernetes" / "README.md").read_text()
-    for needle in ("kubectl create secret generic sweep-postgres", "kubectl apply -k deploy/kubernetes",
-                   "parallelism", "svc/mlflow 5000:5000", "svc/optuna-dashboard 8080:8080", "report-job.yaml"):
+    for needle in (
+        "kubectl create secret generic sweep-postgres",
+        "kubectl apply -k deploy/kubernetes",
+        "parallelism",
+        "svc/mlflow 5000:5000",
+        "svc/optuna-dashboard 8080:8080",
+        "report-job.yaml",
+    ):
         assert needle in readme, needle
 
 

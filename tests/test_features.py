@@ -41,8 +41,8 @@ def resnet(seed: int = 0) -> nn.Module:
 
 # ---- the cut ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("depth, shape", [(1, (64, 8, 8)), (2, (64, 8, 8)), (3, (128, 4, 4)),
-                                          (5, (512,))])
+
+@pytest.mark.parametrize("depth, shape", [(1, (64, 8, 8)), (2, (64, 8, 8)), (3, (128, 4, 4)), (5, (512,))])
 def test_resnet_cut_equals_the_whole_model(depth, shape):
     model = resnet()
     frozen = M.freeze(model, "resnet18", depth)
@@ -94,6 +94,7 @@ def test_the_check_leaves_modes_and_the_global_rng_alone():
 
 # ---- the store ----------------------------------------------------------------------------------
 
+
 def test_store_evicts_least_recently_used_unpinned_entries():
     store = F.FeatureStore(imagecache.MemoryBudget(100))
     assert store.reserve("a", 40) and store.reserve("b", 40)
@@ -114,9 +115,12 @@ def test_store_evicts_least_recently_used_unpinned_entries():
 
 # ---- through fit_config -------------------------------------------------------------------------
 
+
 def prepared(tmp_path, image_root, **training):
-    tree = study_dict(image_root, training={"epochs": 2, "lr": 0.05, "freeze_depth": 2,
-                                            "aug_strength": 0.0, "device": "cpu", **training})
+    tree = study_dict(
+        image_root,
+        training={"epochs": 2, "lr": 0.05, "freeze_depth": 2, "aug_strength": 0.0, "device": "cpu", **training},
+    )
     cfg = load_study(write_study(tmp_path / "study.yaml", tree))
     return cfg, preflight.prepare(cfg, warn=lambda _: None)
 
@@ -136,8 +140,9 @@ def test_cached_prefix_features_equal_recomputed(tmp_path, image_root):
     labels = torch.cat([y for _, y in inputs.val_loader])
     assert features.shape == (len(prep.splits.val), 64, 8, 8)
     # recomputed: the frozen stages by hand, default layout, on images decoded on the fly
-    images = torch.stack([TX.eval_transform(prep.preprocess)(IMG.load_rgb(prep.splits.root / rel))
-                          for rel, _ in prep.splits.val])
+    images = torch.stack(
+        [TX.eval_transform(prep.preprocess)(IMG.load_rgb(prep.splits.root / rel)) for rel, _ in prep.splits.val]
+    )
     model.eval()
     with torch.no_grad():
         again = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(images)))))
@@ -152,8 +157,9 @@ def test_feature_batches_come_in_the_image_loaders_order(tmp_path, image_root):
     torch.manual_seed(0)
     model, _ = M.build_model(prep.spec, 2, prep.state)
     inputs = fitting.plan(cfg, prep, model, M.freeze(model, "resnet18", 1), CPU, seed=7)
-    plain = D.make_loader(prep.splits.root, prep.splits.train, TX.eval_transform(prep.preprocess),
-                          8, 0, shuffle=True, seed=7)
+    plain = D.make_loader(
+        prep.splits.root, prep.splits.train, TX.eval_transform(prep.preprocess), 8, 0, shuffle=True, seed=7
+    )
     for _ in range(2):  # two epochs: the generator advances the same way
         assert [y.tolist() for _, y in inputs.train_loader] == [y.tolist() for _, y in plain]
     inputs.release()
@@ -216,8 +222,10 @@ def test_over_the_memory_cap_falls_back_with_one_line_and_the_same_metrics(tmp_p
         capped = fitting.fit_config(with_cache(cfg, max_memory_mb=0), prep, seed=2)
     assert_same_history(history(capped), history(off), len(prep.splits.train), len(prep.splits.val))
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[0].startswith("cache: frozen-stage features of the val split (0 MiB) do not fit "
-                                  "cache.max_memory_mb (0 MiB); the frozen stages run every epoch")
+    assert messages[0].startswith(
+        "cache: frozen-stage features of the val split (0 MiB) do not fit "
+        "cache.max_memory_mb (0 MiB); the frozen stages run every epoch"
+    )
     assert messages[1].startswith("cache: frozen-stage features of the train split")
     assert messages[2].startswith("cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are read from")
     assert len(messages) == 3  # once each, not once per batch or epoch

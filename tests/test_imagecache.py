@@ -59,8 +59,9 @@ def test_cached_eval_pixels_equal_on_the_fly_decoding(mixed_folder, tmp_path):
         assert got.shape == expected.shape == (3, 32, 32), name
         assert torch.equal(got, expected), name
     # aug_strength 0 on the train path is the same eval transform
-    assert torch.equal(TX.cached_train_transform(PP, 0.0)(cache.get("wide.jpg")),
-                       fresh(IMG.load_rgb(root / "wide.jpg")))
+    assert torch.equal(
+        TX.cached_train_transform(PP, 0.0)(cache.get("wide.jpg")), fresh(IMG.load_rgb(root / "wide.jpg"))
+    )
 
 
 def test_each_file_is_decoded_once_per_study_and_reused_by_another_process(mixed_folder, tmp_path):
@@ -70,8 +71,13 @@ def test_each_file_is_decoded_once_per_study_and_reused_by_another_process(mixed
     cache = IC.shared(root, PP, IC.budget(2**30), folder)
     assert IC.shared(root, PP, IC.budget(2**30), folder) is cache  # every trial gets the same one
     for epoch in range(3):
-        loader = D.loader(IC.CachedImageList(cache, samples, TX.cached_train_transform(PP, 1.0)),
-                          batch_size=2, num_workers=0, shuffle=True, seed=epoch)
+        loader = D.loader(
+            IC.CachedImageList(cache, samples, TX.cached_train_transform(PP, 1.0)),
+            batch_size=2,
+            num_workers=0,
+            shuffle=True,
+            seed=epoch,
+        )
         assert sum(len(y) for _, y in loader) == len(names)
     stats = cache.stats()
     assert (stats["decoded"], stats["memory_hits"], stats["file_hits"]) == (5, 10, 0)
@@ -108,8 +114,7 @@ def test_a_changed_file_is_decoded_again(mixed_folder, tmp_path):
     after = cache.get("tall.png")
     assert cache.decoded == 2
     assert not torch.equal(after[:, :30, :30], before[:, :30, :30])
-    assert torch.equal(TX.cached_eval_transform(PP)(after),
-                       TX.eval_transform(PP)(IMG.load_rgb(root / "tall.png")))
+    assert torch.equal(TX.cached_eval_transform(PP)(after), TX.eval_transform(PP)(IMG.load_rgb(root / "tall.png")))
     assert cache.stats()["memory_entries"] == 1  # the stale pixels were dropped, not kept
     # Same size, only a new mtime (e.g. rewritten in place): decoded again too.
     os.utime(root / "tall.png", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
@@ -121,8 +126,7 @@ def test_a_changed_file_is_decoded_again(mixed_folder, tmp_path):
     assert (other.decoded, other.file_hits) == (0, 1)
 
 
-def test_over_the_memory_cap_images_come_from_files_or_decoding_with_one_line(
-        mixed_folder, tmp_path, caplog):
+def test_over_the_memory_cap_images_come_from_files_or_decoding_with_one_line(mixed_folder, tmp_path, caplog):
     root, names = mixed_folder
     eval_t = TX.cached_eval_transform(PP)
     with caplog.at_level(logging.WARNING, logger="sweep.cache"):
@@ -138,8 +142,10 @@ def test_over_the_memory_cap_images_come_from_files_or_decoding_with_one_line(
     assert (spill.decoded, spill.file_hits) == (5, 5)
     assert nothing.decoded == 10
     assert [r.getMessage() for r in caplog.records] == [
-        (f"cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are read from "
-         f"{tmp_path / 'entries'} every epoch"),
+        (
+            f"cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are read from "
+            f"{tmp_path / 'entries'} every epoch"
+        ),
         "cache: decoded images pass cache.max_memory_mb (0 MiB); the rest are decoded again every epoch",
     ]
 

@@ -20,8 +20,13 @@ from conftest import SHARED
 
 RESNET_CKPT = SHARED / "weights" / "resnet18_imagenette_128.pth"
 LITE0_CKPT = SHARED / "weights" / "efficientnet_lite0_imagenet.pth"
-RESNET_STAGES = {"stem": ("conv1.", "bn1."), "layer1": ("layer1.",), "layer2": ("layer2.",),
-                 "layer3": ("layer3.",), "layer4": ("layer4.",)}
+RESNET_STAGES = {
+    "stem": ("conv1.", "bn1."),
+    "layer1": ("layer1.",),
+    "layer2": ("layer2.",),
+    "layer3": ("layer3.",),
+    "layer4": ("layer4.",),
+}
 
 
 def fresh(arch="resnet18", num_classes=2, seed=0):
@@ -30,6 +35,7 @@ def fresh(arch="resnet18", num_classes=2, seed=0):
 
 
 # ---- building -----------------------------------------------------------------------------------
+
 
 def test_torchvision_weights_none_has_a_new_head():
     model, report = M.build_model(W.resolve_weights("resnet18", "none"), 3)
@@ -45,8 +51,9 @@ def test_local_torchvision_checkpoint_drops_the_other_head():
     model, report = M.build_model(spec, 2)
     assert report.dropped == {"fc.weight": (10, 512), "fc.bias": (10,)}
     assert report.missing == ("fc.weight", "fc.bias")
-    assert report.describe() == ("dropped fc.weight (10, 512); dropped fc.bias (10,); "
-                                 "new (untrained): fc.weight, fc.bias")
+    assert report.describe() == (
+        "dropped fc.weight (10, 512); dropped fc.bias (10,); new (untrained): fc.weight, fc.bias"
+    )
     ckpt = torch.load(RESNET_CKPT, map_location="cpu", weights_only=True)
     own = model.state_dict()
     assert set(own) == set(ckpt)
@@ -94,7 +101,8 @@ def test_checkpoint_of_another_arch_is_refused():
         M.build_model(spec, 2)
     assert str(info.value) == (
         f"model.weights: local checkpoint {RESNET_CKPT.resolve()} does not fit timm/efficientnet_lite0: "
-        "4 tensor(s) of another shape outside the head (e.g. bn1.weight: checkpoint (64,), model (32,))")
+        "4 tensor(s) of another shape outside the head (e.g. bn1.weight: checkpoint (64,), model (32,))"
+    )
 
 
 def test_checkpoint_missing_tensors_is_refused():
@@ -104,7 +112,8 @@ def test_checkpoint_missing_tensors_is_refused():
     assert str(info.value) == (
         f"model.weights: local checkpoint {RESNET_CKPT.resolve()} does not fit resnet34: 80 missing "
         "tensor(s) (e.g. layer1.2.conv1.weight, layer1.2.bn1.weight, layer1.2.bn1.bias), "
-        "0 unexpected (e.g. -)")
+        "0 unexpected (e.g. -)"
+    )
 
 
 def test_reshaped_backbone_tensor_is_not_dropped_as_head(tmp_path):
@@ -112,9 +121,12 @@ def test_reshaped_backbone_tensor_is_not_dropped_as_head(tmp_path):
     ckpt = torch.load(RESNET_CKPT, map_location="cpu", weights_only=True)
     ckpt["conv1.weight"] = torch.zeros(64, 4, 7, 7)
     torch.save(ckpt, tmp_path / "rgbd.pth")
-    with pytest.raises(ModelError, match=r"1 tensor\(s\) of another shape outside the head "
-                                         r"\(e.g. conv1.weight: checkpoint \(64, 4, 7, 7\), "
-                                         r"model \(64, 3, 7, 7\)\)$"):
+    with pytest.raises(
+        ModelError,
+        match=r"1 tensor\(s\) of another shape outside the head "
+        r"\(e.g. conv1.weight: checkpoint \(64, 4, 7, 7\), "
+        r"model \(64, 3, 7, 7\)\)$",
+    ):
         M.build_model(W.resolve_weights("resnet18", str(tmp_path / "rgbd.pth")), 2)
 
 
@@ -134,12 +146,14 @@ def test_head_names():
 
 # ---- weights values -----------------------------------------------------------------------------
 
+
 def test_bad_weights_name_lists_allowed_names():
     with pytest.raises(ModelError) as info:
         W.resolve_weights("resnet18", "IMAGENET1K_V2")
     assert str(info.value) == (
         "model.weights: 'IMAGENET1K_V2' is not a weights name of resnet18; did you mean IMAGENET1K_V1? "
-        "(allowed: DEFAULT, IMAGENET1K_V1, none, or a local checkpoint path)")
+        "(allowed: DEFAULT, IMAGENET1K_V1, none, or a local checkpoint path)"
+    )
 
 
 def test_bad_timm_tag_lists_allowed_tags():
@@ -147,7 +161,8 @@ def test_bad_timm_tag_lists_allowed_tags():
         W.resolve_weights("timm/efficientnet_lite0", "in22k")
     assert str(info.value) == (
         "model.weights: 'in22k' is not a weights name of timm/efficientnet_lite0 "
-        "(allowed: DEFAULT, ra_in1k, none, or a local checkpoint path)")
+        "(allowed: DEFAULT, ra_in1k, none, or a local checkpoint path)"
+    )
 
 
 def test_timm_arch_with_tag_takes_default_weights_only():
@@ -155,7 +170,8 @@ def test_timm_arch_with_tag_takes_default_weights_only():
         W.resolve_weights("timm/efficientnet_lite0.ra_in1k", "ra_in1k")
     assert str(info.value) == (
         "model.weights: timm/efficientnet_lite0.ra_in1k already names a pretrained tag; use weights: "
-        "DEFAULT (or drop the tag from model.arch)")
+        "DEFAULT (or drop the tag from model.arch)"
+    )
     assert W.resolve_weights("timm/efficientnet_lite0.ra_in1k", "DEFAULT").kind == "timm"
 
 
@@ -206,7 +222,8 @@ def test_uncached_torchvision_weights_name_cache_and_local_alternative(tmp_path,
         f"cache ({cache}) and the download failed (URLError: <urlopen error no network in this test>). "
         "Offline? Copy the file to that cache path, or set model.weights to a local checkpoint path "
         "(e.g. weights/efficientnet_lite0_imagenet.pth with studies/hymenoptera_offline.yaml), "
-        "or model.weights: none")
+        "or model.weights: none"
+    )
 
 
 def test_uncached_timm_weights_name_the_hub_cache(tmp_path, monkeypatch):
@@ -218,10 +235,12 @@ def test_uncached_timm_weights_name_the_hub_cache(tmp_path, monkeypatch):
         M.build_model(W.resolve_weights("timm/efficientnet_lite0", "DEFAULT"), 2)
     assert str(info.value).startswith(
         f"model.weights: cannot get timm weights DEFAULT for timm/efficientnet_lite0: not in the "
-        f"local cache ({tmp_path / 'hub'}) and the download failed (")
+        f"local cache ({tmp_path / 'hub'}) and the download failed ("
+    )
 
 
 # ---- freeze depth -------------------------------------------------------------------------------
+
 
 def _frozen_name(name: str, k: int) -> bool:
     prefixes = [p for stage in list(RESNET_STAGES)[:k] for p in RESNET_STAGES[stage]]
@@ -276,14 +295,23 @@ def test_freeze_depth_too_large_names_stage_count_and_names():
         M.freeze(fresh(), "resnet18", 6)
     assert str(info.value) == (
         "training.freeze_depth: 6 exceeds the 5 stages of resnet18 (stem, layer1, layer2, layer3, "
-        "layer4); lower freeze_depth (or its search_space high)")
+        "layer4); lower freeze_depth (or its search_space high)"
+    )
 
 
 def test_stages_timm_efficientnet_lite0():
     model = fresh("timm/efficientnet_lite0")
     stages = M.stages(model, "timm/efficientnet_lite0")
-    assert [n for n, _ in stages] == ["conv_stem+bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
-                                      "blocks.4", "blocks.5", "blocks.6+conv_head+bn2"]
+    assert [n for n, _ in stages] == [
+        "conv_stem+bn1",
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "blocks.3",
+        "blocks.4",
+        "blocks.5",
+        "blocks.6+conv_head+bn2",
+    ]
     assert stages[0][1] == [model.conv_stem, model.bn1]
     frozen = M.freeze(model, "timm/efficientnet_lite0", 8)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -308,7 +336,8 @@ def test_arch_without_stage_list():
     assert str(info.value) == (
         "training.freeze_depth: no stage list for arch 'shufflenet_v2_x0_5' (supported: ResNet/ResNeXt/"
         "Wide-ResNet, EfficientNet, MobileNet, MNASNet, VGG, ConvNeXt, DenseNet, RegNet, timm/*); "
-        "use freeze_depth 0")
+        "use freeze_depth 0"
+    )
 
 
 def test_set_train_mode_keeps_frozen_stages_in_eval():
@@ -353,16 +382,14 @@ def test_resolve_preprocess_image_size_keeps_ratio():
 
 def test_resolve_preprocess_overrides_win():
     base = Preprocess(256, 224, *IMAGENET, "bilinear")
-    override = PreprocessConfig(resize=40, crop=30, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                                interpolation="bicubic")
-    assert W.resolve_preprocess(base, 32, override) == Preprocess(40, 30, (0.5, 0.5, 0.5),
-                                                                  (0.5, 0.5, 0.5), "bicubic")
+    override = PreprocessConfig(resize=40, crop=30, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+    assert W.resolve_preprocess(base, 32, override) == Preprocess(40, 30, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
     only_mean = PreprocessConfig(mean=(0.5, 0.5, 0.5))
-    assert W.resolve_preprocess(base, 32, only_mean) == Preprocess(37, 32, (0.5, 0.5, 0.5),
-                                                                   IMAGENET[1], "bilinear")
+    assert W.resolve_preprocess(base, 32, only_mean) == Preprocess(37, 32, (0.5, 0.5, 0.5), IMAGENET[1], "bilinear")
 
 
 # ---- check_arch ---------------------------------------------------------------------------------
+
 
 def test_check_arch_accepts_known_names():
     for arch in ("resnet18", "mobilenet_v3_small", "timm/efficientnet_lite0"):

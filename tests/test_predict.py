@@ -30,28 +30,39 @@ from pipeline.stores import default_tracking_uri, resolve_tracking
 
 from conftest import COLOURS, write_image
 
-PP = {"resize": 37, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-      "interpolation": "bilinear"}
+PP = {
+    "resize": 37,
+    "crop": 32,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+}
 MODEL_PP = {**PP, "resize": 8, "crop": 8}
 URI = "models:/tiny@champion"
-BOMB_REASON = ("cannot be decoded (Image size (179560000 pixels) exceeds limit of 178956970 pixels, "
-               "could be decompression bomb DOS attack.)")
+BOMB_REASON = (
+    "cannot be decoded (Image size (179560000 pixels) exceeds limit of 178956970 pixels, "
+    "could be decompression bomb DOS attack.)"
+)
 
 
 def bomb_png(path: Path) -> Path:
     """A 13400 x 13400 RGB PNG header (over Pillow's decompression-bomb limit) in ~60 bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13400, 13400, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 13400, 13400, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
 def corrupt_exif_jpeg(path: Path) -> Path:
     """A JPEG whose EXIF block announces two IFD entries but holds one (Pillow: "Corrupt EXIF data")."""
-    tiff = (struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 2)
-            + struct.pack("<HHI4s", 0x0112, 3, 1, b"\1\0\0\0"))
+    tiff = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 2) + struct.pack("<HHI4s", 0x0112, 3, 1, b"\1\0\0\0")
     Image.new("RGB", (32, 32), COLOURS["ants"]).save(path, exif=b"Exif\0\0" + tiff)
     return path
 
@@ -65,14 +76,27 @@ def store(tmp_path_factory) -> tuple[str, nn.Module]:
     exp = MlflowClient(uri).create_experiment("e", artifact_location=(folder / "artifacts").as_uri())
     torch.manual_seed(0)
     module = G.export_module(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)))
-    export = G.Export(module, np.zeros((1, 3, 8, 8), np.float32),
-                      {"classes": ["ants", "bees"], "arch": "resnet18", "preprocess": MODEL_PP},
-                      {G.STUDY_TAG: "s", G.SHA_TAG: "aaa", G.TRIAL_TAG: "0"}, "tiny")
+    export = G.Export(
+        module,
+        np.zeros((1, 3, 8, 8), np.float32),
+        {"classes": ["ants", "bees"], "arch": "resnet18", "preprocess": MODEL_PP},
+        {G.STUDY_TAG: "s", G.SHA_TAG: "aaa", G.TRIAL_TAG: "0"},
+        "tiny",
+    )
     cwd = os.getcwd()
     os.chdir(folder)  # anything MLflow would put in ./mlruns stays here
     try:
-        G.register(lambda: export, study="s", sha256="aaa", tracking=uri, experiment_id=exp, run_id=None,
-                   name="tiny", alias="champion", serialization_format="pickle")
+        G.register(
+            lambda: export,
+            study="s",
+            sha256="aaa",
+            tracking=uri,
+            experiment_id=exp,
+            run_id=None,
+            name="tiny",
+            alias="champion",
+            serialization_format="pickle",
+        )
     finally:
         os.chdir(cwd)
     return uri, module
@@ -93,6 +117,7 @@ def expected(module: nn.Module, files: list[Path]) -> np.ndarray:
 
 # ---- inputs: the training scan's rules -----------------------------------------------------------
 
+
 def test_image_files_scans_folders_like_training(tmp_path):
     write_image(tmp_path / "d" / "a.png", COLOURS["ants"])
     write_image(tmp_path / "d" / "sub" / "b.JPG", COLOURS["bees"], fmt="JPEG")
@@ -102,26 +127,29 @@ def test_image_files_scans_folders_like_training(tmp_path):
     single = write_image(tmp_path / "single.png", COLOURS["bees"])
     warned: list[str] = []
     found = P.image_files([tmp_path / "d", single], warned.append)
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["d/a.png", "d/c.jfif", "d/sub/b.JPG",
-                                                                  "single.png"]
-    assert warned == [IMG.ignored_files_message(tmp_path / "d", [tmp_path / "d" / ".hidden" / "c.png",
-                                                                tmp_path / "d" / "notes.txt"])]
-    assert warned[0].startswith(f"{tmp_path / 'd'}: 2 file(s) not used as images (hidden: 1, .txt: 1): "
-                                ".hidden/c.png, notes.txt;")
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["d/a.png", "d/c.jfif", "d/sub/b.JPG", "single.png"]
+    assert warned == [
+        IMG.ignored_files_message(tmp_path / "d", [tmp_path / "d" / ".hidden" / "c.png", tmp_path / "d" / "notes.txt"])
+    ]
+    assert warned[0].startswith(
+        f"{tmp_path / 'd'}: 2 file(s) not used as images (hidden: 1, .txt: 1): .hidden/c.png, notes.txt;"
+    )
 
 
 def test_image_files_names_bad_paths(tmp_path):
     with pytest.raises(DataError) as info:
         P.image_files([tmp_path / "missing.png"])
     assert str(info.value) == (
-        f"{tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images")
+        f"{tmp_path / 'missing.png'}: no such file or folder; give image files or folders of images"
+    )
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(DataError) as info:
         P.image_files([tmp_path / "empty"])
     assert str(info.value) == (
         f"{tmp_path / 'empty'}: no image files in this folder (only other files: .txt: 1); give image "
-        "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them")
+        "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them"
+    )
 
 
 def test_preprocess_images_matches_the_eval_transform_and_names_every_bad_file(tmp_path):
@@ -134,11 +162,13 @@ def test_preprocess_images_matches_the_eval_transform_and_names_every_bad_file(t
     (tmp_path / "bad2.png").write_bytes(b"garbage")
     with pytest.raises(DataError) as info:
         P.preprocess_images([good, tmp_path / "bad1.jpg", tmp_path / "bad2.png"], PP)
-    assert str(info.value) == (f"2 unreadable image file(s): {tmp_path / 'bad1.jpg'}: empty file; "
-                               f"{tmp_path / 'bad2.png'}: not an image file")
+    assert str(info.value) == (
+        f"2 unreadable image file(s): {tmp_path / 'bad1.jpg'}: empty file; {tmp_path / 'bad2.png'}: not an image file"
+    )
 
 
 # ---- a batch with bad files ----------------------------------------------------------------------
+
 
 def test_bad_files_are_skipped_and_named_and_the_others_predicted(tmp_path, store, no_env):
     uri, module = store
@@ -156,8 +186,12 @@ def test_bad_files_are_skipped_and_named_and_the_others_predicted(tmp_path, stor
     got = np.array([[p.probabilities["ants"], p.probabilities["bees"]] for p in predictions if not p.error])
     np.testing.assert_allclose(got, probs, rtol=1e-5)
     assert [p.label for p in predictions if not p.error] == [["ants", "bees"][i] for i in probs.argmax(1)]
-    assert warned == [(f"skipped 2 of 5 image files that cannot be read (the others are predicted): "
-                       f"{empty}: empty file; {bomb}: {BOMB_REASON}")]
+    assert warned == [
+        (
+            f"skipped 2 of 5 image files that cannot be read (the others are predicted): "
+            f"{empty}: empty file; {bomb}: {BOMB_REASON}"
+        )
+    ]
     assert json.loads(predictions[3].to_json()) == {"file": str(bomb), "error": BOMB_REASON}
 
 
@@ -182,8 +216,10 @@ def test_several_unreadable_files_and_nothing_else(tmp_path, store, no_env):
     (tmp_path / "b.jpg").write_bytes(b"")
     with pytest.raises(DataError) as info:
         P.predict_files(URI, [tmp_path], store[0])
-    assert str(info.value) == (f"none of the 2 image files can be read: {tmp_path / 'a.png'}: not an "
-                               f"image file; {tmp_path / 'b.jpg'}: empty file")
+    assert str(info.value) == (
+        f"none of the 2 image files can be read: {tmp_path / 'a.png'}: not an "
+        f"image file; {tmp_path / 'b.jpg'}: empty file"
+    )
 
 
 def test_other_formats_and_pillow_warnings_become_one_line_each(tmp_path, store, no_env):
@@ -193,13 +229,19 @@ def test_other_formats_and_pillow_warnings_become_one_line_each(tmp_path, store,
     predictions = P.predict_files(URI, [webp, exif], store[0], warn=warned.append)
     assert [p.error for p in predictions] == [None, None]
     assert warned == [
-        (f"predict: 1 image(s) hold another format than their extension says and are used as decoded: "
-         f"{webp} is WEBP; rename them to their format's extension to silence this"),
-        (f"predict: while decoding 1 image(s) Pillow warned \"Corrupt EXIF data. Expecting to read 12 "
-         f"bytes but only got 0.\": {exif}; the decoded images are used")]
+        (
+            f"predict: 1 image(s) hold another format than their extension says and are used as decoded: "
+            f"{webp} is WEBP; rename them to their format's extension to silence this"
+        ),
+        (
+            f'predict: while decoding 1 image(s) Pillow warned "Corrupt EXIF data. Expecting to read 12 '
+            f'bytes but only got 0.": {exif}; the decoded images are used'
+        ),
+    ]
 
 
 # ---- output other tools can read ----------------------------------------------------------------
+
 
 def test_json_is_valid_utf8_for_a_file_name_that_is_not(tmp_path, store, no_env):
     raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
@@ -221,6 +263,7 @@ def test_json_is_valid_utf8_for_a_file_name_that_is_not(tmp_path, store, no_env)
 
 # ---- MLflow's environment variables ------------------------------------------------------------
 
+
 def test_resolve_tracking_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("SWEEP_HOME", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
@@ -233,8 +276,11 @@ def test_resolve_tracking_precedence(monkeypatch, tmp_path):
 
 def test_mlflow_tracking_uri_is_honoured(tmp_path, store, no_env, monkeypatch):
     image = write_image(tmp_path / "a.png", COLOURS["ants"])
-    with pytest.raises(RegistryError, match=r"^no MLflow store at .*empty-home/mlflow\.db: pass --tracking-uri, "
-                                            r"or set MLFLOW_TRACKING_URI"):
+    with pytest.raises(
+        RegistryError,
+        match=r"^no MLflow store at .*empty-home/mlflow\.db: pass --tracking-uri, "
+        r"or set MLFLOW_TRACKING_URI",
+    ):
         P.predict_files(URI, [image])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
     (prediction,) = P.predict_files(URI, [image])
@@ -272,8 +318,8 @@ def test_cli_predict_json_and_exit_codes(tmp_path, store, no_env, monkeypatch):
     assert [r["file"] for r in records] == [f"{folder}/a.png", f"{folder}/b\ufffd.png", str(bomb)]
     assert records[2] == {"file": str(bomb), "error": BOMB_REASON}
     assert result.stderr.splitlines() == [
-        (f"warning: skipped 1 of 3 image files that cannot be read (the others are predicted): {bomb}: "
-         f"{BOMB_REASON}")]
+        (f"warning: skipped 1 of 3 image files that cannot be read (the others are predicted): {bomb}: {BOMB_REASON}")
+    ]
     alone = runner.invoke(app, ["predict", URI, str(bomb)])
     assert alone.exit_code == 3
     assert alone.stderr.strip() == f"error: {bomb}: {BOMB_REASON}" and "Traceback" not in alone.output

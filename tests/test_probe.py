@@ -34,8 +34,9 @@ def loaders(root, classes):
     return splits, *P.probe_loaders(splits, PP, batch_size=8, num_workers=0)
 
 
-@pytest.mark.parametrize("arch,classes", [("resnet18", ("ants", "bees")),
-                                          ("timm/efficientnet_lite0", ("ants", "bees", "wasps"))])
+@pytest.mark.parametrize(
+    "arch,classes", [("resnet18", ("ants", "bees")), ("timm/efficientnet_lite0", ("ants", "bees", "wasps"))]
+)
 def test_probe_head_reproduces_sklearn_and_changes_nothing_else(tmp_path, arch, classes):
     k = len(classes)
     splits, train, val = loaders(tmp_path / "img", classes)
@@ -71,8 +72,10 @@ def test_probe_head_reproduces_sklearn_and_changes_nothing_else(tmp_path, arch, 
     assert result.val_accuracy == pytest.approx(expected_val)
     assert result.train_accuracy == pytest.approx(float((fitted.predict(x_train.astype(np.float64)) == y_train).mean()))
     from sklearn.metrics import log_loss
-    assert result.val_loss == pytest.approx(log_loss(y_val, fitted.predict_proba(x_val.astype(np.float64)),
-                                                     labels=list(range(k))), rel=1e-3, abs=1e-6)
+
+    assert result.val_loss == pytest.approx(
+        log_loss(y_val, fitted.predict_proba(x_val.astype(np.float64)), labels=list(range(k))), rel=1e-3, abs=1e-6
+    )
     assert (result.feature_dim, result.n_train, result.n_val) == (head.in_features, 10 * k, 6 * k)
     assert result.seconds > 0 and not model.training
 
@@ -104,6 +107,9 @@ def test_a_class_with_one_train_image_is_refused():
 
 def test_a_conv_head_is_refused():
     model = build("squeezenet1_0", 2)
-    with pytest.raises(ModelError, match=r"no single nn.Linear head with 2 outputs and a bias "
-                                         r"\(found: classifier.1 \(Conv2d\)\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"no single nn.Linear head with 2 outputs and a bias "
+        r"\(found: classifier.1 \(Conv2d\)\)",
+    ):
         P.head_module(model, 2)

@@ -16,18 +16,25 @@ from pipeline import selection as S
 LR = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
 
-def trial(number: int, value: float | None, curve=(), state=TrialState.COMPLETE, lr: float = 0.01,
-          **attrs) -> FrozenTrial:
+def trial(
+    number: int, value: float | None, curve=(), state=TrialState.COMPLETE, lr: float = 0.01, **attrs
+) -> FrozenTrial:
     """A FrozenTrial numbered `number`; `curve` gives intermediate values for steps 0, 1, ..."""
     made = optuna.trial.create_trial(
-        state=state, value=value if state == TrialState.COMPLETE else None, params={"lr": lr},
-        distributions=LR, user_attrs=attrs, intermediate_values=dict(enumerate(curve)))
+        state=state,
+        value=value if state == TrialState.COMPLETE else None,
+        params={"lr": lr},
+        distributions=LR,
+        user_attrs=attrs,
+        intermediate_values=dict(enumerate(curve)),
+    )
     made.number = number
     return made
 
 
-def rerun(number: int, of: int, index: int, value: float | None, curve=(), state=TrialState.COMPLETE,
-          lr: float = 0.01) -> FrozenTrial:
+def rerun(
+    number: int, of: int, index: int, value: float | None, curve=(), state=TrialState.COMPLETE, lr: float = 0.01
+) -> FrozenTrial:
     return trial(number, value, curve, state, lr, **S.rerun_attrs(of, index))
 
 
@@ -40,10 +47,18 @@ def today(trials, direction="maximize"):
 
 # ---- top candidates -------------------------------------------------------------------------------
 
+
 def test_top_candidates_by_value_ties_to_lower_number_without_reruns_with_baselines():
-    trials = [trial(0, 0.80), trial(1, 0.90, baseline="linear_probe"), trial(2, 0.95),
-              trial(3, None, state=TrialState.PRUNED), trial(4, 0.90), rerun(5, 2, 1, 0.99),
-              trial(6, None, state=TrialState.FAIL), trial(7, 0.85, baseline="seed_recipe")]
+    trials = [
+        trial(0, 0.80),
+        trial(1, 0.90, baseline="linear_probe"),
+        trial(2, 0.95),
+        trial(3, None, state=TrialState.PRUNED),
+        trial(4, 0.90),
+        rerun(5, 2, 1, 0.99),
+        trial(6, None, state=TrialState.FAIL),
+        trial(7, 0.85, baseline="seed_recipe"),
+    ]
     assert [t.number for t in S.top_candidates(trials, 3)] == [2, 1, 4]
     assert [t.number for t in S.top_candidates(trials, 10)] == [2, 1, 4, 7, 0]
     assert [t.number for t in S.top_candidates(trials, 2, "minimize")] == [0, 7]
@@ -62,17 +77,27 @@ def test_bad_k_r_and_direction_are_named():
 
 # ---- re-run plan ----------------------------------------------------------------------------------
 
+
 def test_rerun_plan_lists_only_missing_reruns_and_skips_the_probe():
-    trials = [trial(0, 0.80), trial(1, 0.97, baseline="linear_probe"), trial(2, 0.95), trial(3, 0.90),
-              trial(4, 0.85, baseline="seed_recipe")]
+    trials = [
+        trial(0, 0.80),
+        trial(1, 0.97, baseline="linear_probe"),
+        trial(2, 0.95),
+        trial(3, 0.90),
+        trial(4, 0.85, baseline="seed_recipe"),
+    ]
     assert S.rerun_plan(trials, 3, 2) == [(2, 1), (2, 2), (3, 1), (3, 2)]
     assert S.rerun_plan(trials, 3, 0) == []
     assert S.rerun_plan(trials, 4, 1) == [(2, 1), (3, 1), (4, 1)]
     assert S.rerun_plan(trials, 3, 1, seedless=()) == [(1, 1), (2, 1), (3, 1)]
 
     # Done, running, queued and pruned re-runs are present; a failed one is missing again.
-    trials += [rerun(5, 2, 1, 0.93), rerun(6, 2, 2, None, state=TrialState.FAIL),
-               rerun(7, 3, 1, None, state=TrialState.RUNNING), rerun(8, 3, 2, None, state=TrialState.WAITING)]
+    trials += [
+        rerun(5, 2, 1, 0.93),
+        rerun(6, 2, 2, None, state=TrialState.FAIL),
+        rerun(7, 3, 1, None, state=TrialState.RUNNING),
+        rerun(8, 3, 2, None, state=TrialState.WAITING),
+    ]
     assert S.rerun_plan(trials, 3, 2) == [(2, 2)]
     trials.append(rerun(9, 2, 2, None, state=TrialState.WAITING))  # the retry of trial 6
     assert S.rerun_plan(trials, 3, 2) == []
@@ -86,6 +111,7 @@ def test_reruns_never_change_the_candidates_they_belong_to():
 
 
 # ---- candidate table and champion -----------------------------------------------------------------
+
 
 def test_candidate_table_exact_numbers():
     trials = [
@@ -135,15 +161,24 @@ def test_refit_epochs_uses_steps_every_seed_reported():
 
 
 def test_ties_on_the_mean_go_to_lower_std_then_lower_number():
-    trials = [trial(0, 0.90), trial(1, 0.90), trial(2, 0.90), rerun(3, 0, 1, 0.90), rerun(4, 1, 1, 0.94),
-              rerun(5, 1, 2, 0.86), rerun(6, 2, 1, 0.92), rerun(7, 2, 2, 0.88)]
+    trials = [
+        trial(0, 0.90),
+        trial(1, 0.90),
+        trial(2, 0.90),
+        rerun(3, 0, 1, 0.90),
+        rerun(4, 1, 1, 0.94),
+        rerun(5, 1, 2, 0.86),
+        rerun(6, 2, 1, 0.92),
+        rerun(7, 2, 2, 0.88),
+    ]
     table = S.candidate_table(trials, k=3)
     # all means 0.90; stds: trial 0 -> 0, trial 2 -> 0.02, trial 1 -> 0.04
     assert table["number"].tolist() == [0, 2, 1]
     assert S.choose_champion(table) == 0
     # Equal means in exact arithmetic tie in floats too: mean(0.7, 0.8, 0.9) == 0.7999999999999999.
-    float_tie = S.candidate_table([trial(0, 1.0), rerun(1, 0, 1, 0.6), trial(2, 0.7), rerun(3, 2, 1, 0.8),
-                                   rerun(4, 2, 2, 0.9)], k=2)
+    float_tie = S.candidate_table(
+        [trial(0, 1.0), rerun(1, 0, 1, 0.6), trial(2, 0.7), rerun(3, 2, 1, 0.8), rerun(4, 2, 2, 0.9)], k=2
+    )
     assert float_tie["mean"].tolist() == [0.7999999999999999, 0.8]
     assert float_tie["number"].tolist() == [2, 0]  # std 0.1 beats std 0.283
     probe_tie = S.candidate_table([trial(0, 0.9), rerun(1, 0, 1, 0.9), trial(2, 0.9, baseline="linear_probe")])

@@ -77,11 +77,13 @@ def test_unreachable_postgres_names_the_storage_with_the_password_masked():
         open_storage(url, connect_timeout=5)
     message = str(info.value)
     assert "s3cret" not in message
-    assert message.startswith(f"Optuna storage postgresql+psycopg://sweep:***@127.0.0.1:{port}/optuna: "
-                              "cannot connect (")
+    assert message.startswith(
+        f"Optuna storage postgresql+psycopg://sweep:***@127.0.0.1:{port}/optuna: cannot connect ("
+    )
     assert "Connection refused" in message
-    assert message.endswith("); start the database server, or fix the host, user or password in --storage / "
-                            "study.storage")
+    assert message.endswith(
+        "); start the database server, or fix the host, user or password in --storage / study.storage"
+    )
     assert info.value.exit_code == 5
 
 
@@ -91,14 +93,23 @@ def test_unknown_storage_url_is_refused_with_the_accepted_forms():
     assert str(info.value) == (
         "Optuna storage redis://:***@cache:6379/0: not a storage URL; use sqlite:///FILE, "
         "postgresql://USER@HOST/DB, mysql://USER@HOST/DB, grpc://HOST:PORT (a running `sweep storage-proxy`) "
-        "or journal:///FILE.journal")
+        "or journal:///FILE.journal"
+    )
 
 
 def test_url_forms():
-    assert [storage_kind(u) for u in ("sqlite:///a.db", "postgresql+psycopg://h/db", "mysql+pymysql://h/db",
-                                      "grpc://proxy:13000", "journal:///a.journal", "runs/a.journal",
-                                      "/abs/optuna.log")] == ["rdb", "rdb", "rdb", "grpc", "journal", "journal",
-                                                              "journal"]
+    assert [
+        storage_kind(u)
+        for u in (
+            "sqlite:///a.db",
+            "postgresql+psycopg://h/db",
+            "mysql+pymysql://h/db",
+            "grpc://proxy:13000",
+            "journal:///a.journal",
+            "runs/a.journal",
+            "/abs/optuna.log",
+        )
+    ] == ["rdb", "rdb", "rdb", "grpc", "journal", "journal", "journal"]
     assert [heartbeat_supported(u) for u in ("postgresql://h/db", "grpc://p:1", "x.journal")] == [True, False, False]
     assert journal_path("journal:///runs/x.journal") == journal_path("runs/x.journal")
     assert str(journal_path("journal:////abs/x.journal")) == "/abs/x.journal"
@@ -141,8 +152,12 @@ def test_killed_workers_trial_is_failed_by_heartbeat_and_retried_once(tmp_path):
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
     storage = open_storage(url, heartbeat_interval=1, grace_period=2, stale_trial_callback=retry)
     study = optuna.create_study(storage=storage, study_name="hb")
-    worker = subprocess.Popen([sys.executable, "-c", _HANGING_WORKER, url], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": ROOT})
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_WORKER, url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     try:
         assert worker.stdout.readline().strip() == "started"
         time.sleep(1.5)  # at least one heartbeat recorded
@@ -162,8 +177,12 @@ def _journal_worker(path: str, barrier, n_trials: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = open_storage(path)
     barrier.wait(timeout=120)
-    study = optuna.create_study(storage=storage, study_name="journal", load_if_exists=True,
-                                sampler=optuna.samplers.RandomSampler(seed=os.getpid()))
+    study = optuna.create_study(
+        storage=storage,
+        study_name="journal",
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=os.getpid()),
+    )
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("pid", os.getpid())
@@ -238,6 +257,7 @@ def test_a_user_without_create_rights_is_told_so_not_retried(postgres):
     message = str(info.value)
     assert message.startswith(f"Optuna storage {reader}: cannot create its tables (")
     assert "permission denied for schema public" in message
-    assert message.endswith("); give the user the right to create tables in that database, or create the "
-                            "schema once as its owner")
+    assert message.endswith(
+        "); give the user the right to create tables in that database, or create the schema once as its owner"
+    )
     assert time.monotonic() - started < 5, "no retries with backoff"

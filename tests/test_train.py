@@ -39,8 +39,7 @@ def blobs(n: int, seed: int) -> TensorDataset:
 
 
 def loaders(n_train=64, n_val=32, batch_size=8):
-    return (DataLoader(blobs(n_train, 0), batch_size=batch_size),
-            DataLoader(blobs(n_val, 1), batch_size=batch_size))
+    return (DataLoader(blobs(n_train, 0), batch_size=batch_size), DataLoader(blobs(n_val, 1), batch_size=batch_size))
 
 
 def mlp(seed=0) -> nn.Module:
@@ -54,6 +53,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 # ---- fit ----------------------------------------------------------------------------------------
 
+
 def test_fit_learns_a_separable_problem():
     model = mlp()
     train, val = loaders()
@@ -66,8 +66,14 @@ def test_fit_learns_a_separable_problem():
     assert all(isinstance(h, EpochResult) for h in result.history)
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert all(h.seconds > 0 and h.lr == 0.1 for h in result.history)
-    assert set(result.history[0].metrics()) == {"train_loss", "train_accuracy", "val_loss",
-                                                "val_accuracy", "epoch_lr", "epoch_seconds"}
+    assert set(result.history[0].metrics()) == {
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "epoch_lr",
+        "epoch_seconds",
+    }
 
 
 def test_fit_on_image_folder_through_the_loaders(image_root):
@@ -77,8 +83,9 @@ def test_fit_on_image_folder_through_the_loaders(image_root):
     train = D.make_loader(image_root, splits.train, TX.train_transform(pp, 0.5), 8, 0, True, seed=0)
     val = D.make_loader(image_root, splits.val, TX.eval_transform(pp), 8, 0, False)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
     result = fit(model, train, val, epochs=4, optimizer=make_optimizer(model.parameters(), "adam", 0.05))
     assert result.best_value == 1.0
     assert len(result.history) == 4
@@ -102,8 +109,7 @@ def test_best_epoch_state_is_returned_not_the_last():
                 model[3].bias.zero_()
                 model[3].weight.neg_()  # every prediction flipped: accuracy 0
 
-    result = fit(model, train, val, epochs=3, optimizer=make_optimizer(model.parameters(), "sgd", 0.0),
-                 on_epoch=hook)
+    result = fit(model, train, val, epochs=3, optimizer=make_optimizer(model.parameters(), "sgd", 0.0), on_epoch=hook)
     assert [h.val_accuracy for h in result.history] == [1.0, 0.5, 0.0]
     assert (result.best_epoch, result.best_value) == (0, 1.0)
     assert result.best_value == max(h.val_accuracy for h in result.history)
@@ -117,8 +123,14 @@ def test_best_state_matches_the_hook_snapshot_of_a_normal_run():
     model = mlp(seed=3)
     train, val = loaders()
     saved = []
-    result = fit(model, train, val, epochs=3, optimizer=make_optimizer(model.parameters(), "sgd", 0.05),
-                 on_epoch=lambda r: saved.append(snapshot(model)))
+    result = fit(
+        model,
+        train,
+        val,
+        epochs=3,
+        optimizer=make_optimizer(model.parameters(), "sgd", 0.05),
+        on_epoch=lambda r: saved.append(snapshot(model)),
+    )
     values = [h.val_accuracy for h in result.history]
     assert result.best_value == max(values)
     assert result.best_epoch == values.index(max(values))  # ties keep the earlier epoch
@@ -137,8 +149,9 @@ def test_ties_keep_the_earliest_epoch():
 def test_val_loss_metric_keeps_the_lowest_loss():
     model = mlp()
     train, val = loaders()
-    result = fit(model, train, val, epochs=3, metric="val_loss",
-                 optimizer=make_optimizer(model.parameters(), "sgd", 0.1))
+    result = fit(
+        model, train, val, epochs=3, metric="val_loss", optimizer=make_optimizer(model.parameters(), "sgd", 0.1)
+    )
     losses = [h.val_loss for h in result.history]
     assert result.best_value == min(losses)
     assert result.best_epoch == losses.index(min(losses))
@@ -158,8 +171,7 @@ def test_on_epoch_raising_stops_after_that_epoch():
     model = mlp()
     train, val = loaders()
     with pytest.raises(Stop, match="pruned"):
-        fit(model, train, val, epochs=5, optimizer=make_optimizer(model.parameters(), "sgd", 0.1),
-            on_epoch=hook)
+        fit(model, train, val, epochs=5, optimizer=make_optimizer(model.parameters(), "sgd", 0.1), on_epoch=hook)
     assert calls == [0, 1]
 
 
@@ -173,8 +185,15 @@ def test_nan_criterion_raises_at_the_first_batch():
         return F.cross_entropy(logits, labels) * math.nan
 
     with pytest.raises(NonFiniteLossError, match=r"^training loss became nan after 0 images$"):
-        fit(model, train, val, epochs=2, criterion=nan_loss, on_epoch=calls.append,
-            optimizer=make_optimizer(model.parameters(), "sgd", 0.1))
+        fit(
+            model,
+            train,
+            val,
+            epochs=2,
+            criterion=nan_loss,
+            on_epoch=calls.append,
+            optimizer=make_optimizer(model.parameters(), "sgd", 0.1),
+        )
     assert calls == []
     for name, tensor in model.state_dict().items():  # raised before any optimizer step
         assert torch.equal(tensor, before[name]), name
@@ -185,8 +204,14 @@ def test_huge_learning_rate_raises_non_finite_loss_within_the_epoch():
     train, val = loaders()
     calls = []
     with pytest.raises(NonFiniteLossError, match=r"^training loss became (nan|inf) after \d+ images$"):
-        fit(model, train, val, epochs=3, on_epoch=calls.append,
-            optimizer=make_optimizer(model.parameters(), "sgd", 1e10))
+        fit(
+            model,
+            train,
+            val,
+            epochs=3,
+            on_epoch=calls.append,
+            optimizer=make_optimizer(model.parameters(), "sgd", 1e10),
+        )
     assert calls == []  # not one epoch finished
 
 
@@ -207,8 +232,9 @@ def test_cosine_and_no_schedule():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         cosine.step()
-    assert lrs == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05,
-                                 0.1 * (1 + math.cos(3 * math.pi / 4)) / 2])
+    assert lrs == pytest.approx(
+        [0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05, 0.1 * (1 + math.cos(3 * math.pi / 4)) / 2]
+    )
     assert make_scheduler(opt, "none", epochs=4) is None
     with pytest.raises(ValueError, match=r"^unknown scheduler 'linear' \(allowed: step, cosine, none\)$"):
         make_scheduler(opt, "linear", epochs=4)
@@ -218,8 +244,14 @@ def test_val_loss_is_plain_cross_entropy_whatever_the_label_smoothing():
     # Trials with different label_smoothing must compare on the same val loss.
     model = mlp()
     train, val = loaders()
-    result = fit(model, train, val, epochs=1, criterion=nn.CrossEntropyLoss(label_smoothing=0.5),
-                 optimizer=make_optimizer(model.parameters(), "sgd", 0.1))
+    result = fit(
+        model,
+        train,
+        val,
+        epochs=1,
+        criterion=nn.CrossEntropyLoss(label_smoothing=0.5),
+        optimizer=make_optimizer(model.parameters(), "sgd", 0.1),
+    )
     plain = evaluate(model, val, nn.CrossEntropyLoss(), CPU).loss
     smoothed = evaluate(model, val, nn.CrossEntropyLoss(label_smoothing=0.5), CPU).loss
     assert result.history[0].val_loss == pytest.approx(plain, abs=1e-6)
@@ -227,6 +259,7 @@ def test_val_loss_is_plain_cross_entropy_whatever_the_label_smoothing():
 
 
 # ---- evaluate / train_one_epoch -----------------------------------------------------------------
+
 
 def test_evaluate_returns_exact_outputs():
     model = mlp()
@@ -262,8 +295,7 @@ def test_train_one_epoch_returns_mean_loss_per_image_and_accuracy():
     model = mlp()
     data = blobs(10, 4)
     optimizer = make_optimizer(model.parameters(), "sgd", 0.0)
-    loss, accuracy = train_one_epoch(model, DataLoader(data, batch_size=4), nn.CrossEntropyLoss(),
-                                     optimizer, CPU)
+    loss, accuracy = train_one_epoch(model, DataLoader(data, batch_size=4), nn.CrossEntropyLoss(), optimizer, CPU)
     x, y = data.tensors
     with torch.no_grad():
         logits = model(x)
@@ -286,8 +318,9 @@ def test_make_optimizer_by_name():
 
 def test_build_training_reads_the_training_section():
     model = mlp()
-    training = TrainingSection(optimizer="adamw", lr=0.003, weight_decay=0.01,
-                               scheduler={"type": "step", "step_size": 3, "gamma": 0.5})
+    training = TrainingSection(
+        optimizer="adamw", lr=0.003, weight_decay=0.01, scheduler={"type": "step", "step_size": 3, "gamma": 0.5}
+    )
     optimizer, scheduler = build_training(model, training)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["lr"] == 0.003 and optimizer.defaults["weight_decay"] == 0.01
@@ -301,6 +334,7 @@ def test_pick_device():
 
 # ---- forward: batches that are not images for `model` (cached frozen-stage features) -----------
 
+
 def test_forward_maps_the_loaders_batches_while_model_keeps_modes_and_state():
     # The loaders yield the first layer's outputs; `forward` runs the rest of the model on them.
     model = mlp()
@@ -309,8 +343,10 @@ def test_forward_maps_the_loaders_batches_while_model_keeps_modes_and_state():
 
     def first(loader):
         with torch.no_grad():
-            return DataLoader(TensorDataset(torch.cat([model[1](model[0](x)) for x, _ in loader]),
-                                            torch.cat([y for _, y in loader])), batch_size=8)
+            return DataLoader(
+                TensorDataset(torch.cat([model[1](model[0](x)) for x, _ in loader]), torch.cat([y for _, y in loader])),
+                batch_size=8,
+            )
 
     twin = mlp()
     twin.load_state_dict(model.state_dict())
@@ -318,10 +354,22 @@ def test_forward_maps_the_loaders_batches_while_model_keeps_modes_and_state():
         p.requires_grad_(False)
     model[1].requires_grad_(False)
     feats_train, feats_val = first(train), first(val)
-    a = fit(model, feats_train, feats_val, epochs=2, train_forward=head, val_forward=head,
-            optimizer=make_optimizer([p for p in model.parameters() if p.requires_grad], "sgd", 0.1))
-    b = fit(twin, train, val, epochs=2,
-            optimizer=make_optimizer([p for p in twin.parameters() if p.requires_grad], "sgd", 0.1))
+    a = fit(
+        model,
+        feats_train,
+        feats_val,
+        epochs=2,
+        train_forward=head,
+        val_forward=head,
+        optimizer=make_optimizer([p for p in model.parameters() if p.requires_grad], "sgd", 0.1),
+    )
+    b = fit(
+        twin,
+        train,
+        val,
+        epochs=2,
+        optimizer=make_optimizer([p for p in twin.parameters() if p.requires_grad], "sgd", 0.1),
+    )
     for x, y in zip(a.history, b.history, strict=True):
         assert x.train_loss == pytest.approx(y.train_loss, rel=1e-5)
         assert x.val_loss == pytest.approx(y.val_loss, rel=1e-5)
@@ -347,6 +395,7 @@ def test_evaluate_with_forward_sets_eval_mode_and_uses_it():
 def test_channels_last_passes_pooled_feature_vectors_through():
     model = nn.Linear(48, 2)
     data = DataLoader(TensorDataset(torch.randn(6, 48), torch.arange(6) % 2), batch_size=3)
-    result = fit(model, data, data, epochs=1, channels_last=True,
-                 optimizer=make_optimizer(model.parameters(), "sgd", 0.1))
+    result = fit(
+        model, data, data, epochs=1, channels_last=True, optimizer=make_optimizer(model.parameters(), "sgd", 0.1)
+    )
     assert len(result.history) == 1

@@ -29,8 +29,14 @@ def test_cpu_threads_are_shared_out_without_oversubscription():
     shares = [int(worker_env(i, 3, 8, 0, base={})["SWEEP_THREADS"]) for i in range(3)]
     assert shares == [3, 3, 2] and sum(shares) == 8
     env = worker_env(1, 3, 8, 0, base={"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "SWEEP_THREADS": "3", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3",
-                   "SWEEP_WORKER_INDEX": "1", "SWEEP_WORKERS": "3"}
+    assert env == {
+        "PATH": "/bin",
+        "SWEEP_THREADS": "3",
+        "OMP_NUM_THREADS": "3",
+        "MKL_NUM_THREADS": "3",
+        "SWEEP_WORKER_INDEX": "1",
+        "SWEEP_WORKERS": "3",
+    }
     assert [worker_env(i, 4, 2, 0, base={})["SWEEP_THREADS"] for i in range(4)] == ["1", "1", "1", "1"]
 
 
@@ -53,7 +59,8 @@ def test_plain_sqlite_is_refused_for_several_workers():
     assert str(info.value) == (
         "--workers 3 cannot share the SQLite storage sqlite:////runs/optuna.db: SQLite takes one writer at a time "
         "and Optuna advises against it for parallel workers; use a journal file "
-        "(--storage journal:///mlruns/optuna.journal) or a database server (--storage postgresql://USER@HOST/DB)")
+        "(--storage journal:///mlruns/optuna.journal) or a database server (--storage postgresql://USER@HOST/DB)"
+    )
     with pytest.raises(ConfigError, match=r"^--workers 0: give at least 1 worker process$"):
         check_storage_for_workers("postgresql://db/optuna", 0)
 
@@ -85,8 +92,13 @@ sys.exit(int(out["index"]))
 
 
 def test_launch_starts_n_workers_with_their_shares_and_returns_exit_codes(tmp_path):
-    codes = launch_workers([sys.executable, "-c", _REPORTING_WORKER, str(tmp_path)], 3, cpu_count=5, gpu_count=2,
-                           env={**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""})
+    codes = launch_workers(
+        [sys.executable, "-c", _REPORTING_WORKER, str(tmp_path)],
+        3,
+        cpu_count=5,
+        gpu_count=2,
+        env={**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert codes == [0, 1, 2]
     reports = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(3)]
     assert reports == [
@@ -134,5 +146,6 @@ def test_stop_signal_is_forwarded_to_every_worker(tmp_path, sig):
 def test_a_worker_that_cannot_start_is_named(tmp_path):
     with pytest.raises(pipeline.errors.SweepError) as info:
         launch_workers([str(tmp_path / "no-such-sweep")], 2, cpu_count=2, gpu_count=0)
-    assert str(info.value) == (f"worker 0 of 2 could not be started: {tmp_path / 'no-such-sweep'}: "
-                               "No such file or directory")
+    assert str(info.value) == (
+        f"worker 0 of 2 could not be started: {tmp_path / 'no-such-sweep'}: No such file or directory"
+    )
