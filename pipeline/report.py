@@ -52,6 +52,7 @@ from pipeline.markdown import Outcome, write_markdown
 from pipeline.parent_summary import summarise_parent
 from pipeline.plots import confusion_plot, write_plots
 from pipeline.registry import Registered
+from pipeline.storages import creation_lock
 from pipeline.track import PARENT_ATTR, Tracker, reconcile
 
 REPORTS_ENV = "SWEEP_REPORTS"
@@ -125,6 +126,14 @@ def run_report(
     from pipeline.tune import load_existing
 
     study = load_existing(cfg, storage)
+    # One report stage at a time per study, across machines (a lock in the study's own database:
+    # PostgreSQL advisory lock, MySQL GET_LOCK, a lock file beside SQLite): a second one waits,
+    # then finds the test evaluation and the model version recorded and reuses them.
+    with creation_lock(stores.storage_url(cfg, storage), f"sweep-report:{cfg.study.name}", timeout=3600):
+        return _report(cfg, study, tracking, out)
+
+
+def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: str | Path | None) -> ReportResult:
     trials = study.get_trials(deepcopy=False)
     folder = _make_folder(report_dir(cfg.study.name, out))
     notes: list[str] = []
