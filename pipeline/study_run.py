@@ -25,6 +25,7 @@ from pipeline.events import TrialObserver
 from pipeline.mlflow_runs import Tracker
 from pipeline.preflight import prepare
 from pipeline.recovery import recover
+from pipeline.secrets import mask_text, mask_url
 from pipeline.stopping import same_failure
 from pipeline.stores import artifact_root, check_local_paths, check_writable, sqlite_path, storage_url, tracking_uri
 from pipeline.track import PARENT_ATTR, MLflowObserver, log_study, reconcile
@@ -82,10 +83,10 @@ def run_study(
     rdb = open_storage(cfg, url)
     study = open_study(cfg, rdb, accept_changes)
     tracker = Tracker(uri, cfg.experiment_name, artifact_root(), warn=say)
-    tags = {"sweep.storage": url, "sweep.arch": cfg.model.arch}
+    tags = {"sweep.storage": mask_url(url), "sweep.arch": cfg.model.arch}  # never a password in MLflow
     parent = tracker.open_parent(cfg.study.name, study.user_attrs.get(PARENT_ATTR), tags)
     study.set_user_attr(PARENT_ATTR, parent)
-    tracker.log_text(parent, cfg.to_yaml(), "study.yaml")
+    tracker.log_text(parent, mask_text(cfg.to_yaml(), [url, uri]), "study.yaml")
     tracker.log_text(parent, prep.splits.to_json(), "splits.json")
     log_study(tracker, parent, cfg, prep.splits)
     tracker.set_tags(
