@@ -15,8 +15,13 @@ from pipeline import predict as P
 from pipeline import registry as G
 from pipeline.errors import RegistryError
 
-PP = {"resize": 37, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-      "interpolation": "bilinear"}
+PP = {
+    "resize": 37,
+    "crop": 32,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+}
 
 
 def test_exported_module_returns_class_probabilities():
@@ -52,8 +57,15 @@ def _store(tmp_path, monkeypatch) -> tuple[str, MlflowClient, dict]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
-    kwargs = {"study": "s", "tracking": uri, "experiment_id": exp, "run_id": None, "name": "m", "alias": "champion",
-              "serialization_format": "pickle"}
+    kwargs = {
+        "study": "s",
+        "tracking": uri,
+        "experiment_id": exp,
+        "run_id": None,
+        "name": "m",
+        "alias": "champion",
+        "serialization_format": "pickle",
+    }
     return uri, client, kwargs
 
 
@@ -66,8 +78,7 @@ def _fail_once(monkeypatch, method: str) -> list[str]:
     def flaky(self, *args, **kwargs):
         if not raised:
             raised.append(method)
-            raise MlflowException("(sqlite3.OperationalError) database is locked",
-                                  error_code=TEMPORARILY_UNAVAILABLE)
+            raise MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, method, flaky)
@@ -107,8 +118,10 @@ def test_store_failure_while_finding_versions_never_registers_a_duplicate(tmp_pa
     with pytest.raises(RegistryError) as err:
         G.register(build, sha256="aaa", **kwargs)
     assert raised == ["search_model_versions"] and built == []
-    assert str(err.value) == ("looking up the versions of model 'm' failed: (sqlite3.OperationalError) database is "
-                              "locked; nothing was registered: run `sweep report` again once the store answers")
+    assert str(err.value) == (
+        "looking up the versions of model 'm' failed: (sqlite3.OperationalError) database is "
+        "locked; nothing was registered: run `sweep report` again once the store answers"
+    )
     again = G.register(build, sha256="aaa", **kwargs)  # the store answers again
     assert (again.version, again.created, built) == ("1", False, [])
     assert [str(v.version) for v in client.search_model_versions("name='m'")] == ["1"]
@@ -121,8 +134,7 @@ def test_store_failure_while_reading_the_alias_is_a_registry_error_and_moves_not
     with pytest.raises(RegistryError) as err:
         G.register(lambda: _export("aaa"), sha256="aaa", **kwargs)
     assert raised == ["get_registered_model"]
-    assert str(err.value) == (f"registering model 'm' in {uri} failed: (sqlite3.OperationalError) database is "
-                              "locked")
+    assert str(err.value) == (f"registering model 'm' in {uri} failed: (sqlite3.OperationalError) database is locked")
     other = G.register(lambda: _export("bbb"), sha256="bbb", **kwargs)
     assert (other.version, other.created, other.previous_alias_version) == ("2", True, "1")
     assert sorted(str(v.version) for v in client.search_model_versions("name='m'")) == ["1", "2"]
@@ -140,8 +152,17 @@ def test_alias_and_versions_of_a_model_not_registered_yet(tmp_path, monkeypatch)
 def test_register_failure_is_one_registry_error(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RegistryError, match=r"^registering model 'm' in sqlite:///.* failed: "):
-        G.register(lambda: _export("aaa"), study="s", sha256="aaa", tracking=uri, experiment_id="12345",
-                   run_id=None, name="m", alias="champion", serialization_format="pickle")
+        G.register(
+            lambda: _export("aaa"),
+            study="s",
+            sha256="aaa",
+            tracking=uri,
+            experiment_id="12345",
+            run_id=None,
+            name="m",
+            alias="champion",
+            serialization_format="pickle",
+        )
 
 
 def test_pt2_format_loads_back_with_a_dynamic_batch(tmp_path, monkeypatch):
@@ -150,10 +171,47 @@ def test_pt2_format_loads_back_with_a_dynamic_batch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = MlflowClient(uri).create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
-    G.register(lambda: _export("ccc"), study="s", sha256="ccc", tracking=uri, experiment_id=exp, run_id=None,
-               name="m2", alias="champion", serialization_format="pt2")
+    G.register(
+        lambda: _export("ccc"),
+        study="s",
+        sha256="ccc",
+        tracking=uri,
+        experiment_id=exp,
+        run_id=None,
+        name="m2",
+        alias="champion",
+        serialization_format="pt2",
+    )
     model, meta = P.load_model("models:/m2@champion", uri)
     probs = model.predict(np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32))
     assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-6)
     assert meta["classes"] == ["ants", "bees"]
     assert type(mlflow.pytorch.load_model("models:/m2@champion")).__name__.startswith("GraphModule")
+
+
+def test_model_logged_at_its_best_epoch_carries_that_epochs_figures_and_its_test_figures(tmp_path, monkeypatch):
+    import dataclasses
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
+
+    _, client, kwargs = _store(tmp_path, monkeypatch)
+    run_id = client.create_run(kwargs["experiment_id"], run_name="trial-0").info.run_id
+    client.log_batch(run_id, metrics=[Metric("val_accuracy", 0.5 + 0.1 * s, 0, s) for s in range(4)])
+    test = DatasetInput(
+        Dataset(name="images/test", digest="e571cd1d", source_type="local", source='{"uri": "/d"}'),
+        [InputTag("mlflow.data.context", "test")],
+    )
+    export = dataclasses.replace(
+        _export("ddd"), step=2, model_metrics={"test_accuracy": 0.75, "test_loss": 0.4}, metrics_input=test
+    )
+    G.register(lambda: export, sha256="ddd", **{**kwargs, "run_id": run_id})
+    (model,) = client.search_logged_models([kwargs["experiment_id"]])
+    figures = {m.key: (m.value, m.step, m.dataset_name, m.dataset_digest) for m in model.metrics}
+    assert figures == {
+        "val_accuracy": (0.7, 2, None, None),  # epoch 2's, not epoch 0's
+        "test_accuracy": (0.75, 2, "images/test", "e571cd1d"),
+        "test_loss": (0.4, 2, "images/test", "e571cd1d"),
+    }
+    run = client.get_run(run_id)
+    assert [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("images/test", "e571cd1d")]
+    assert run.data.metrics["test_accuracy"] == 0.75  # the champion's run shows its test figure too
