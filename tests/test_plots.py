@@ -114,3 +114,59 @@ def test_confusion_plot(tmp_path):
     )
     path = P.confusion_plot(evaluation, tmp_path / "confusion_matrix.png")
     assert path.read_bytes()[:8] == PNG and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("classes", [("ants", "bees"), ("ants", "bees", "wasps")])
+def test_confusion_title_is_whole_and_no_grid_crosses_the_cells(classes):
+    n = len(classes)
+    confusion = tuple(tuple(35 if i == j else (3 if j == (i + 1) % n else 0) for j in range(n)) for i in range(n))
+    total = sum(map(sum, confusion))
+    evaluation = TestEvaluation(
+        trial_number=12,
+        checkpoint_sha256="ab" * 32,
+        classes=classes,
+        n_images=total,
+        accuracy=35 * n / total,
+        loss=0.3,
+        precision=(0.9,) * n,
+        recall=(0.9,) * n,
+        f1=(0.9,) * n,
+        support=(38,) * n,
+        confusion=confusion,
+        evaluated_at="2025-01-01T00:00:00+00:00",
+    )
+    with matplotlib.rc_context({"axes.grid": True}):  # a grid-on style (ggplot) in force
+        fig = P.confusion_figure(evaluation)
+        fig.tight_layout()
+        fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_title() == f"test split, trial 12\naccuracy {35 * n / total:.3f} ({35 * n}/{total})"
+    title = ax.title.get_window_extent()
+    assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1, "title cut"
+    assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
+
+
+def test_learning_curve_labels_of_tied_trials_share_one_place():
+    ends = [(0, 2, 1.0, "#1f77b4"), (1, 2, 1.0, "#ff7f0e"), (2, 2, 0.995, "#2ca02c"), (3, 2, 0.8, "#d62728")]
+    ends += [(4, 0, 0.5, "#7f7f7f"), (5, 0, 0.5, "#7f7f7f")]
+    labels = P.end_labels(ends, tolerance=0.015)
+    assert [(x, round(y, 4), numbers, colour) for x, y, numbers, colour in labels] == [
+        (0, 0.5, [4, 5], "dimgrey"),
+        (2, 0.8, [3], "#d62728"),
+        (2, 0.9983, [0, 1, 2], "dimgrey"),
+    ]
+
+
+def test_learning_curves_label_each_end_once_and_list_only_the_states_drawn(cfg):
+    study = optuna.create_study(direction="maximize")
+    _add(study, TrialState.COMPLETE, 1.0, {"lr": 0.01, "freeze_depth": 0}, _history(0.5, 1.0))
+    _add(study, TrialState.COMPLETE, 1.0, {"lr": 0.02, "freeze_depth": 1}, _history(0.75, 1.0))
+    _add(study, TrialState.PRUNED, 0.25, {"lr": 0.03, "freeze_depth": 2}, _history(0.25))
+    fig = P.learning_curves_figure(study, cfg, selected=0)
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["0, 1", "2"]  # trials 0 and 1 end at the same point
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "complete (one colour per trial)",
+        "pruned",
+        "selected (trial 0)",
+    ]  # no "fail" entry: no trial failed

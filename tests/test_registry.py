@@ -187,3 +187,31 @@ def test_pt2_format_loads_back_with_a_dynamic_batch(tmp_path, monkeypatch):
     assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-6)
     assert meta["classes"] == ["ants", "bees"]
     assert type(mlflow.pytorch.load_model("models:/m2@champion")).__name__.startswith("GraphModule")
+
+
+def test_model_logged_at_its_best_epoch_carries_that_epochs_figures_and_its_test_figures(tmp_path, monkeypatch):
+    import dataclasses
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
+
+    _, client, kwargs = _store(tmp_path, monkeypatch)
+    run_id = client.create_run(kwargs["experiment_id"], run_name="trial-0").info.run_id
+    client.log_batch(run_id, metrics=[Metric("val_accuracy", 0.5 + 0.1 * s, 0, s) for s in range(4)])
+    test = DatasetInput(
+        Dataset(name="images/test", digest="e571cd1d", source_type="local", source='{"uri": "/d"}'),
+        [InputTag("mlflow.data.context", "test")],
+    )
+    export = dataclasses.replace(
+        _export("ddd"), step=2, model_metrics={"test_accuracy": 0.75, "test_loss": 0.4}, metrics_input=test
+    )
+    G.register(lambda: export, sha256="ddd", **{**kwargs, "run_id": run_id})
+    (model,) = client.search_logged_models([kwargs["experiment_id"]])
+    figures = {m.key: (m.value, m.step, m.dataset_name, m.dataset_digest) for m in model.metrics}
+    assert figures == {
+        "val_accuracy": (0.7, 2, None, None),  # epoch 2's, not epoch 0's
+        "test_accuracy": (0.75, 2, "images/test", "e571cd1d"),
+        "test_loss": (0.4, 2, "images/test", "e571cd1d"),
+    }
+    run = client.get_run(run_id)
+    assert [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("images/test", "e571cd1d")]
+    assert run.data.metrics["test_accuracy"] == 0.75  # the champion's run shows its test figure too

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from pipeline import report as R
 from pipeline import train
 from pipeline.cli import app
+from pipeline.confidence import accuracy_interval
 from pipeline.config import load_study
 from pipeline.errors import RegistryError
 from pipeline.stores import checkpoint_dir, storage_url, tracking_uri
@@ -237,7 +238,11 @@ def test_report_files(done):
         *(f"val_accuracy_vs_{p}.png" for p in ("lr", "momentum", "freeze_depth", "aug_strength")),
         "confusion_matrix.png",
         "report.md",
+        "report.html",
     ]
+    html = (folder / "report.html").read_text()
+    pngs = [p for p in done.first.files if p.suffix == ".png"]
+    assert html.count('<img src="data:image/png;base64,') == len(pngs) == 8  # every plot embedded
     for name in (
         "optimization_history",
         "param_importances",
@@ -264,15 +269,42 @@ def test_report_logged_to_parent_run(done):
     client = MlflowClient(tracking_uri(done.cfg))
     parent = done.study.user_attrs[PARENT_ATTR]
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "report")}
-    assert {"trials.csv", "report.md", "learning_curves.png", "confusion_matrix.png"} <= logged
+    assert {"trials.csv", "report.md", "report.html", "learning_curves.png", "confusion_matrix.png"} <= logged
     run = client.get_run(parent)
     assert run.info.status == "FINISHED"
     assert run.data.tags["sweep.selected_trial"] == "1"
     assert run.data.tags["sweep.registered_model"] == "tiny-classifier/1"
     assert [m.value for m in client.get_metric_history(parent, "test_accuracy")] == [done.first.test.accuracy]
+    # the selected trial's val figure and the test interval, logged once (the second report reused the test)
+    value = done.study.trials[1].value
+    assert [m.value for m in client.get_metric_history(parent, "selected_val_accuracy")] == [value]
+    test = done.first.test
+    correct = sum(test.confusion[i][i] for i in range(2))
+    low, high = accuracy_interval(correct, test.n_images)
+    assert [m.value for m in client.get_metric_history(parent, "test_accuracy_ci_low")] == [pytest.approx(low)]
+    assert [m.value for m in client.get_metric_history(parent, "test_accuracy_ci_high")] == [pytest.approx(high)]
+    assert run.data.tags["mlflow.note.content"] == (
+        "**Study `tiny`**: 4 trials (2 complete, 1 pruned, 1 failed).\n\n"
+        f"Selected **trial 1**: val_accuracy {value:.4f} at epoch {done.first.best_epoch}.\n"
+        f"Sealed test split: test accuracy {test.accuracy:.3f} ({correct}/6; 95% CI {low:.3f}-{high:.3f}, wilson); "
+        f"val {value:.3f}, gap {value - test.accuracy:+.3f}.\n"
+        "Registered model: `models:/tiny-classifier@champion` (version 1).\n"
+        "Full report: `report/report.html` in this run's artifacts."
+    )
+    params = run.data.params
+    assert (params["arch"], params["weights"], params["n_trials"], params["sampler"]) == (
+        "resnet18",
+        "none",
+        "2",
+        "random (seed=0)",
+    )
+    assert params["space.lr"] == "float [0.005, 0.3] log" and params["pruner"] == "none"
 
 
 def test_checkpoint_cleanup_keeps_top_k_and_selected(done):
+    # no trial points at a checkpoint file: the report deletes most of them, and a finished
+    # trial's attrs cannot change afterwards
+    assert all("checkpoint" not in t.user_attrs for t in done.study.trials)
     assert done.checkpoints_before == ["trial-0.pt", "trial-1.pt"]
     assert sorted(p.name for p in checkpoint_dir("tiny").iterdir()) == ["trial-1.pt"]
     assert [p.name for p in done.first.cleanup.deleted] == ["trial-0.pt"]
