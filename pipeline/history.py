@@ -45,11 +45,11 @@ def epoch_history(user_attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
     Reads the `epoch_<kk>` attrs, else the older single `history` list; attrs reset to None (a
     retried trial's inherited epochs, see `stale_keys`) are skipped. Empty when no epoch ran.
     """
-    epochs = [
-        {"epoch": int(match.group(1)), **{_FIELD.get(k, k): v for k, v in value.items()}}
-        for key, value in user_attrs.items()
-        if (match := _EPOCH_KEY.match(key)) and isinstance(value, dict)
-    ]
+    epochs: list[dict[str, Any]] = []
+    for key, value in user_attrs.items():
+        match = _EPOCH_KEY.match(key)
+        if match and isinstance(value, dict):
+            epochs.append({"epoch": int(match.group(1)), **{str(_FIELD.get(k, k)): v for k, v in value.items()}})
     if epochs:
         return sorted(epochs, key=lambda h: h["epoch"])
     return list(user_attrs.get(LEGACY_ATTR) or [])
