@@ -43,10 +43,12 @@ report: install
 status: install
 	$(SWEEP) status $(or $(STUDY),studies/hymenoptera_offline.yaml)
 
-# MLflow UI on the embedded store; first the direct link to the study's runs table (MLflow 3 opens
-# an experiment on its GenAI overview otherwise) and to its registered model.
+# MLflow UI on the embedded store; first the direct links to the runs table of each study (STUDY=,
+# else every study file that has runs; MLflow 3 opens an experiment on its GenAI overview otherwise)
+# and to its registered model.
 ui: install
-	@$(SWEEP) ui-links $(or $(STUDY),studies/hymenoptera_offline.yaml) --base-url http://127.0.0.1:$(PORT) || true
+	@for f in $(or $(STUDY),studies/*.yaml); do \
+	  $(SWEEP) ui-links $$f --base-url http://127.0.0.1:$(PORT) || true; done
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port $(PORT)
 

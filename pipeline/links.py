@@ -40,8 +40,8 @@ def model_url(base: str, name: str) -> str:
 
 def study_links(cfg: StudyConfig, base: str, tracking: str | None = None) -> list[str]:
     """One line per link of the study, looked up in its tracking store without writing to it:
-    the runs table, and the registered model once the report has registered one. Before the first
-    `sweep run` (no store, or no experiment yet) the line says so and gives the UI's address; a
+    the runs table, and the registered model once the report has registered one. Before the study
+    has run (no store, no experiment or no run of it yet) the line says so; a
     store that does not answer is reported in the line too (nothing raised: the UI may still start).
     """
     quiet_mlflow()
@@ -60,6 +60,12 @@ def study_links(cfg: StudyConfig, base: str, tracking: str | None = None) -> lis
         return [f"MLflow store {uri} did not answer ({first_line(err)}); the MLflow UI: {base}"]
     if experiment is None:
         return [f"no MLflow experiment '{cfg.experiment_name}' in {uri} yet: run the study first; the UI: {base}"]
+    try:
+        runs = client.search_runs([experiment.experiment_id], f"tags.`{STUDY_TAG}` = '{cfg.study.name}'", max_results=1)
+    except MlflowException as err:
+        return [f"MLflow store {uri} did not answer ({first_line(err)}); the MLflow UI: {base}"]
+    if not runs:
+        return [f"no runs of study '{cfg.study.name}' in experiment '{cfg.experiment_name}' yet"]
     lines = [f"runs of study '{cfg.study.name}': {runs_table_url(base, experiment.experiment_id, cfg.study.name)}"]
     if models:
         lines.append(f"registered model '{cfg.registry.model_name}': {model_url(base, cfg.registry.model_name)}")

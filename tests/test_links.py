@@ -34,6 +34,8 @@ def test_study_links_before_and_after_the_study_ran(sweep_home, study_file):
     ]
     assert not db.exists(), "looking up the links creates no store"
     tracker = Tracker(tracking_uri(cfg), cfg.experiment_name, sweep_home / "artifacts")
+    assert links.study_links(cfg, BASE) == ["no runs of study 'tiny' in experiment 'tiny' yet"]
+    tracker.open_parent("tiny", None, {})
     runs = links.runs_table_url(BASE, tracker.experiment_id, "tiny")
     assert links.study_links(cfg, BASE) == [f"runs of study 'tiny': {runs}"]
     MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg)).create_registered_model("tiny-classifier")

@@ -133,8 +133,13 @@ def mlflow_ui(study) -> Iterator[str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", study.tracking]
     cmd += ["--default-artifact-root", str(artifact_root().resolve()), "--host", "127.0.0.1", "--port", str(port)]
+    # One server process and no GenAI job runner: the same pages, a faster start on 2 cores.
+    cmd += ["--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # Its own process group: `mlflow ui` runs uvicorn in a child process, stopped with it.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
     try:
         _wait_for(f"http://127.0.0.1:{port}/health", 90, proc)
         yield f"http://127.0.0.1:{port}"
