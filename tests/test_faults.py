@@ -83,7 +83,9 @@ def _interrupt_then_resume(tmp_path, long_study, sig: int) -> tuple[subprocess.C
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     resumed = subprocess.run(
-        _cli(long_study, home, "--set", "training.epochs=1"),
+        # The resume trains shorter: a changed recipe must be accepted explicitly (it is refused
+        # otherwise, see test_outcomes), which is also what a user finishing quickly would do.
+        _cli(long_study, home, "--set", "training.epochs=1", "--accept-changes"),
         cwd=tmp_path,
         env=_env(home),
         capture_output=True,

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from pipeline import tune
 from pipeline.config import load_study
-from pipeline.errors import DataError, StudyStateError, TrackingError
+from pipeline.errors import DataError, StudyFailedError, StudyStateError, TrackingError
 from pipeline.events import TrialObserver
 from pipeline.history import epoch_history
 from pipeline.stores import storage_url, tracking_uri
@@ -106,11 +106,12 @@ def test_out_of_memory_reason_says_what_to_lower(sweep_home, tmp_path, image_roo
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(tune, "fit_config", oom)
-    outcome = run_study(
-        cfg.model_copy(update={"study": cfg.study.model_copy(update={"max_failed_trials": 2})}), observers=[Recorder()]
-    )
-    assert outcome.stop_reason == "too many failed trials"
-    reasons = [t.user_attrs["fail_reason"] for t in outcome.study.get_trials()]
+    with pytest.raises(StudyFailedError, match="stopped: too many failed trials"):
+        run_study(
+            cfg.model_copy(update={"study": cfg.study.model_copy(update={"max_failed_trials": 2})}),
+            observers=[Recorder()],
+        )
+    reasons = [t.user_attrs["fail_reason"] for t in tune.load_existing(cfg).get_trials()]
     assert reasons == ["out of memory: lower data.batch_size or data.image_size"] * 2
 
 
