@@ -13,9 +13,7 @@ them. The new head is never part of a stage, so it always trains.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -23,34 +21,6 @@ from torch import nn
 
 from pipeline.errors import ModelError
 from pipeline.weights import TIMM_PREFIX, LoadReport, WeightsSpec, load_checkpoint, offline_message, pretrained_state
-
-
-@lru_cache(maxsize=1)
-def torchvision_archs() -> tuple[str, ...]:
-    import torchvision
-
-    return tuple(torchvision.models.list_models(module=torchvision.models))
-
-
-def check_arch(arch: str) -> None:
-    """Raise `ValueError` (a config problem) when `arch` names no known model."""
-    if arch.startswith(TIMM_PREFIX):
-        import timm
-
-        name = arch[len(TIMM_PREFIX) :]
-        if not timm.is_model(name.split(".")[0]):
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
-            hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown arch '{arch}': timm has no model '{name}'{hint} (see timm.list_models())")
-        return
-    if arch not in torchvision_archs():
-        close = difflib.get_close_matches(arch, torchvision_archs(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown arch '{arch}'{hint} (use a torchvision classification model from "
-            "torchvision.models.list_models(), e.g. resnet18, efficientnet_b0, mobilenet_v3_large, "
-            "or timm/NAME)"
-        )
 
 
 def head_names(model: nn.Module, num_classes: int) -> set[str]:

@@ -13,6 +13,7 @@ from pipeline import model as M
 from pipeline import weights as W
 from pipeline.config import PreprocessConfig, TrainingSection
 from pipeline.errors import ModelError
+from pipeline.rules import check_arch
 from pipeline.train import build_training, train_one_epoch
 from pipeline.transforms import Preprocess
 
@@ -393,9 +394,9 @@ def test_resolve_preprocess_overrides_win():
 
 def test_check_arch_accepts_known_names():
     for arch in ("resnet18", "mobilenet_v3_small", "timm/efficientnet_lite0"):
-        M.check_arch(arch)
+        check_arch(arch)
 
 
 def test_check_arch_rejects_detection_models():
     with pytest.raises(ValueError, match=r"^unknown arch 'fasterrcnn_resnet50_fpn'"):
-        M.check_arch("fasterrcnn_resnet50_fpn")
+        check_arch("fasterrcnn_resnet50_fpn")

@@ -94,7 +94,14 @@ def test_timeout_stops_starting_trials(sweep_home, tmp_path, image_root):
     tree = study_dict(image_root, study={"n_trials": 50, "timeout": 0.5}, training={"epochs": 1})
     outcome = run_study(load_study(write_study(tmp_path / "study.yaml", tree)))
     assert outcome.stop_reason == "timeout"
-    assert 1 <= len(outcome.study.trials) < 50
+    trials = outcome.study.trials
+    start = trials[0].datetime_start
+    ends = [(t.datetime_complete - start).total_seconds() for t in trials]
+    # Optuna checks the timeout after each trial: every trial but the last ended inside it (so
+    # another one was started), the last one ended past it (so none was started after it).
+    assert all(end < 0.5 for end in ends[:-1]), ends
+    assert (trials[-1].datetime_start - start).total_seconds() < 0.5
+    assert len(trials) < 50
     assert all(t.state == TrialState.COMPLETE for t in outcome.study.trials)
 
 
