@@ -122,7 +122,7 @@ def run_report(
     study = load_existing(cfg, storage)
     trials = study.get_trials(deepcopy=False)
     folder = _make_folder(report_dir(cfg.study.name, out))
-    notes: list[str] = []
+    notes: list[str] = list(worker_notes(trials, cfg.study.n_trials))
     tracker, parent = _open_tracker(cfg, tracking, study, trials, notes)
     frame, compute = trials_frame(study, cfg), compute_spent(trials, cfg.training.epochs)
     ranked = ranked_complete(trials, cfg.study.direction)
@@ -156,14 +156,34 @@ def run_report(
     )
 
 
+def worker_notes(trials: Sequence[FrozenTrial], n_trials: int) -> list[str]:
+    """Lines on what many workers did to the study: trials finished beyond `n_trials` (overshoot)
+    and the parameters of dead or interrupted trials re-run by another trial."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from pipeline.study_loop import overshoot
+
+    lines = []
+    extra = overshoot(trials, n_trials)
+    if extra:
+        lines.append(
+            f"overshoot: {extra} trial(s) finished beyond study.n_trials = {n_trials} (started by "
+            "workers in the same instant as the last counted trials)"
+        )
+    retries = [(RetryHeartbeatStaleTrialCallback.retry_history(t), t.number) for t in trials]
+    retried = [f"trial {history[-1]} as trial {number}" for history, number in retries if history]
+    if retried:
+        lines.append(f"re-run after their process died or was interrupted: {', '.join(retried)}")
+    return lines
+
+
 def _open_tracker(
     cfg: StudyConfig, tracking: str | None, study: optuna.Study, trials: Sequence[FrozenTrial], notes: list[str]
 ) -> tuple[Tracker, str | None]:
     """The study's tracker and parent run id; trials run while the store was down get their runs
     now that it answers (`track.reconcile`)."""
-    tracker = Tracker(
-        stores.tracking_uri(cfg, tracking), cfg.experiment_name, stores.artifact_root(), warn=notes.append
-    )
+    uri = stores.tracking_uri(cfg, tracking)
+    tracker = Tracker(uri, cfg.experiment_name, stores.experiment_artifacts(uri), warn=notes.append)
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent:
         tracker.parent_id = parent

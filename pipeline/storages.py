@@ -8,7 +8,7 @@ Accepted URLs (`open_storage`):
 | `postgresql://...`, `postgresql+psycopg://...` | `RDBStorage` | many workers, many machines |
 | `mysql://...`, `mysql+pymysql://...` | `RDBStorage` | many workers, many machines |
 | `grpc://HOST:PORT` | `GrpcStorageProxy` | many nodes behind one `sweep storage-proxy` |
-| `journal:///FILE`, or a path ending in `.journal` / `.log` | `JournalStorage(JournalFileBackend)` | several processes on one machine or an NFS mount |
+| `journal:///FILE`, or a path ending in `.journal` / `.log` | `JournalStorage` | processes on one machine or NFS |
 
 `journal:///FILE` follows SQLAlchemy's SQLite convention: what follows the third slash is the path, so
 `journal:///runs/x.journal` is relative to the working directory and `journal:////abs/x.journal` is
@@ -16,8 +16,9 @@ absolute. The file is locked with Optuna's default symlink lock, which also work
 
 Heartbeats (`heartbeat_interval`, `grace_period`, `stale_trial_callback`) only exist for RDB storages:
 in Optuna 5.0 neither `GrpcStorageProxy` nor `JournalStorage` implements `BaseHeartbeat`, and the gRPC
-protocol has no heartbeat call, so a worker killed while it holds a trial leaves that trial RUNNING
-there. `heartbeat_supported` tells which is which.
+protocol has no heartbeat call, so a worker killed while it holds a trial would leave that trial
+RUNNING there: trials on those storages keep their own heartbeat (`pipeline.recovery.TrialHeartbeat`).
+`heartbeat_supported` tells which is which.
 
 Concurrent first opens: `RDBStorage.__init__` runs `metadata.create_all` and then stamps the alembic
 version, each in its own transaction and without any lock. On a fresh PostgreSQL database, four
@@ -97,8 +98,9 @@ def grpc_address(url: str) -> tuple[str, int]:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port or GRPC_DEFAULT_PORT
     except ValueError as err:
-        raise TrackingError(f"Optuna storage {mask_url(url)}: bad gRPC proxy address ({err}); "
-                            "write it as grpc://HOST:PORT") from None
+        raise TrackingError(
+            f"Optuna storage {mask_url(url)}: bad gRPC proxy address ({err}); write it as grpc://HOST:PORT"
+        ) from None
     if not host:
         raise TrackingError(f"Optuna storage {mask_url(url)}: no host; write it as grpc://HOST:PORT")
     return (f"[{host}]" if ":" in host else host), port
@@ -110,8 +112,9 @@ def _lock_key(name: str) -> int:
 
 
 @contextlib.contextmanager
-def creation_lock(url: str, name: str = "optuna-schema", timeout: float = 120.0,
-                  connect_timeout: float = 10.0) -> Iterator[None]:
+def creation_lock(
+    url: str, name: str = "optuna-schema", timeout: float = 120.0, connect_timeout: float = 10.0
+) -> Iterator[None]:
     """Hold a lock named `name` in the database of `url` while a schema is created there.
 
     PostgreSQL: `pg_advisory_xact_lock` in a transaction of its own (released when the block ends, or
@@ -141,8 +144,9 @@ def creation_lock(url: str, name: str = "optuna-schema", timeout: float = 120.0,
     if dialect not in ("postgresql", "mysql"):
         yield
         return
-    engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url, connect_timeout),
-                                      poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(
+        url, connect_args=_connect_args(url, connect_timeout), poolclass=sqlalchemy.pool.NullPool
+    )
     try:
         with engine.connect() as conn:
             if dialect == "postgresql":
@@ -151,11 +155,14 @@ def creation_lock(url: str, name: str = "optuna-schema", timeout: float = 120.0,
                     conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(name)})
                     yield
             else:
-                got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, :t)"),
-                                   {"n": f"sweep:{name}", "t": int(timeout)}).scalar()
+                got = conn.execute(
+                    sqlalchemy.text("SELECT GET_LOCK(:n, :t)"), {"n": f"sweep:{name}", "t": int(timeout)}
+                ).scalar()
                 if got != 1:
-                    raise TrackingError(f"database {mask_url(url)}: lock sweep:{name} not granted within "
-                                        f"{timeout:.0f} s; is another worker stuck creating the schema?")
+                    raise TrackingError(
+                        f"database {mask_url(url)}: lock sweep:{name} not granted within "
+                        f"{timeout:.0f} s; is another worker stuck creating the schema?"
+                    )
                 try:
                     yield
                 finally:
@@ -176,13 +183,23 @@ def _connect_args(url: str, connect_timeout: float = 10.0) -> dict[str, Any]:
 
 def _driver_hint(url: str) -> str:
     backend = url.partition("://")[0].partition("+")[0].lower()
-    return {"postgresql": "pip install 'psycopg[binary]' (the sweep[postgres] extra)",
-            "mysql": "pip install pymysql and write mysql+pymysql://..."}.get(backend, "install its driver")
+    return {
+        "postgresql": "pip install 'psycopg[binary]' (the sweep[postgres] extra)",
+        "mysql": "pip install pymysql and write mysql+pymysql://...",
+    }.get(backend, "install its driver")
 
 
-def _open_rdb(url: str, *, heartbeat_interval: int | None, grace_period: int | None,
-              stale_trial_callback: StaleTrialCallback | None, connect_timeout: float, lock_timeout: float,
-              attempts: int = 5, lock: bool = True) -> optuna.storages.RDBStorage:
+def _open_rdb(
+    url: str,
+    *,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
+    stale_trial_callback: StaleTrialCallback | None,
+    connect_timeout: float,
+    lock_timeout: float,
+    attempts: int = 5,
+    lock: bool = True,
+) -> optuna.storages.RDBStorage:
     import sqlalchemy.exc
 
     shown = mask_url(url)
@@ -194,35 +211,49 @@ def _open_rdb(url: str, *, heartbeat_interval: int | None, grace_period: int | N
             locked = creation_lock(url, timeout=lock_timeout, connect_timeout=connect_timeout)
             with locked if lock else contextlib.nullcontext():
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": _connect_args(url, connect_timeout)},
-                    heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                    heartbeat_stale_trial_callback=stale_trial_callback)
+                    url,
+                    engine_kwargs={"connect_args": _connect_args(url, connect_timeout)},
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=stale_trial_callback,
+                )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             # Another process created the same table or type first (a dialect without a lock, or the
             # lock disabled): the next attempt finds it and skips it. Other errors are no race.
             state = getattr(err.orig, "sqlstate", None)
             if state is not None and state not in RACE_SQLSTATES:
-                raise TrackingError(f"Optuna storage {shown}: cannot create its tables "
-                                    f"({mask_text(first_line(err), [url])}); give the user the right to create "
-                                    "tables in that database, or create the schema once as its owner") from None
+                raise TrackingError(
+                    f"Optuna storage {shown}: cannot create its tables "
+                    f"({mask_text(first_line(err), [url])}); give the user the right to create "
+                    "tables in that database, or create the schema once as its owner"
+                ) from None
             if attempt == attempts - 1:
-                raise TrackingError(f"Optuna storage {shown}: schema creation kept colliding with other "
-                                    f"workers ({mask_text(first_line(err), [url])}); start one worker "
-                                    "first, then the others") from None
+                raise TrackingError(
+                    f"Optuna storage {shown}: schema creation kept colliding with other "
+                    f"workers ({mask_text(first_line(err), [url])}); start one worker "
+                    "first, then the others"
+                ) from None
             time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
         except sqlalchemy.exc.OperationalError as err:
             if getattr(err.orig, "sqlstate", None) == "55P03":  # lock_not_available: lock_timeout ran out
-                raise TrackingError(f"Optuna storage {shown}: another worker held the schema lock for over "
-                                    f"{lock_timeout:.0f} s; is one stuck creating the schema?") from None
-            raise TrackingError(f"Optuna storage {shown}: cannot connect ({mask_text(first_line(err), [url])}); "
-                                "start the database server, or fix the host, user or password in --storage / "
-                                "study.storage") from None
+                raise TrackingError(
+                    f"Optuna storage {shown}: another worker held the schema lock for over "
+                    f"{lock_timeout:.0f} s; is one stuck creating the schema?"
+                ) from None
+            raise TrackingError(
+                f"Optuna storage {shown}: cannot connect ({mask_text(first_line(err), [url])}); "
+                "start the database server, or fix the host, user or password in --storage / "
+                "study.storage"
+            ) from None
         except ImportError:
-            raise TrackingError(f"Optuna storage {shown}: the database driver is not installed; "
-                                f"{_driver_hint(url)}") from None
+            raise TrackingError(
+                f"Optuna storage {shown}: the database driver is not installed; {_driver_hint(url)}"
+            ) from None
         except RuntimeError as err:  # Optuna's schema version check
-            raise TrackingError(f"Optuna storage {shown}: {mask_text(first_line(err), [url])}; upgrade it with "
-                                f"`optuna storage upgrade --storage URL`") from None
+            raise TrackingError(
+                f"Optuna storage {shown}: {mask_text(first_line(err), [url])}; upgrade it with "
+                f"`optuna storage upgrade --storage URL`"
+            ) from None
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -259,13 +290,21 @@ def _open_journal(url: str) -> BaseStorage:
     try:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     except OSError as err:
-        raise TrackingError(f"Optuna journal storage {path}: cannot be opened ({err.strerror or err}); "
-                            "fix the path or its permissions") from None
+        raise TrackingError(
+            f"Optuna journal storage {path}: cannot be opened ({err.strerror or err}); fix the path or its permissions"
+        ) from None
 
 
-def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 stale_trial_callback: StaleTrialCallback | None = None, connect_timeout: float = 10.0,
-                 lock_timeout: float = 120.0, schema_lock: bool = True) -> BaseStorage:
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    stale_trial_callback: StaleTrialCallback | None = None,
+    connect_timeout: float = 10.0,
+    lock_timeout: float = 120.0,
+    schema_lock: bool = True,
+) -> BaseStorage:
     """Open (creating its schema or file when new) the Optuna storage behind `url`.
 
     Args:
@@ -294,6 +333,12 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
         return _open_grpc(url, connect_timeout)
     if kind == "journal":
         return _open_journal(url)
-    return _open_rdb(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                     stale_trial_callback=stale_trial_callback, connect_timeout=connect_timeout,
-                     lock_timeout=lock_timeout, lock=schema_lock)
+    return _open_rdb(
+        url,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        stale_trial_callback=stale_trial_callback,
+        connect_timeout=connect_timeout,
+        lock_timeout=lock_timeout,
+        lock=schema_lock,
+    )

@@ -73,8 +73,9 @@ def check_storage_for_workers(storage: str, count: int) -> None:
         )
 
 
-def worker_env(index: int, count: int, cpu_count: int, gpu_count: int,
-               base: Mapping[str, str] | None = None) -> dict[str, str]:
+def worker_env(
+    index: int, count: int, cpu_count: int, gpu_count: int, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of worker `index` (0-based) of `count`: `base` (default: this process's
     environment) plus its share of the CPU threads and, with several GPUs, its GPU.
 
@@ -93,8 +94,15 @@ def worker_env(index: int, count: int, cpu_count: int, gpu_count: int,
         raise ValueError(f"worker {index} of {count} on {cpu_count} CPUs: need 0 <= index < count and counts >= 1")
     env = dict(os.environ if base is None else base)
     threads = max(1, cpu_count // count + (1 if index < cpu_count % count else 0))
-    env.update({THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                INDEX_ENV: str(index), COUNT_ENV: str(count)})
+    env.update(
+        {
+            THREADS_ENV: str(threads),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            INDEX_ENV: str(index),
+            COUNT_ENV: str(count),
+        }
+    )
     if gpu_count > 1:
         inherited = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         devices = inherited[:gpu_count] if len(inherited) >= gpu_count else [str(i) for i in range(gpu_count)]
@@ -143,9 +151,15 @@ def exit_code(codes: Sequence[int]) -> int:
     return 0
 
 
-def launch_workers(command: Sequence[str], count: int, *, cpu_count: int | None = None,
-                   gpu_count: int | None = None, env: Mapping[str, str] | None = None,
-                   cwd: Path | str | None = None) -> list[int]:
+def launch_workers(
+    command: Sequence[str],
+    count: int,
+    *,
+    cpu_count: int | None = None,
+    gpu_count: int | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+) -> list[int]:
     """Start `count` processes of `command` (e.g. `[python, -m, pipeline.cli, run, study.yaml,
     --no-report]`), each with `worker_env`, wait for all of them and return their exit codes in
     start order (negative: ended by that signal, as `subprocess` reports it). A stop signal that
@@ -188,14 +202,18 @@ def launch_workers(command: Sequence[str], count: int, *, cpu_count: int | None 
             if stops:  # asked to stop while starting: start no more
                 break
             try:
-                procs.append(subprocess.Popen(list(command), env=worker_env(index, count, cpus, gpus, env),
-                                              cwd=cwd, process_group=0))
+                procs.append(
+                    subprocess.Popen(
+                        list(command), env=worker_env(index, count, cpus, gpus, env), cwd=cwd, process_group=0
+                    )
+                )
             except OSError as err:
                 forward(signal.SIGTERM, None)
                 for proc in procs:
                     proc.wait()
-                raise SweepError(f"worker {index} of {count} could not be started: {command[0]}: "
-                                 f"{err.strerror or err}") from None
+                raise SweepError(
+                    f"worker {index} of {count} could not be started: {command[0]}: {err.strerror or err}"
+                ) from None
             if stops and stops[-1][1] < len(procs):  # the signal came while this worker was being started
                 procs[-1].send_signal(stops[-1][0])
         return [proc.wait() for proc in procs]

@@ -1,0 +1,147 @@
+"""The run of trials: `study.optimize` with Optuna callbacks until the study has what it needs,
+with any number of workers on one study.
+
+- `n_trials` counts finished trials (COMPLETE + PRUNED, `tune.COUNTED_STATES`); FAIL trials do not
+  count. `max_failed_trials` bounds a failing run (`FailureBudget`); `study.timeout` stops starting
+  trials; a grid study stops when every point has run.
+- `n_trials` is exact with many workers: after each trial a worker starts another only while the
+  trials finished, running or queued (`CLAIMED_STATES`) are fewer than `n_trials` (`TrialClaims`); a
+  worker that stops short of `n_trials` waits for the other workers' running trials, which either
+  finish or are found dead and re-queued (`pipeline.recovery.DeadTrials`), and runs the re-queued
+  ones. Two workers that check in the same instant can still each start one: trials finished beyond
+  `n_trials` are the "overshoot" the report states (`overshoot`).
+
+Like `pipeline.tune`, this speaks only Optuna's public API and knows nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline.config import StudyConfig
+from pipeline.events import TrialObserver
+from pipeline.preflight import Prepared
+from pipeline.recovery import DeadTrials
+from pipeline.search import grid_exhausted
+from pipeline.tune import COUNTED_STATES, Objective, count
+
+# What a worker counts before starting another trial: finished, being run, or queued to run.
+CLAIMED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+class FailureBudget:
+    """Optuna callback: stop the study once `limit` trials have failed in this run.
+
+    Args:
+        limit: `study.max_failed_trials`.
+        failed_before: FAIL trials the study held when this run started (they do not count).
+    """
+
+    def __init__(self, limit: int, failed_before: int, observers: Sequence[TrialObserver]) -> None:
+        self.limit, self.failed_before, self.observers = limit, failed_before, observers
+        self.spent = False
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state != TrialState.FAIL or count(study, (TrialState.FAIL,)) - self.failed_before < self.limit:
+            return
+        self.spent = True
+        for observer in self.observers:
+            observer.message(
+                f"stopping: {self.limit} trials failed in this run (see sweep.fail_reason on their MLflow runs)"
+            )
+        study.stop()
+
+
+class TrialClaims:
+    """Optuna callback, the check that keeps `n_trials` exact across workers: after each trial,
+    sweep for dead trials of other workers, then stop starting trials once the study's trials
+    finished, running or queued (`CLAIMED_STATES`) reach `n_trials`. A worker that has just re-queued
+    a dead trial's parameters goes on: it runs them next (Optuna hands out queued trials first).
+
+    Args:
+        n_trials: `study.n_trials`.
+        dead: finds dead trials (None: no sweep).
+    """
+
+    def __init__(self, n_trials: int, dead: DeadTrials | None) -> None:
+        self.n_trials, self.dead = n_trials, dead
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.dead is not None and self.dead.sweep():
+            return
+        if count(study, CLAIMED_STATES) >= self.n_trials:
+            study.stop()
+
+
+def overshoot(trials: Sequence[FrozenTrial], n_trials: int) -> int:
+    """Counted trials (COMPLETE + PRUNED) beyond `n_trials`: started by workers in the same instant
+    as the last counted one (see the module doc); 0 when the study did not exceed it."""
+    return max(0, sum(t.state in COUNTED_STATES for t in trials) - n_trials)
+
+
+def _stopped(study: optuna.Study, cfg: StudyConfig, budget: FailureBudget, deadline: float | None) -> str | None:
+    if count(study) >= cfg.study.n_trials:
+        return "n_trials reached"
+    if budget.spent:
+        return "too many failed trials"
+    if grid_exhausted(study, cfg):
+        return "grid exhausted"
+    if deadline is not None and time.monotonic() >= deadline:
+        return "timeout"
+    return None
+
+
+def optimize(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    prep: Prepared,
+    observers: Sequence[TrialObserver],
+    *,
+    dead: DeadTrials | None = None,
+    heartbeat: float | None = None,
+    poll: float = 2.0,
+) -> str:
+    """Run trials until `n_trials` counted trials exist, the timeout passes, too many fail, or the
+    grid is exhausted; `study.optimize` with Optuna's callbacks, repeated while other workers' trials
+    may still need this worker (module doc).
+
+    Each finished trial is checked: `TrialClaims` (dead trials, then COMPLETE + PRUNED + RUNNING +
+    WAITING against `n_trials`), the failure budget, and the grid sampler's own stop.
+    `study.timeout` (seconds) stops starting new trials.
+
+    Args:
+        dead: finds other workers' dead trials (after each trial and while waiting); None: no sweep.
+        heartbeat: seconds between the trial's own heartbeats, for storages without Optuna's (None: off).
+        poll: seconds between looks at the study while waiting for other workers' trials.
+
+    Returns:
+        Why it stopped: "n_trials reached", "timeout", "too many failed trials" or "grid exhausted".
+
+    Raises:
+        KeyboardInterrupt (`Interrupted` for SIGTERM): after the running trial is recorded FAIL.
+    """
+    s = cfg.study
+    deadline = None if s.timeout is None else time.monotonic() + s.timeout
+    budget = FailureBudget(s.max_failed_trials, count(study, (TrialState.FAIL,)), observers)
+    objective = Objective(cfg, prep, observers, heartbeat)
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [TrialClaims(s.n_trials, dead), budget]
+    told = False
+    while (reason := _stopped(study, cfg, budget, deadline)) is None:
+        queued = dead.sweep() if dead is not None else []
+        running = count(study, (TrialState.RUNNING,))
+        if queued or not running or count(study, CLAIMED_STATES) < s.n_trials:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            study.optimize(objective, timeout=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
+            continue
+        if not told:
+            for observer in observers:
+                observer.message(
+                    f"waiting for {running} trial(s) of other workers: they finish, or are found dead and re-run here"
+                )
+            told = True
+        time.sleep(poll)
+    return reason
