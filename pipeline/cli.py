@@ -213,9 +213,9 @@ def _run_workers(
         raise typer.Exit(code)
     study = load_existing(cfg, storage)
     trials = study.get_trials(deepcopy=False)
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in states)
-    out.print(f"study '{study.study_name}': {counts}", markup=False)
+    words = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    counts = ", ".join(f"{sum(t.state == s for t in trials)} {word}" for s, word in words.items())
+    out.print(f"study '{study.study_name}' after {count} workers: {counts}", markup=False)
     if report:
         _report(cfg, storage, tracking_uri)
 

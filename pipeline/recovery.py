@@ -107,13 +107,19 @@ class DeadTrials:
         """Fail the dead RUNNING trials; returns the numbers of those this call failed and re-queued.
 
         Trials failed by Optuna's own heartbeat check are re-queued by the storage's stale-trial
-        callback (`pipeline.storages.open_storage`) and are not in the list.
+        callback (`pipeline.storages.open_storage`); they are in the list when their re-queued trial
+        appeared during this call (two workers checking in the same instant may both list one).
         """
         study = self.quiet_study()
+        waiting = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         optuna.storages.fail_stale_trials(study)
+        queued = [
+            RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if t.number not in waiting and RetryHeartbeatStaleTrialCallback.retry_history(t)
+        ]
         host, now = host_name(), time.time()
         retry = RetryHeartbeatStaleTrialCallback(max_retry=self.max_retries)
-        queued = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if not (_dead_here(t, host) or _heartbeat_stale(t, self.grace_period, now)):
                 continue

@@ -129,15 +129,19 @@ def optimize(
     budget = FailureBudget(s.max_failed_trials, count(study, (TrialState.FAIL,)), observers)
     objective = Objective(cfg, prep, observers, heartbeat)
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [TrialClaims(s.n_trials, dead), budget]
-    told = False
+    told = stalled = False
     while (reason := _stopped(study, cfg, budget, deadline)) is None:
         queued = dead.sweep() if dead is not None else []
         running = count(study, (TrialState.RUNNING,))
-        if queued or not running or count(study, CLAIMED_STATES) < s.n_trials:
+        # Queued trials this worker did not queue are run by the worker that did, at once; only
+        # when they still wait a poll later with nothing running (that worker died) are they run here.
+        if queued or count(study, CLAIMED_STATES) < s.n_trials or (stalled and not running):
+            stalled = False
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             study.optimize(objective, timeout=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
             continue
-        if not told:
+        stalled = not running
+        if running and not told:
             for observer in observers:
                 observer.message(
                     f"waiting for {running} trial(s) of other workers: they finish, or are found dead and re-run here"

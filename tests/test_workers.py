@@ -48,7 +48,7 @@ def test_workers_launched_together_on_fresh_postgres_share_one_study_and_one_par
     # A worker starts a trial only while finished + running + queued < n_trials; two that check in
     # the same instant can each start one.
     assert 6 <= len(finished) <= 7 and len(finished) == len(trials)
-    assert f"study 'tiny': {len(finished)} complete, 0 pruned, 0 failed" in lines
+    assert f"study 'tiny' after 2 workers: {len(finished)} complete, 0 pruned, 0 failed" in lines
     assert len({t.user_attrs["pid"] for t in trials}) == 2, "both workers ran trials"
     assert {t.user_attrs["worker"]["pid"] for t in trials} == {t.user_attrs["pid"] for t in trials}
     assert optuna.get_all_study_names(storage) == ["tiny"]
