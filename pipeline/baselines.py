@@ -12,7 +12,11 @@
 - **Re-runs** (`run_reruns`): once `n_trials` is reached, the top `selection.top_k` candidates get
   `selection.reruns` further seeds as enqueued trials with the same params and user attrs
   `rerun_of`, `seed_index` (`selection.rerun_plan` says what is missing, so a resumed study or a
-  second worker enqueues only what nobody has). They are never pruned and not counted.
+  second worker enqueues only what nobody has: the plan and the enqueue run under the study's
+  "reruns" lock in its storage, `pipeline.studylock`). They are never pruned and not counted.
+
+`add_baselines` runs under the study's start lock (`pipeline.study_run`), so with many workers one
+fits the probe and enqueues the seed recipe before any worker samples a trial.
 Trials made here reach MLflow like any other: the observer for enqueued ones, `track.reconcile`
 for the probe (a finished trial without a run gets one).
 """
@@ -26,6 +30,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from pipeline import model as M
@@ -36,10 +41,11 @@ from pipeline.errors import DataError
 from pipeline.events import TrialObserver
 from pipeline.preflight import Prepared
 from pipeline.selection import BASELINE_ATTR, RERUN_ATTR, rerun_attrs, rerun_plan
-from pipeline.stopping import FailureBudget
-from pipeline.stores import checkpoint_dir, store_lock
+from pipeline.stopping import FailureBudget, counted
+from pipeline.stores import checkpoint_dir
+from pipeline.studylock import study_lock
 from pipeline.train import pick_device
-from pipeline.tune import Objective, count, counted
+from pipeline.tune import Objective, count
 
 SEED_RECIPE = {"lr": 0.001, "momentum": 0.9, "freeze_depth": 0, "aug_strength": 1.0}
 PROBE_ATTR = "probe_id"  # unique id of one added probe trial, to find its number after add_trial
@@ -66,28 +72,26 @@ def seed_recipe_params(cfg: StudyConfig) -> dict[str, Any]:
     return params
 
 
-def enqueue_seed_recipe(study: optuna.Study, cfg: StudyConfig, url: str) -> bool:
+def enqueue_seed_recipe(study: optuna.Study, cfg: StudyConfig) -> bool:
     """Enqueue the seed recipe as the first trial of a fresh study; returns True when enqueued.
 
     Nothing happens when the study already has a trial (a resume, or another worker got here
-    first: the check and the enqueue run under the store's lock) or when no recipe name is in
-    the search space (the trial would be an ordinary sampled one).
+    first: call under the study's start lock) or when no recipe name is in the search space (the
+    trial would be an ordinary sampled one).
     """
     params = seed_recipe_params(cfg)
-    if not params:
+    if not params or study.get_trials(deepcopy=False):
         return False
-    with store_lock(url):
-        if study.get_trials(deepcopy=False):
-            return False
-        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: "seed_recipe"})
+    study.enqueue_trial(params, user_attrs={BASELINE_ATTR: "seed_recipe"})
     return True
 
 
 def add_linear_probe(
-    study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str, say: Callable[[str], None] = print
+    study: optuna.Study, cfg: StudyConfig, prep: Prepared, say: Callable[[str], None] = print
 ) -> int | None:
     """Fit the linear probe on train, score it on val and add it as a COMPLETE trial (once per
-    study). Returns its trial number, None when the study has one already.
+    study: call under the study's start lock). Returns its trial number, None when the study has
+    one already.
 
     Raises:
         ModelError: the arch has no plain Linear head (message says to turn the baseline off).
@@ -124,15 +128,10 @@ def add_linear_probe(
         "probe_C": result.C,
         "probe_cv_folds": result.cv_folds,
     }
-    with store_lock(url):
-        if _with_role(study, "linear_probe"):  # another worker added it meanwhile
-            return None
-        path = checkpoint_dir(cfg.study.name) / f"linear-probe-{probe_id[:8]}.pt"
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.COMPLETE, value=value, user_attrs={**attrs, "checkpoint": str(path)}
-            )
-        )
+    path = checkpoint_dir(cfg.study.name) / f"linear-probe-{probe_id[:8]}.pt"
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.COMPLETE, value=value, user_attrs={**attrs, "checkpoint": str(path)})
+    )
     number = next(t.number for t in _with_role(study, "linear_probe") if t.user_attrs.get(PROBE_ATTR) == probe_id)
     TrialCheckpoint(
         state_dict=result.state_dict,
@@ -150,30 +149,30 @@ def add_linear_probe(
     return number
 
 
-def add_baselines(
-    study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str, say: Callable[[str], None] = print
-) -> None:
-    """The baselines the study file turns on (`selection.baselines`), before the search.
+def add_baselines(study: optuna.Study, cfg: StudyConfig, prep: Prepared, say: Callable[[str], None] = print) -> None:
+    """The baselines the study file turns on (`selection.baselines`), before the search; call under
+    the study's start lock (`pipeline.studylock`), once per worker start.
 
     Raises:
         DataError: the probe cannot be fitted (a class with fewer than 2 train images).
         ModelError: the arch has no plain Linear head for the probe.
     """
     b = cfg.selection.baselines
-    if b.seed_recipe and enqueue_seed_recipe(study, cfg, url):
+    if b.seed_recipe and enqueue_seed_recipe(study, cfg):
         say(f"seed recipe enqueued as the first trial: {seed_recipe_params(cfg)}")
     if b.linear_probe:
         try:
-            add_linear_probe(study, cfg, prep, url, say)
+            add_linear_probe(study, cfg, prep, say)
         except ValueError as err:
             raise DataError(f"{cfg.data.root}: {err}; or set selection.baselines.linear_probe: false") from None
 
 
-def enqueue_reruns(study: optuna.Study, cfg: StudyConfig, url: str) -> list[tuple[int, int]]:
+def enqueue_reruns(study: optuna.Study, cfg: StudyConfig, storage: BaseStorage) -> list[tuple[int, int]]:
     """Enqueue the re-runs `selection.rerun_plan` finds missing; returns the (trial, seed index)
-    pairs enqueued (under the store's lock, so two workers never enqueue the same pair)."""
+    pairs enqueued (under the study's "reruns" lock in `storage`, so two workers, on one machine or
+    many, never enqueue the same pair)."""
     s = cfg.selection
-    with store_lock(url):
+    with study_lock(storage, study.study_name, "reruns"):
         trials = study.get_trials(deepcopy=False)
         plan = rerun_plan(trials, s.top_k, s.reruns, cfg.study.direction)
         by_number = {t.number: t for t in trials}
@@ -189,9 +188,19 @@ def _waiting_reruns(study: optuna.Study) -> int:
 
 
 def run_reruns(
-    study: optuna.Study, cfg: StudyConfig, prep: Prepared, url: str, observers: Sequence[TrialObserver]
+    study: optuna.Study,
+    cfg: StudyConfig,
+    prep: Prepared,
+    storage: BaseStorage,
+    observers: Sequence[TrialObserver],
+    heartbeat: float | None = None,
 ) -> int:
     """After the search: enqueue the missing re-runs and run every waiting one.
+
+    Args:
+        storage: the study's opened storage (`tune.open_storage`), which holds the "reruns" lock.
+        heartbeat: seconds between the trials' own heartbeats (`tune.Objective`); None for storages
+            with Optuna's.
 
     Returns:
         The number of re-runs this process enqueued (0 with `selection.reruns: 0`, or when
@@ -202,7 +211,7 @@ def run_reruns(
     """
     if cfg.selection.reruns == 0 or counted(study) < cfg.study.n_trials:
         return 0
-    enqueued = enqueue_reruns(study, cfg, url)
+    enqueued = enqueue_reruns(study, cfg, storage)
     if enqueued:
         for observer in observers:
             observer.message(
@@ -219,7 +228,7 @@ def run_reruns(
     # between the check and the pop, and then this call samples one extra (counted) trial.
     while (waiting := _waiting_reruns(study)) and not budget.spent:
         study.optimize(
-            Objective(cfg, prep, observers),
+            Objective(cfg, prep, observers, heartbeat),
             n_trials=waiting,
             callbacks=[stop_when_done, budget],
             catch=(Exception,),

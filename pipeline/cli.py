@@ -1,10 +1,12 @@
 """`sweep` command line: each command parses, wires, calls one function and prints.
 
 Errors of the `SweepError` family become one message on stderr and their exit code (config 2,
-data 3, model 4, tracking 5, study state 6, registry 7); any other exception is a bug: one line
-naming it, exit 1. `sweep --debug ...` (or `SWEEP_DEBUG=1`) prints the full traceback first.
-Ctrl-C exits 130 and SIGTERM 143 after the study is left consistent (re-run the same command to
-resume).
+data 3, model 4, tracking 5 (also: a database, gRPC proxy or tracking server that does not answer),
+study state 6, registry 7); any other exception is a bug: one line naming it, exit 1.
+`sweep --debug ...` (or `SWEEP_DEBUG=1`) prints the full traceback first. Ctrl-C exits 130 and
+SIGTERM 143 after the study is left consistent (re-run the same command to resume). Passwords in
+URLs are masked (`***`) in every message. `sweep run --workers N` exits with the first failing
+worker's code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.errors import SweepError, first_line
+from pipeline.secrets import mask_text
 
 if TYPE_CHECKING:
     from pipeline.config import StudyConfig
@@ -92,7 +96,7 @@ def handled(fn: F) -> F:
             return fn(*args, **kwargs)
         except SweepError as err:
             _traceback()
-            err_console.print(f"[red]error:[/] {escape(str(err))}")
+            err_console.print(f"[red]error:[/] {escape(mask_text(str(err)))}")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt as err:
             from pipeline.tune import Interrupted
@@ -105,7 +109,8 @@ def handled(fn: F) -> F:
         except Exception as err:  # noqa: BLE001  (the last resort: a bug, never a bare traceback)
             _traceback()
             hint = "" if settings["debug"] else "; rerun with `sweep --debug` (or SWEEP_DEBUG=1) for the traceback"
-            err_console.print(f"[red]error:[/] unexpected {type(err).__name__}: {escape(first_line(err))}{hint}")
+            shown = escape(mask_text(first_line(err)))
+            err_console.print(f"[red]error:[/] unexpected {type(err).__name__}: {shown}{hint}")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -142,42 +147,97 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     accept_changes: Annotated[bool, typer.Option(help="resume although the study file changed")] = False,
     report: Annotated[bool, typer.Option(help="run the report stage after the study")] = True,
+    workers: Annotated[
+        int, typer.Option(min=1, help="worker processes on this machine, sharing the study's storage")
+    ] = 1,
 ) -> None:
     """Run (or resume) the study: pre-flight, trials with pruning, MLflow nested runs."""
+    from optuna.trial import TrialState
+
     from pipeline.display import ProgressDisplay
     from pipeline.study_run import run_study
+    from pipeline.workers import apply_worker_threads, forwarded_args
 
+    apply_worker_threads()
     cfg = _load(study_file, set_, **{"study.n_trials": n_trials, "study.timeout": timeout})
+    if workers > 1:
+        forwarded = forwarded_args(set_, storage, tracking_uri, n_trials, timeout, accept_changes)
+        _run_workers(cfg, study_file, forwarded, workers, storage, tracking_uri, report)
+        return
     with ProgressDisplay(cfg.study.n_trials, quiet=quiet) as display:
         outcome = run_study(
             cfg, storage=storage, tracking=tracking_uri, observers=[display], accept_changes=accept_changes
         )
     _print_summary(outcome)
+    running = len(outcome.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    if report and running:
+        out.print(
+            f"report left to the last worker: {running} trial(s) still running elsewhere "
+            "(or run `sweep report` once they end)",
+            markup=False,
+        )
+    elif report:
+        _report(cfg, storage, tracking_uri)
+
+
+def _run_workers(
+    cfg: StudyConfig,
+    study_file: Path,
+    forwarded: list[str],
+    count: int,
+    storage: str | None,
+    tracking_uri: str | None,
+    report: bool,
+) -> None:
+    """`--workers N`: check the stores once, start N `sweep run --no-report --quiet` workers, wait,
+    then (all succeeded) print the study's counts and run the report once."""
+    from pipeline.stores import storage_url
+    from pipeline.study_run import check_stores
+    from pipeline.tune import load_existing
+    from pipeline.workers import check_storage_for_workers, exit_code, launch_workers
+
+    check_storage_for_workers(storage_url(cfg, storage), count)
+    check_stores(cfg, storage, tracking_uri)
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(study_file), "--no-report", "--quiet", *forwarded]
+    codes = launch_workers(command, count)
+    out.print(f"{count} workers ended with exit codes {', '.join(map(str, codes))}", markup=False)
+    code = exit_code(codes)
+    if code:
+        raise typer.Exit(code)
+    study = load_existing(cfg, storage)
+    out.print(f"study '{study.study_name}' after {count} workers: {_counts(study)}", markup=False)
     if report:
         _report(cfg, storage, tracking_uri)
+
+
+def _counts(study: Any) -> str:
+    """'3 complete, 2 pruned, 1 failed' for the study's trials."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    words = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    return ", ".join(f"{sum(t.state == s for t in trials)} {word}" for s, word in words.items())
 
 
 def _print_summary(outcome: StudyOutcome) -> None:
     from optuna.trial import TrialState
 
-    trials = outcome.study.get_trials(deepcopy=False)
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    counts = {s.name: sum(t.state == s for t in trials) for s in states}
-    out.print(
-        f"study '{outcome.study.study_name}': {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
-        f"{counts['FAIL']} failed ({outcome.stop_reason})",
-        markup=False,
-    )
-    if counts["COMPLETE"]:
+    out.print(f"study '{outcome.study.study_name}': {_counts(outcome.study)} ({outcome.stop_reason})", markup=False)
+    if outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         best = outcome.study.best_trial
         out.print(f"best trial {best.number}: value {best.value:.4f} params {best.params}", markup=False)
     out.print(f"MLflow parent run {outcome.parent_run_id}", markup=False)
 
 
 def _report(cfg: StudyConfig, storage: str | None, tracking_uri: str | None, out_dir: Path | None = None) -> None:
+    """The report stage under the study's report lock: never two at once for one study, on any
+    machine; the second one finds the test evaluation and the model version already recorded."""
     from pipeline.report import run_report
 
-    out.print(run_report(cfg, storage=storage, tracking=tracking_uri, out=out_dir).summary(), markup=False)
+    result = run_report(
+        cfg, storage=storage, tracking=tracking_uri, out=out_dir, on_wait=lambda m: out.print(m, markup=False)
+    )
+    out.print(result.summary(), markup=False)
 
 
 @app.command()
@@ -191,6 +251,25 @@ def report(
 ) -> None:
     """Compare the trials, test the best COMPLETE trial once, register it and move the alias."""
     _report(_load(study_file, set_), storage, tracking_uri, out_dir)
+
+
+@app.command("storage-proxy")
+@handled
+def storage_proxy(
+    storage_url: Annotated[
+        str, typer.Argument(help="the study database: postgresql://..., mysql://..., sqlite:///...", show_default=False)
+    ],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on")] = 13000,
+) -> None:
+    """Serve the study database to many workers over gRPC (Optuna's storage proxy); workers use
+    --storage grpc://HOST:PORT. Runs until stopped (Ctrl-C, SIGTERM)."""
+    from pipeline.proxy import serve_storage_proxy
+
+    try:
+        serve_storage_proxy(storage_url, host, port, announce=lambda m: out.print(m, markup=False))
+    except KeyboardInterrupt:
+        out.print("storage proxy stopped", markup=False)
 
 
 @app.command()

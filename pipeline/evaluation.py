@@ -26,6 +26,7 @@ from pipeline import weights as W
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
+from pipeline.splitrecord import SPLITS_ATTR, adopt
 
 TEST_ATTR = "sweep_test_eval"  # study user attr prefix: f"{TEST_ATTR}:{trial}:{sha256}"
 
@@ -110,19 +111,24 @@ def rebuild(checkpoint: TrialCheckpoint) -> nn.Module:
     return net.eval()
 
 
-def sealed_splits(cfg: StudyConfig) -> D.Splits:
-    """The study's splits rebuilt exactly as the study built them (same folders, seed and
+def sealed_splits(cfg: StudyConfig, record: dict[str, Any] | None = None) -> D.Splits:
+    """The study's splits: the split its first worker recorded (`pipeline.splitrecord`) when
+    `record` is given, else rebuilt exactly as the study built them (same folders, seed and
     bad-image policy).
 
     Raises:
-        DataError: the image folders cannot be read.
+        DataError: the image folders cannot be read, or hold other files than the record.
     """
     d = cfg.data
-    return D.scan_images(D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed), d.bad_images)
+    local = D.scan_images(D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed), d.bad_images)
+    return local if record is None else adopt(record, local, cfg.study.name)
 
 
-def evaluate_on_test(cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str) -> TestEvaluation:
-    """Evaluate the checkpoint on the sealed test split: one pass, batches of `data.batch_size`.
+def evaluate_on_test(
+    cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str, record: dict[str, Any] | None = None
+) -> TestEvaluation:
+    """Evaluate the checkpoint on the sealed test split (the recorded one when `record` is given):
+    one pass, batches of `data.batch_size`.
 
     Raises:
         DataError: the image folders cannot be read.
@@ -131,7 +137,7 @@ def evaluate_on_test(cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str)
     import torch
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    splits = sealed_splits(cfg)
+    splits = sealed_splits(cfg, record)
     if splits.class_to_idx != checkpoint.class_to_idx:
         raise RegistryError(
             f"{cfg.data.root}: classes {splits.class_to_idx} differ from the selected checkpoint's "
@@ -182,7 +188,7 @@ def evaluate_once(
     stored = study.user_attrs.get(key)
     if stored is not None:
         return TestEvaluation.from_record(stored), False
-    evaluation = evaluate_on_test(cfg, checkpoint, sha256)
+    evaluation = evaluate_on_test(cfg, checkpoint, sha256, study.user_attrs.get(SPLITS_ATTR))
     # Stored before anything else can fail (registration), so a retry never tests twice.
     study.set_user_attr(key, evaluation.to_record())
     return evaluation, True

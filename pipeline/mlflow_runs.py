@@ -10,6 +10,7 @@ does not answer is an error, never a reason to make a second parent run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.errors import TrackingError, first_line
+from pipeline.secrets import mask_text, mask_url
 from pipeline.stores import store_lock
 
 if TYPE_CHECKING:
@@ -68,11 +70,23 @@ def _not_found(err: BaseException) -> bool:
     return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
-def _problem(err: BaseException) -> str:
+def _problem(err: BaseException, uri: str | None = None) -> str:
     text = first_line(err)
     if "NewConnectionError" in text or "Connection refused" in text:
         return "connection refused"  # urllib3's retry dump says no more than this
-    return text
+    return mask_text(text, [uri])
+
+
+def _schema_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """The lock under which a new tracking store's schema is created: for a PostgreSQL/MySQL
+    database the storages' advisory lock (MLflow's SQL store, like Optuna's RDB storage, races on a
+    fresh schema), for SQLite a lock file beside it, for a server or a folder none."""
+    scheme = uri.partition("://")[0].partition("+")[0].lower()
+    if scheme in ("postgresql", "mysql"):
+        from pipeline.storages import creation_lock
+
+        return creation_lock(uri, "mlflow-schema")
+    return store_lock(uri)
 
 
 class Tracker:
@@ -95,26 +109,37 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri, self.warn, self.healthy = uri, warn, True
+        self.shown = mask_url(uri)  # what messages name: the URI with its password masked
         self.parent_id: str | None = None
         for attempt in range(3):
             try:
-                with store_lock(uri):
+                with _schema_lock(uri):
                     self.client = MlflowClient(tracking_uri=uri)
                     self.experiment_id = self._experiment(experiment, artifact_root)
                 return
             except store_errors() as err:
-                # Workers starting together on a new store race through its schema migration
-                # or the experiment's creation; the loser succeeds on a second look.
+                # Workers starting together on a new store race through the experiment's creation
+                # (and, for SQLite, its schema migration); the loser succeeds on a second look.
                 if attempt == 2 or uri.startswith("http"):
-                    hint = " (is the tracking server running?)" if uri.startswith("http") else ""
-                    raise TrackingError(f"MLflow tracking store {uri} cannot be used: {_problem(err)}{hint}") from None
+                    server = uri.startswith("http")
+                    hint = " (is the tracking server running?)" if server else ""
+                    what = "MLflow tracking server" if server else "MLflow tracking store"
+                    raise TrackingError(f"{what} {self.shown} cannot be used: {_problem(err, uri)}{hint}") from None
                 time.sleep(2 + 3 * attempt)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             location = artifact_root.resolve().as_uri() if artifact_root else None
-            return str(self.client.create_experiment(name, artifact_location=location))
+            try:
+                return str(self.client.create_experiment(name, artifact_location=location))
+            except store_errors() as err:
+                # Another worker created it since we looked (several starting together): use theirs.
+                if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
         if found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
         return str(found.experiment_id)
@@ -137,7 +162,7 @@ class Tracker:
             self.parent_id = self._first_parent(study_name, run.info)
         except store_errors() as err:
             raise TrackingError(
-                f"MLflow tracking store {self.uri} cannot create the parent run: {_problem(err)}"
+                f"MLflow tracking store {self.shown} cannot create the parent run: {_problem(err, self.uri)}"
             ) from None
         return self.parent_id
 
@@ -154,8 +179,8 @@ class Tracker:
                     return False
                 if delay is None:
                     raise TrackingError(
-                        f"MLflow tracking store {self.uri} did not answer for the study's parent run {run_id}: "
-                        f"{_problem(err)}; run the same command again once it is back"
+                        f"MLflow tracking store {self.shown} did not answer for the study's parent run {run_id}: "
+                        f"{_problem(err, self.uri)}; run the same command again once it is back"
                     ) from None
                 time.sleep(delay)
         return False  # not reached: the last pass returns or raises
@@ -309,12 +334,12 @@ class Tracker:
         except store_errors() as err:
             if self.healthy:
                 self.warn(
-                    f"MLflow store {self.uri} failed ({_problem(err)}); trials go on and "
+                    f"MLflow store {self.shown} failed ({_problem(err, self.uri)}); trials go on and "
                     "Optuna keeps every result; run `sweep report` once the store is back"
                 )
             self.healthy = False
             return None
         if not self.healthy:
-            self.warn(f"MLflow store {self.uri} answers again; logging resumed")
+            self.warn(f"MLflow store {self.shown} answers again; logging resumed")
             self.healthy = True
         return result

@@ -8,11 +8,12 @@ Optuna's own server: it opens the database with `pipeline.storages.open_storage`
 under the creation lock, masked messages) and turns the errors a user can fix into `TrackingError`.
 
 Heartbeats: the gRPC protocol of Optuna 5.0 has no heartbeat call, so trials of workers that reach
-the study through the proxy are not failed by heartbeat (see `pipeline.storages`).
+the study through the proxy keep their own heartbeat as a user attr (`pipeline.recovery`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
@@ -26,7 +27,11 @@ DEFAULT_PORT = 13000  # Optuna's default proxy port
 
 
 def serve_storage_proxy(
-    storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int = 10
+    storage_url: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    threads: int = 10,
+    announce: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the Optuna storage behind `storage_url` over gRPC on `host:port` until the process is
     stopped (SIGTERM, or KeyboardInterrupt from Ctrl-C, which propagates to the caller).
@@ -37,6 +42,8 @@ def serve_storage_proxy(
         host: address to listen on; `0.0.0.0` for every interface (inside a container).
         port: TCP port to listen on.
         threads: worker threads of the gRPC server (concurrent requests served).
+        announce: called with one line (the masked database URL and the address) once the database
+            is open, just before the server starts listening.
 
     Raises:
         TrackingError: grpcio is missing; the URL is not an RDB storage; the database cannot be
@@ -52,6 +59,11 @@ def serve_storage_proxy(
         )
     # Optuna's docs ask for get_storage(): it adds the in-process trial cache RDBStorage lacks alone.
     storage = optuna.storages.get_storage(open_storage(storage_url))
+    if announce is not None:
+        announce(
+            f"Optuna storage proxy for {mask_url(storage_url)} on {host}:{port}; workers use "
+            f"--storage grpc://{host}:{port}"
+        )
     try:
         optuna.storages.run_grpc_proxy_server(
             storage, host=host, port=port, thread_pool=ThreadPoolExecutor(max_workers=threads)

@@ -26,7 +26,7 @@ store folder (`$SWEEP_HOME/../reports/<study>`; `./reports/<study>` with the def
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -52,7 +52,8 @@ from pipeline.markdown import Outcome, write_markdown
 from pipeline.parent_summary import summarise_parent
 from pipeline.plots import confusion_plot, write_plots
 from pipeline.registry import Registered
-from pipeline.storages import creation_lock
+from pipeline.storages import open_storage
+from pipeline.studylock import study_lock
 from pipeline.track import PARENT_ATTR, Tracker, reconcile
 
 REPORTS_ENV = "SWEEP_REPORTS"
@@ -109,12 +110,19 @@ class ReportResult:
 
 
 def run_report(
-    cfg: StudyConfig, *, storage: str | None = None, tracking: str | None = None, out: str | Path | None = None
+    cfg: StudyConfig,
+    *,
+    storage: str | None = None,
+    tracking: str | None = None,
+    out: str | Path | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> ReportResult:
     """Compare, select, test once, register, clean up and write the report (module docstring).
 
     Re-running on an unchanged study rewrites the report files but neither re-evaluates the test
-    split nor creates a second model version.
+    split nor creates a second model version. One report stage runs at a time per study, on any
+    machine: the study's "report" lock lives in its own storage (`pipeline.studylock`, seen
+    through a gRPC proxy too); `on_wait` gets one line naming the holder while another one runs.
 
     Raises:
         StudyStateError: no such study in the storage.
@@ -125,18 +133,18 @@ def run_report(
     """
     from pipeline.tune import load_existing
 
-    study = load_existing(cfg, storage)
-    # One report stage at a time per study, across machines (a lock in the study's own database:
-    # PostgreSQL advisory lock, MySQL GET_LOCK, a lock file beside SQLite): a second one waits,
-    # then finds the test evaluation and the model version recorded and reuses them.
-    with creation_lock(stores.storage_url(cfg, storage), f"sweep-report:{cfg.study.name}", timeout=3600):
+    study = load_existing(cfg, storage)  # a study never run: say so before taking any lock
+    backend = open_storage(stores.storage_url(cfg, storage))
+    # A second report waits, then finds the test evaluation and the model version recorded and
+    # reuses them.
+    with study_lock(backend, cfg.study.name, "report", on_wait=on_wait):
         return _report(cfg, study, tracking, out)
 
 
 def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: str | Path | None) -> ReportResult:
     trials = study.get_trials(deepcopy=False)
     folder = _make_folder(report_dir(cfg.study.name, out))
-    notes: list[str] = []
+    notes: list[str] = list(worker_notes(trials, cfg.study.n_trials))
     tracker, parent = _open_tracker(cfg, tracking, study, trials, notes)
     frame, compute = trials_frame(study, cfg), compute_spent(trials, cfg.training.epochs)
     ranked = ranked_complete(trials, cfg.study.direction)
@@ -173,14 +181,34 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
     )
 
 
+def worker_notes(trials: Sequence[FrozenTrial], n_trials: int) -> list[str]:
+    """Lines on what many workers did to the study: trials finished beyond `n_trials` (overshoot)
+    and the parameters of dead or interrupted trials re-run by another trial."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from pipeline.study_loop import overshoot
+
+    lines = []
+    extra = overshoot(trials, n_trials)
+    if extra:
+        lines.append(
+            f"overshoot: {extra} trial(s) finished beyond study.n_trials = {n_trials} (started by "
+            "workers in the same instant as the last counted trials)"
+        )
+    retries = [(RetryHeartbeatStaleTrialCallback.retry_history(t), t.number) for t in trials]
+    retried = [f"trial {history[-1]} as trial {number}" for history, number in retries if history]
+    if retried:
+        lines.append(f"re-run after their process died or was interrupted: {', '.join(retried)}")
+    return lines
+
+
 def _open_tracker(
     cfg: StudyConfig, tracking: str | None, study: optuna.Study, trials: Sequence[FrozenTrial], notes: list[str]
 ) -> tuple[Tracker, str | None]:
     """The study's tracker and parent run id; trials run while the store was down get their runs
     now that it answers (`track.reconcile`)."""
-    tracker = Tracker(
-        stores.tracking_uri(cfg, tracking), cfg.experiment_name, stores.artifact_root(), warn=notes.append
-    )
+    uri = stores.tracking_uri(cfg, tracking)
+    tracker = Tracker(uri, cfg.experiment_name, stores.experiment_artifacts(uri), warn=notes.append)
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent:
         tracker.parent_id = parent

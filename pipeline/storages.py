@@ -8,7 +8,7 @@ Accepted URLs (`open_storage`):
 | `postgresql://...`, `postgresql+psycopg://...` | `RDBStorage` | many workers, many machines |
 | `mysql://...`, `mysql+pymysql://...` | `RDBStorage` | many workers, many machines |
 | `grpc://HOST:PORT` | `GrpcStorageProxy` | many nodes behind one `sweep storage-proxy` |
-| `journal:///FILE`, or `*.journal` / `*.log` | `JournalStorage` (file backend) | processes on one machine or NFS |
+| `journal:///FILE`, or a path ending in `.journal` / `.log` | `JournalStorage` | processes on one machine or NFS |
 
 `journal:///FILE` follows SQLAlchemy's SQLite convention: what follows the third slash is the path, so
 `journal:///runs/x.journal` is relative to the working directory and `journal:////abs/x.journal` is
@@ -16,8 +16,9 @@ absolute. The file is locked with Optuna's default symlink lock, which also work
 
 Heartbeats (`heartbeat_interval`, `grace_period`, `stale_trial_callback`) only exist for RDB storages:
 in Optuna 5.0 neither `GrpcStorageProxy` nor `JournalStorage` implements `BaseHeartbeat`, and the gRPC
-protocol has no heartbeat call, so a worker killed while it holds a trial leaves that trial RUNNING
-there. `heartbeat_supported` tells which is which.
+protocol has no heartbeat call, so a worker killed while it holds a trial would leave that trial
+RUNNING there: trials on those storages keep their own heartbeat (`pipeline.recovery.TrialHeartbeat`).
+`heartbeat_supported` tells which is which.
 
 Concurrent first opens: `RDBStorage.__init__` runs `metadata.create_all` and then stamps the alembic
 version, each in its own transaction and without any lock. On a fresh PostgreSQL database, four

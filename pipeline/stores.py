@@ -48,6 +48,13 @@ def artifact_root() -> Path:
     return home() / "artifacts"
 
 
+def experiment_artifacts(uri: str) -> Path | None:
+    """Where a new MLflow experiment of the tracking store `uri` keeps its artifacts: None for a
+    tracking server (`http(s)://`), which decides itself (with `--serve-artifacts`, proxied
+    `mlflow-artifacts:/` storage, so workers need no shared file system); else `artifact_root()`."""
+    return None if uri.startswith(("http://", "https://")) else artifact_root()
+
+
 def checkpoint_dir(study_name: str) -> Path:
     """Folder of the study's trial checkpoints: `home()/checkpoints/<study>`."""
     return home() / "checkpoints" / study_name

@@ -1,13 +1,21 @@
-"""`sweep run` wired together: stores, pre-flight, the stored study, recovery of dead trials,
-the MLflow parent run and observers, then `tune.optimize` under a SIGTERM handler.
+"""`sweep run` wired together: stores, pre-flight, the stored study, the recorded split, recovery of
+dead trials, the MLflow parent run and observers, then `study_loop.optimize` under a SIGTERM handler.
 
 Re-running with the same study file resumes: the Optuna study and its MLflow parent run are
 reused, dead trials of a killed process are failed and their parameters retried, and MLflow is
-reconciled with Optuna's record before new trials start.
+reconciled with Optuna's record before new trials start. Many workers run this same function on
+one study (`pipeline.workers`, or one command per machine): the first start's bookkeeping runs
+under the study's start lock (`pipeline.studylock`), the split is the one recorded by the first
+worker (`pipeline.splitrecord`), and the last worker to finish closes the parent run.
+
+Order at start, so that a store that cannot be reached leaves nothing behind elsewhere: pre-flight
+(local files only), the Optuna storage (connect, schema), the MLflow store (connect, experiment),
+and only then the study itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from collections.abc import Sequence
@@ -23,13 +31,25 @@ from pipeline.datasets import split_inputs
 from pipeline.errors import StudyFailedError
 from pipeline.events import TrialObserver
 from pipeline.mlflow_runs import Tracker
-from pipeline.preflight import prepare
-from pipeline.recovery import recover
+from pipeline.preflight import Prepared, prepare
+from pipeline.recovery import DeadTrials, recover
 from pipeline.secrets import mask_text, mask_url
+from pipeline.splitrecord import SPLITS_ATTR, adopt, to_record
 from pipeline.stopping import same_failure
-from pipeline.stores import artifact_root, check_local_paths, check_writable, sqlite_path, storage_url, tracking_uri
+from pipeline.storages import heartbeat_supported
+from pipeline.stores import (
+    artifact_root,
+    check_local_paths,
+    check_writable,
+    experiment_artifacts,
+    sqlite_path,
+    storage_url,
+    tracking_uri,
+)
+from pipeline.study_loop import optimize
+from pipeline.studylock import study_lock
 from pipeline.track import PARENT_ATTR, MLflowObserver, log_study, reconcile
-from pipeline.tune import Interrupted, count, open_storage, open_study, optimize
+from pipeline.tune import Interrupted, count, grace_period, open_storage, open_study
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,19 @@ class StudyOutcome:
     parent_run_id: str | None
     stop_reason: str  # "n_trials reached" | "timeout" | "too many failed trials" | "grid exhausted"
     tracking_ok: bool  # False when the MLflow store failed during the run (Optuna has every result)
+
+
+def check_stores(cfg: StudyConfig, storage: str | None = None, tracking: str | None = None) -> None:
+    """Connect to the Optuna storage and the MLflow store once, creating at most their schemas and
+    the experiment; what `sweep run --workers N` checks before it starts any worker.
+
+    Raises:
+        TrackingError: naming the storage, proxy or tracking store that cannot be used (masked URL).
+    """
+    url, uri = storage_url(cfg, storage), tracking_uri(cfg, tracking)
+    check_local_paths(url, uri)
+    open_storage(cfg, url)
+    Tracker(uri, cfg.experiment_name, experiment_artifacts(uri))
 
 
 def run_study(
@@ -57,35 +90,46 @@ def run_study(
         storage, tracking: override the study file's Optuna storage URL and MLflow tracking URI.
         observers: also told of every trial event and message (e.g. the progress display),
             after the MLflow observer.
-        accept_changes: resume although the study file's fingerprint changed.
+        accept_changes: resume although the study file's fingerprint changed (the split is then
+            recorded anew from this worker's data folder).
 
     Raises:
         ConfigError, DataError, ModelError, TrackingError, StudyStateError: before any trial.
         KeyboardInterrupt (`tune.Interrupted` for SIGTERM): after the running trial is recorded
             FAIL and the parent run KILLED.
     """
+    url, uri = storage_url(cfg, storage), tracking_uri(cfg, tracking)
 
     def say(text: str) -> None:
         for observer in observers:
-            observer.message(text)
+            observer.message(mask_text(text, [url, uri]))
 
     def scanned(done: int, total: int) -> None:
         for observer in observers:
             observer.images_scanned(done, total)
 
-    url, uri = storage_url(cfg, storage), tracking_uri(cfg, tracking)
     check_local_paths(url, uri)
     if sqlite_path(uri):
         check_writable(artifact_root())
     # Pre-flight first: a bad data folder or weights value must not leave a stored study behind
     # whose fingerprint would then refuse the corrected study file.
     prep = prepare(cfg, scanned, say)
-    rdb = open_storage(cfg, url)
-    study = open_study(cfg, rdb, accept_changes)
-    tracker = Tracker(uri, cfg.experiment_name, artifact_root(), warn=say)
+    backend = open_storage(cfg, url)
+    tracker = Tracker(uri, cfg.experiment_name, experiment_artifacts(uri), warn=say)
+    study = open_study(cfg, backend, accept_changes, url=url)
+    dead = DeadTrials(backend, cfg.study.name, grace_period(cfg), cfg.study.max_retries)
     tags = {"sweep.storage": mask_url(url), "sweep.arch": cfg.model.arch}  # never a password in MLflow
-    parent = tracker.open_parent(cfg.study.name, study.user_attrs.get(PARENT_ATTR), tags)
-    study.set_user_attr(PARENT_ATTR, parent)
+    # One worker at a time: the first records the split, makes the parent run and adds the
+    # baselines; later ones read them back; dead trials are re-queued by one worker only.
+    with study_lock(backend, cfg.study.name, "start", on_wait=say):
+        prep = _recorded_split(study, prep, accept_changes)
+        recover(backend, cfg.study.name, cfg.study.max_retries, grace_period(cfg))
+        parent = tracker.open_parent(cfg.study.name, study.user_attrs.get(PARENT_ATTR), tags)
+        study.set_user_attr(PARENT_ATTR, parent)
+        synced = reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
+        if synced:
+            say(f"MLflow: created the missing runs of trial(s) {', '.join(map(str, synced))} from Optuna's record")
+        add_baselines(study, cfg, prep, say)
     tracker.log_text(parent, mask_text(cfg.to_yaml(), [url, uri]), "study.yaml")
     tracker.log_text(parent, prep.splits.to_json(), "splits.json")
     log_study(tracker, parent, cfg, prep.splits)
@@ -96,21 +140,21 @@ def run_study(
             "sweep.preprocess": json.dumps(prep.preprocess.to_dict()),
         },
     )
-    recover(rdb, cfg.study.name, cfg.study.max_retries)
-    synced = reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
-    if synced:
-        say(f"MLflow: created the missing runs of trial(s) {', '.join(map(str, synced))} from Optuna's record")
-    add_baselines(study, cfg, prep, url, say)
     reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)  # the probe's nested run
 
+    heartbeat = None if heartbeat_supported(url) else float(cfg.study.heartbeat_interval)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     status = "FAILED"
     try:
-        mlflow_observer = MLflowObserver(tracker, cfg.study.name, split_inputs(prep.splits, ("train", "val")))
-        everyone = [mlflow_observer, *observers]
-        reason = optimize(study, cfg, prep, everyone)
+        everyone = [
+            MLflowObserver(tracker, cfg.study.name, split_inputs(prep.splits, ("train", "val"))),
+            *observers,
+        ]
+        reason = optimize(
+            study, cfg, prep, everyone, dead=dead, heartbeat=heartbeat, poll=min(2.0, grace_period(cfg) / 4)
+        )
         if reason == "n_trials reached":
-            run_reruns(study, cfg, prep, url, everyone)
+            run_reruns(study, cfg, prep, backend, everyone, heartbeat=heartbeat)
         # A study that produced nothing usable is a failure, also for the parent run.
         status = "FAILED" if unusable(study, reason) else "FINISHED"
     except KeyboardInterrupt:
@@ -118,6 +162,8 @@ def run_study(
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if status == "FINISHED":  # runs of trials other workers left behind (killed) get their state
+            reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
         # With several workers, the last one to finish closes the parent run.
         if status != "FINISHED" or not count(study, (TrialState.RUNNING,)):
             tracker.close_parent(status)
@@ -148,6 +194,16 @@ def failure_message(outcome: StudyOutcome) -> str:
         f"study '{outcome.study.study_name}' produced no usable result ({shown}; stopped: "
         f"{outcome.stop_reason}); the MLflow parent run is FAILED; {hint}"
     )
+
+
+def _recorded_split(study: optuna.Study, prep: Prepared, accept_changes: bool) -> Prepared:
+    """Record this worker's split when the study has none (or `accept_changes`), else use the
+    recorded one, which this worker's data folder must match file for file (`splitrecord.adopt`)."""
+    recorded = study.user_attrs.get(SPLITS_ATTR)
+    if recorded is None or accept_changes:
+        study.set_user_attr(SPLITS_ATTR, to_record(prep.splits))
+        return prep
+    return dataclasses.replace(prep, splits=adopt(recorded, prep.splits, study.study_name))
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

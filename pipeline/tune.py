@@ -9,7 +9,10 @@ Semantics (../shared/DESIGN.md):
   seed re-runs (`rerun_of`) and the linear-probe baseline do not count (`counted`); FAIL trials do
   not count, so a study resumed after a crash still reaches `n_trials`. `max_failed_trials` bounds a
   failing run.
-- Storage is Optuna's RDB storage with heartbeats (see `pipeline.recovery` for dead trials).
+- The run of trials (`study.optimize` with callbacks, `n_trials` across workers) is
+  `pipeline.study_loop`.
+- Storage: any URL of `pipeline.storages`; RDB storages with Optuna's heartbeat, the others with the
+  trial's own heartbeat (`pipeline.recovery.TrialHeartbeat`); see `pipeline.recovery` for dead trials.
 
 This module speaks only Optuna's public API and knows nothing of MLflow: trial events go to
 `pipeline.events.TrialObserver`s (the MLflow observer in `pipeline.track`, the progress
@@ -21,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import time
 import traceback
 from collections.abc import Sequence
@@ -31,10 +33,11 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline import storages
 from pipeline.checkpoints import TrialCheckpoint
 from pipeline.config import StudyConfig
 from pipeline.errors import StudyStateError, TrackingError, first_line
@@ -42,9 +45,11 @@ from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.fitting import fit_config
 from pipeline.history import epoch_attr, stale_keys
 from pipeline.preflight import Prepared
-from pipeline.search import grid_exhausted, make_pruner, make_sampler, suggest
+from pipeline.recovery import OWNER_ATTR, TrialHeartbeat, host_name, owner_record
+from pipeline.search import make_pruner, make_sampler, suggest
+from pipeline.secrets import mask_url
 from pipeline.selection import BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR
-from pipeline.stopping import COUNTED_STATES, FailureBudget, TrialBudget, counted, rerun_seed
+from pipeline.stopping import COUNTED_STATES, rerun_seed
 from pipeline.stores import check_local_paths, sqlite_path, storage_url, store_lock
 from pipeline.train import EpochResult, FitResult, NonFiniteLossError
 
@@ -85,42 +90,47 @@ def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list
     return out
 
 
-def open_storage(cfg: StudyConfig, url: str) -> RDBStorage:
-    """Optuna's RDB storage at `url`, with heartbeats and the retry of stale trials.
+def grace_period(cfg: StudyConfig) -> int:
+    """Seconds without a heartbeat after which a running trial counts as dead."""
+    return cfg.study.grace_period or 2 * cfg.study.heartbeat_interval
+
+
+def open_storage(cfg: StudyConfig, url: str) -> BaseStorage:
+    """The study's Optuna storage at `url` (`pipeline.storages.open_storage`); RDB storages get
+    Optuna's heartbeat and re-queue a stale trial's parameters (`RetryHeartbeatStaleTrialCallback`,
+    up to `study.max_retries` times); the gRPC proxy and journal files have no Optuna heartbeat
+    (trials keep their own, see `pipeline.recovery`).
 
     Raises:
-        TrackingError: the folder of an embedded store cannot be written, or the database
-            cannot be opened (server down, bad URL, missing driver).
+        TrackingError: the folder of an embedded store cannot be written, or the storage cannot be
+            opened (server down, bad URL, missing driver); the URL's password is masked.
     """
     check_local_paths(url)
-    grace = cfg.study.grace_period or 2 * cfg.study.heartbeat_interval
-    try:
-        with store_lock(url):
-            return RDBStorage(
-                url,
-                heartbeat_interval=cfg.study.heartbeat_interval,
-                grace_period=grace,
-                failed_trial_callback=RetryFailedTrialCallback(max_retry=cfg.study.max_retries),
-                engine_kwargs={"connect_args": {"timeout": 30}} if sqlite_path(url) else None,
-            )
-    # ImportError: no driver for the URL's database; RuntimeError: a schema from another Optuna
-    # version (Optuna says how to upgrade it); ValueError: a malformed URL.
-    except (SQLAlchemyError, ImportError, RuntimeError, ValueError, optuna.exceptions.StorageInternalError) as err:
-        raise TrackingError(f"Optuna storage {url} cannot be opened: {first_line(err)}") from None
+    if not storages.heartbeat_supported(url):
+        return storages.open_storage(url)
+    return storages.open_storage(
+        url,
+        heartbeat_interval=cfg.study.heartbeat_interval,
+        grace_period=grace_period(cfg),
+        stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.study.max_retries),
+    )
 
 
-def open_study(cfg: StudyConfig, storage: str | RDBStorage, accept_changes: bool = False) -> optuna.Study:
-    """Create or resume the study `study.name` in `storage` (a URL, or `open_storage`'s result).
+def open_study(
+    cfg: StudyConfig, storage: str | BaseStorage, accept_changes: bool = False, url: str | None = None
+) -> optuna.Study:
+    """Create or resume the study `study.name` in `storage` (a URL, or `open_storage`'s result
+    opened from `url`, which messages name with its password masked).
 
     Raises:
         StudyStateError: the stored study was made from a different space/data/model/metric.
         TrackingError: the storage cannot be opened.
     """
     if isinstance(storage, str):
-        storage = open_storage(cfg, storage)
-    where = storage.url
+        url, storage = storage, open_storage(cfg, storage)
+    where = mask_url(url) if url else "the study's storage"
     try:
-        with store_lock(where):
+        with store_lock(url or ""):  # SQLite only: its schema migration must not race
             study = optuna.create_study(
                 storage=storage,
                 study_name=cfg.study.name,
@@ -156,10 +166,10 @@ def load_existing(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
     if path is not None and not path.exists():
         raise StudyStateError(f"no Optuna storage at {url}: run `sweep run` with this study file first")
     try:
-        return optuna.load_study(study_name=cfg.study.name, storage=url)
+        return optuna.load_study(study_name=cfg.study.name, storage=storages.open_storage(url))
     except KeyError:
         raise StudyStateError(
-            f"no study named '{cfg.study.name}' in {url}: run `sweep run` with this study file first"
+            f"no study named '{cfg.study.name}' in {mask_url(url)}: run `sweep run` with this study file first"
         ) from None
 
 
@@ -178,8 +188,13 @@ class Objective:
     cfg: StudyConfig
     prep: Prepared
     observers: Sequence[TrialObserver]
+    heartbeat: float | None = None  # seconds between own heartbeats; None: the storage has Optuna's
 
     def __call__(self, trial: optuna.Trial) -> float:
+        with TrialHeartbeat(trial, self.heartbeat):
+            return self._run(trial)
+
+    def _run(self, trial: optuna.Trial) -> float:
         start = time.perf_counter()
         history: list[dict[str, Any]] = []
         try:
@@ -223,11 +238,11 @@ class Objective:
     def _start(self, trial: optuna.Trial, cfg: StudyConfig) -> None:
         # Who runs this trial: a later start on this host fails it at once if the pid is gone.
         # A retried trial inherits the failed one's user attrs: reset what described that run.
-        fresh = {"host": socket.gethostname(), "pid": os.getpid(), "fail_reason": None}
+        fresh = {OWNER_ATTR: owner_record(trial.number), "host": host_name(), "pid": os.getpid(), "fail_reason": None}
         fresh.update(dict.fromkeys(stale_keys(trial.user_attrs)))  # the failed run's epochs
         for key, value in {**fresh, "interrupted": False}.items():
             trial.set_user_attr(key, value)
-        retry_of = RetryFailedTrialCallback.retried_trial_number(_frozen(trial))
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
         roles = {
@@ -301,41 +316,3 @@ def fail_reason(err: BaseException) -> str:
     frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
     where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
     return f"{type(err).__name__}: {text}{where}"[:1000]
-
-
-# ---- the run of trials -------------------------------------------------------------------------------
-
-
-def optimize(study: optuna.Study, cfg: StudyConfig, prep: Prepared, observers: Sequence[TrialObserver]) -> str:
-    """Run trials until `n_trials` counted trials exist, the timeout passes, too many fail, or the
-    grid is exhausted; one `study.optimize` call with Optuna's callbacks.
-
-    Each finished trial is checked: `TrialBudget` (`counted`), the failure budget,
-    and the grid sampler's own stop. `study.timeout` (seconds) stops starting new trials.
-
-    Returns:
-        Why it stopped: "n_trials reached", "timeout", "too many failed trials" or "grid exhausted".
-
-    Raises:
-        KeyboardInterrupt (`Interrupted` for SIGTERM): after the running trial is recorded FAIL.
-    """
-    s = cfg.study
-    if counted(study) >= s.n_trials:
-        return "n_trials reached"
-    if grid_exhausted(study, cfg):
-        return "grid exhausted"
-    budget = FailureBudget(s.max_failed_trials, count(study, (TrialState.FAIL,)), observers)
-    study.optimize(
-        Objective(cfg, prep, observers),
-        timeout=s.timeout,
-        callbacks=[TrialBudget(s.n_trials), budget],
-        catch=(Exception,),
-        gc_after_trial=True,
-    )
-    if counted(study) >= s.n_trials:
-        return "n_trials reached"
-    if budget.spent:
-        return "too many failed trials"
-    if grid_exhausted(study, cfg):
-        return "grid exhausted"
-    return "timeout"

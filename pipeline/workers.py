@@ -220,3 +220,25 @@ def launch_workers(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def forwarded_args(
+    sets: list[str] | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    accept_changes: bool,
+) -> list[str]:
+    """The options of `sweep run` that every worker of `--workers N` gets as given, as command-line
+    arguments (`--set` once per value; options left unset are not passed)."""
+    args = [a for s in sets or [] for a in ("--set", s)]
+    for flag, value in (
+        ("--storage", storage),
+        ("--tracking-uri", tracking_uri),
+        ("--n-trials", n_trials),
+        ("--timeout", timeout),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    return args + (["--accept-changes"] if accept_changes else [])

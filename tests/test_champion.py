@@ -24,10 +24,10 @@ from pipeline.comparison import select_trial
 from pipeline.config import load_study
 from pipeline.refit import refit_samples
 from pipeline.selection import rerun_plan
+from pipeline.stopping import counted
 from pipeline.stores import storage_url, tracking_uri
 from pipeline.study_run import run_study
 from pipeline.train import build_training
-from pipeline.tune import counted
 
 from conftest import make_folder, study_dict, write_study
 

@@ -98,3 +98,23 @@ def test_status_of_a_study_never_run_is_a_study_state_error(sweep_home, study_fi
         f"error: no Optuna storage at sqlite:///{(sweep_home / 'optuna.db').resolve()}: "
         "run `sweep run` with this study file first"
     ]
+
+
+def test_a_password_in_any_message_is_masked(monkeypatch, tmp_path):
+    err = TrackingError("Optuna storage postgresql+psycopg://sweep:s3cret@db/optuna: cannot connect (refused)")
+    monkeypatch.setattr(cli, "_load", _raising(err))
+    result = runner.invoke(cli.app, ["status", str(tmp_path / "study.yaml")])
+    assert result.exit_code == 5
+    assert result.stderr.splitlines() == [
+        "error: Optuna storage postgresql+psycopg://sweep:***@db/optuna: cannot connect (refused)"
+    ]
+
+
+def test_storage_proxy_serves_a_database_only(tmp_path):
+    result = runner.invoke(cli.app, ["storage-proxy", f"journal:///{tmp_path / 'o.journal'}", "--port", "13999"])
+    assert result.exit_code == 5
+    assert result.stderr.splitlines() == [
+        f"error: sweep storage-proxy journal:///{tmp_path / 'o.journal'}: the proxy serves a database "
+        "(postgresql://..., mysql://..., sqlite:///...), not a journal file; give it the database URL"
+    ]
+    assert not (tmp_path / "o.journal").exists()

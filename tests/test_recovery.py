@@ -7,13 +7,14 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from pipeline.recovery import RETRIED_ATTR, recover
+from pipeline.recovery import HEARTBEAT_ATTR, RETRIED_ATTR, DeadTrials, TrialHeartbeat, recover
 
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "freeze_depth": IntDistribution(0, 2)}
 
@@ -117,3 +118,45 @@ def test_a_reused_pid_does_not_keep_a_dead_trial_running(tmp_path):
     finally:
         newer.kill()
         newer.wait()
+
+
+def _journal(tmp_path, name="s"):
+    from pipeline.storages import open_storage
+
+    storage = open_storage(f"journal:///{tmp_path / 'optuna.journal'}")
+    return storage, optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
+
+
+def test_a_trial_whose_own_heartbeat_stopped_is_failed_and_requeued_once_among_many_workers(tmp_path):
+    # gRPC proxy and journal storages have no Optuna heartbeat: trials keep their own (`heartbeat_at`).
+    storage, study = _journal(tmp_path)
+    now = time.time()
+    _add(study, TrialState.RUNNING, 0.02, host="elsewhere", heartbeat_at={"trial": 0, "at": now - 60})  # dead
+    _add(study, TrialState.RUNNING, 0.03, host="elsewhere", heartbeat_at={"trial": 1, "at": now})  # alive
+    # A retry that has not recorded its own beat yet: the beat it inherited is not its own.
+    _add(study, TrialState.RUNNING, 0.04, host="elsewhere", heartbeat_at={"trial": 0, "at": now - 60})
+    workers = [DeadTrials(_journal(tmp_path)[0], "s", grace_period=10, max_retries=1) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        queued = [n for found in pool.map(lambda w: w.sweep(), workers) for n in found]
+    assert queued == [0], "one worker failed it and re-queued it"
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[3].params == trials[0].params
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[3]) == 0
+    assert workers[0].sweep() == [], "nothing left to do"
+
+
+def test_trial_heartbeat_keeps_a_trial_alive_until_its_process_stops_beating(tmp_path):
+    storage, study = _journal(tmp_path)
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+    dead = DeadTrials(storage, "s", grace_period=1.0, max_retries=1)
+    with TrialHeartbeat(trial, 0.2):
+        time.sleep(1.5)
+        assert dead.sweep() == [], "beating: alive past the grace period"
+        beats = study.get_trials()[0].user_attrs[HEARTBEAT_ATTR]
+        assert beats["trial"] == 0 and time.time() - beats["at"] < 0.6
+    time.sleep(1.3)  # its process "died": no beat for longer than the grace period
+    assert dead.sweep() == [0]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    assert TrialHeartbeat(trial, None).__enter__().thread is None, "storages with Optuna heartbeats: no thread"

@@ -1,4 +1,5 @@
-"""Many machines, one study: two workers run the same command against PostgreSQL storage."""
+"""Many workers, one study: `sweep run --workers N` on PostgreSQL, and two processes on the embedded
+SQLite store."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import sys
 import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from pipeline import cli
 
 from conftest import study_dict, write_study
 
 
-def test_two_workers_share_one_study_and_one_parent_run(tmp_path, image_root, postgres):
+def test_workers_launched_together_on_fresh_postgres_share_one_study_and_one_parent_run(tmp_path, image_root, postgres):
+    # Fresh databases, no schema created beforehand: the workers' first opens race through Optuna's
+    # and MLflow's schema creation, which the storages' creation lock serialises.
     storage, tracking = postgres("optuna"), postgres("mlflow")
-    # Create both schemas once: concurrent first-time migrations race in any database.
-    optuna.storages.RDBStorage(storage)
-    MlflowClient(tracking).search_experiments()
-    tree = study_dict(image_root, study={"n_trials": 6}, training={"epochs": 6})
+    tree = study_dict(image_root, study={"n_trials": 6}, training={"epochs": 2})
     study_file = write_study(tmp_path / "study.yaml", tree)
     env = {**os.environ, "SWEEP_HOME": str(tmp_path / "mlruns"), "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [
@@ -27,25 +30,28 @@ def test_two_workers_share_one_study_and_one_parent_run(tmp_path, image_root, po
         "pipeline.cli",
         "run",
         str(study_file),
+        "--workers",
+        "2",
+        "--no-report",
         "--storage",
         storage,
         "--tracking-uri",
         tracking,
-        "--no-report",
-        "--quiet",
     ]
-    workers = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "2 workers ended with exit codes 0, 0" in lines
 
     trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    # Each worker checks the count before starting a trial, so together they overshoot by <= 1.
+    # A worker starts a trial only while finished + running + queued < n_trials; two that check in
+    # the same instant can each start one.
     assert 6 <= len(finished) <= 7 and len(finished) == len(trials)
+    assert f"study 'tiny' after 2 workers: {len(finished)} complete, 0 pruned, 0 failed" in lines
     assert len({t.user_attrs["pid"] for t in trials}) == 2, "both workers ran trials"
+    assert {t.user_attrs["worker"]["pid"] for t in trials} == {t.user_attrs["pid"] for t in trials}
+    assert optuna.get_all_study_names(storage) == ["tiny"]
 
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name("tiny")
@@ -56,6 +62,18 @@ def test_two_workers_share_one_study_and_one_parent_run(tmp_path, image_root, po
     assert parents[0].info.status == "FINISHED"
     assert sorted(int(r.data.tags["sweep.trial_number"]) for r in nested) == [t.number for t in trials]
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parents[0].info.run_id}
+
+
+def test_several_workers_on_the_default_sqlite_store_are_refused(tmp_path, image_root, sweep_home):
+    study_file = write_study(tmp_path / "study.yaml", study_dict(image_root))
+    result = CliRunner().invoke(cli.app, ["run", str(study_file), "--workers", "3"])
+    assert result.exit_code == 5
+    assert result.stderr.splitlines() == [
+        f"error: --workers 3 cannot share the SQLite storage sqlite:///{(sweep_home / 'optuna.db').resolve()}: "
+        "SQLite takes one writer at a time and Optuna advises against it for parallel workers; use a journal file "
+        "(--storage journal:///mlruns/optuna.journal) or a database server (--storage postgresql://USER@HOST/DB)"
+    ]
+    assert not sweep_home.exists(), "nothing written"
 
 
 def test_two_workers_on_a_new_sqlite_store_both_run_distinct_trials(tmp_path, image_root):
@@ -81,3 +99,36 @@ def test_two_workers_on_a_new_sqlite_store_both_run_distinct_trials(tmp_path, im
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+
+
+def test_workers_with_baselines_and_reruns_add_each_once_and_keep_n_trials(tmp_path, image_root):
+    # Issue 8's selection with issue 12's workers: the probe is fitted and the seed recipe enqueued
+    # once (under the study's start lock), the re-runs are enqueued once (under its re-runs lock),
+    # and neither counts toward n_trials.
+    selection = {"baselines": {"linear_probe": True, "seed_recipe": True}, "top_k": 2, "reruns": 1}
+    tree = study_dict(image_root, study={"n_trials": 4}, training={"epochs": 1}, selection=selection)
+    study_file = write_study(tmp_path / "study.yaml", tree)
+    storage = f"journal:///{tmp_path / 'optuna.journal'}"
+    env = {**os.environ, "SWEEP_HOME": str(tmp_path / "mlruns"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(study_file), "--workers", "2", "--no-report"]
+    done = subprocess.run(
+        [*cmd, "--storage", storage], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 workers ended with exit codes 0, 0" in done.stdout.splitlines()
+
+    from pipeline.selection import top_candidates
+    from pipeline.stopping import counted
+    from pipeline.storages import open_storage
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    trials = study.get_trials()
+    roles = [t.user_attrs.get("baseline") for t in trials]
+    assert roles.count("linear_probe") == 1 and roles.count("seed_recipe") == 1
+    reruns = [(t.user_attrs["rerun_of"], t.user_attrs["seed_index"]) for t in trials if "rerun_of" in t.user_attrs]
+    top = top_candidates([t for t in trials if "rerun_of" not in t.user_attrs], 2, "maximize")
+    expected = {(t.number, 1) for t in top if t.user_attrs.get("baseline") != "linear_probe"}
+    assert expected and sorted(reruns) == sorted(expected), "the top 2 re-run once each (not the probe), no pair twice"
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [t.state for t in trials]
+    assert 4 <= counted(study) <= 5, "re-runs and the probe are not counted; at most one overshoot"
+    assert len(trials) == counted(study) + 1 + len(expected)
