@@ -23,8 +23,9 @@ from pipeline import checkpoints
 from pipeline.config import StudyConfig
 from pipeline.errors import RegistryError
 from pipeline.history import epoch_history
+from pipeline.selection import role
 
-BASE_COLUMNS = ("number", "state")
+BASE_COLUMNS = ("number", "state", "role")
 RESULT_COLUMNS = ("best_epoch", "epochs_run", "seconds", "mlflow_run_id")
 STATE_WORDS = {
     TrialState.PRUNED: "pruned",
@@ -73,7 +74,8 @@ def epochs_run(trial: FrozenTrial) -> int:
 def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
     """One row per trial, read from Optuna only (nothing is written).
 
-    Columns: number, state, one column per sampled parameter (search-space order, then any other
+    Columns: number, state, role (`selection.role`: search, seed_recipe, linear_probe, or "rerun of
+    N seed K"), one column per sampled parameter (search-space order, then any other
     parameter sorted by name), `best_<metric>` (best value of the study's metric over the epochs
     run: the trial's value when COMPLETE), plus `best_val_accuracy` (fraction 0-1) when the metric
     is val_loss, best_epoch (0-based, the checkpoint's epoch; nullable Int64), epochs_run, seconds
@@ -95,6 +97,7 @@ def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
             {
                 "number": t.number,
                 "state": t.state.name,
+                "role": role(t),
                 **{p: t.params.get(p) for p in names},
                 "best_val_accuracy": best_of_history(history, "val_accuracy", "maximize")[0],
                 f"best_{metric}": best,

@@ -69,6 +69,14 @@ def is_rerun(trial: FrozenTrial) -> bool:
     return trial.user_attrs.get(RERUN_ATTR) is not None
 
 
+def role(trial: FrozenTrial) -> str:
+    """What the trial is in the race: "search" (a sampled point), "seed_recipe" or "linear_probe"
+    (baselines), or "rerun of N seed K" (a seed re-run of trial N)."""
+    if is_rerun(trial):
+        return f"rerun of {trial.user_attrs[RERUN_ATTR]} seed {trial.user_attrs.get(SEED_INDEX_ATTR)}"
+    return str(trial.user_attrs.get(BASELINE_ATTR) or "search")
+
+
 def rerun_attrs(number: int, seed_index: int) -> dict[str, int]:
     """User attrs for the re-run `seed_index` (1..r) of trial `number`, for `study.enqueue_trial`."""
     if seed_index < 1:

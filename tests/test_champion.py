@@ -20,7 +20,7 @@ from pipeline import data as D
 from pipeline import model as M
 from pipeline import report as R
 from pipeline.champion import TESTED_ATTR, choose
-from pipeline.comparison import select_trial
+from pipeline.comparison import select_trial, trials_frame
 from pipeline.config import load_study
 from pipeline.refit import refit_samples
 from pipeline.selection import rerun_plan
@@ -102,6 +102,18 @@ def test_reruns_are_tagged_and_not_counted(done):
     assert counted(done.study) == 2 == done.cfg.study.n_trials
     assert len(trials) == 2 + 1 + len(expected)
     assert rerun_plan(trials, 2, 1) == []  # nothing left missing: a resume enqueues nothing
+    # The trials table (trials.csv, report.md, `sweep status`) says which trial is what.
+    roles = dict(zip(*[trials_frame(done.study, done.cfg)[c] for c in ("number", "role")], strict=True))
+    assert roles == {
+        t.number: (
+            f"rerun of {t.user_attrs['rerun_of']} seed {t.user_attrs['seed_index']}"
+            if "rerun_of" in t.user_attrs
+            else t.user_attrs.get("baseline") or "search"
+        )
+        for t in trials
+    }
+    assert {"linear_probe", "seed_recipe"} <= set(roles.values())
+    assert sum(r.startswith("rerun of ") for r in roles.values()) == len(expected)
 
 
 def test_baselines_and_reruns_are_tagged_nested_runs(done):

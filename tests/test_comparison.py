@@ -113,6 +113,7 @@ def test_trials_frame_of_a_val_loss_study_sorts_ascending_and_puts_unfinished_la
     assert list(frame.columns) == [
         "number",
         "state",
+        "role",
         "lr",
         "freeze_depth",
         "best_val_loss",

@@ -205,6 +205,7 @@ def test_report_files(done):
     assert list(frame.columns) == [
         "number",
         "state",
+        "role",
         "lr",
         "freeze_depth",
         "momentum",
@@ -328,8 +329,13 @@ def test_status_prints_trials_and_writes_nothing(done, monkeypatch):
     result = CliRunner().invoke(app, ["status", str(done.study_file)])
     assert result.exit_code == 0, result.output
     rows = result.output.splitlines()
-    assert rows[0].split()[:3] == ["number", "state", "lr"]
-    assert [r.split()[1] for r in rows[1:]] == ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"]
+    assert rows[0].split()[:4] == ["number", "state", "role", "lr"]
+    assert [r.split()[1:3] for r in rows[1:]] == [
+        ["COMPLETE", "search"],
+        ["PRUNED", "search"],
+        ["COMPLETE", "search"],
+        ["FAIL", "search"],
+    ]
     assert [(_sha(p), p.stat().st_mtime_ns) for p in stores] == before
 
 
