@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.errors import TrackingError, first_line
+from pipeline.interrupts import deferred_interrupts
 from pipeline.secrets import mask_text, mask_url
-from pipeline.stores import store_lock
+from pipeline.stores import damaged_schema, store_lock
 
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput, RunInfo
@@ -111,20 +112,24 @@ class Tracker:
         self.uri, self.warn, self.healthy = uri, warn, True
         self.shown = mask_url(uri)  # what messages name: the URI with its password masked
         self.parent_id: str | None = None
+        server = uri.startswith("http")
         for attempt in range(3):
             try:
-                with _schema_lock(uri):
+                # A local store's migration must not be cut short (`deferred_interrupts`).
+                with _schema_lock(uri), contextlib.nullcontext() if server else deferred_interrupts("the MLflow store"):
                     self.client = MlflowClient(tracking_uri=uri)
                     self.experiment_id = self._experiment(experiment, artifact_root)
                 return
             except store_errors() as err:
-                # Workers starting together on a new store race through the experiment's creation
-                # (and, for SQLite, its schema migration); the loser succeeds on a second look.
-                if attempt == 2 or uri.startswith("http"):
-                    server = uri.startswith("http")
-                    hint = " (is the tracking server running?)" if server else ""
-                    what = "MLflow tracking server" if server else "MLflow tracking store"
-                    raise TrackingError(f"{what} {self.shown} cannot be used: {_problem(err, uri)}{hint}") from None
+                damage = damaged_schema("MLflow tracking store", uri, first_line(err), "mlflow db upgrade URL")
+                if damage:
+                    raise TrackingError(damage) from None
+                # Workers starting together race through the experiment's creation: the loser succeeds next time.
+                if attempt == 2 or server:
+                    hint, what = (" (is the tracking server running?)", "server") if server else ("", "store")
+                    raise TrackingError(
+                        f"MLflow tracking {what} {self.shown} cannot be used: {_problem(err, uri)}{hint}"
+                    ) from None
                 time.sleep(2 + 3 * attempt)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:

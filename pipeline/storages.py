@@ -46,6 +46,7 @@ import optuna
 from optuna.storages import BaseStorage
 
 from pipeline.errors import TrackingError, first_line
+from pipeline.interrupts import deferred_interrupts
 from pipeline.secrets import mask_text, mask_url
 from pipeline.stores import check_writable, sqlite_path, store_lock
 
@@ -209,7 +210,8 @@ def _open_rdb(
     for attempt in range(attempts):
         try:
             locked = creation_lock(url, timeout=lock_timeout, connect_timeout=connect_timeout)
-            with locked if lock else contextlib.nullcontext():
+            # Waiting for the lock stays interruptible; creating the schema under it does not.
+            with locked if lock else contextlib.nullcontext(), deferred_interrupts("the Optuna storage"):
                 return optuna.storages.RDBStorage(
                     url,
                     engine_kwargs={"connect_args": _connect_args(url, connect_timeout)},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,17 @@ from filelock import FileLock
 
 from pipeline.config import StudyConfig
 from pipeline.errors import TrackingError
+from pipeline.secrets import mask_text, mask_url
 
 HOME_ENV = "SWEEP_HOME"
 SQLITE_PREFIX = "sqlite:///"
+# What SQLAlchemy, alembic and MLflow say about a schema that an interrupted creation or migration left
+# half-done, or that another version wrote (SQLite and PostgreSQL wordings).
+DAMAGED_SCHEMA = re.compile(
+    r"out-of-date database schema|table \S+ already exists|relation \S+ already exists|no such table"
+    r"|Can't locate revision",
+    re.IGNORECASE,
+)
 
 
 def home() -> Path:
@@ -134,3 +143,29 @@ def resolve_tracking(flag: str | None, cfg_value: str | None) -> str:
     file's `tracking.uri`), then `$MLFLOW_TRACKING_URI` (how users point every MLflow tool at a
     store), then the embedded store (`default_tracking_uri()`). Empty values count as unset."""
     return flag or cfg_value or os.environ.get(TRACKING_ENV) or default_tracking_uri()
+
+
+def damaged_schema(what: str, url: str, error: str, upgrade: str) -> str | None:
+    """One message for a store whose schema is half-created or from another version, or None when
+    `error` (a driver's or library's first line) says something else.
+
+    Args:
+        what: names the store ("MLflow tracking store").
+        url: its URL (shown with the password masked); an SQLite file is named as a file.
+        error: the error's first line.
+        upgrade: the command that migrates such a store (`URL` stands for the store's URL).
+
+    Returns:
+        e.g. `MLflow tracking store sqlite:////x/mlflow.db: its schema is half-created or from another
+        version (table webhooks already exists); if the file holds nothing you need, delete /x/mlflow.db
+        and run again, else back it up and run `mlflow db upgrade sqlite:////x/mlflow.db``.
+    """
+    if not DAMAGED_SCHEMA.search(error):
+        return None
+    path, shown = sqlite_path(url), mask_url(url)
+    fresh = f"delete {path} and run again" if path else "drop its tables (or use a new database) and run again"
+    return (
+        f"{what} {shown}: its schema is half-created or from another version ({mask_text(error, [url])}); "
+        f"if {'the file' if path else 'it'} holds nothing you need, {fresh}, else back it up and run "
+        f"`{upgrade.replace('URL', shown)}`"
+    )

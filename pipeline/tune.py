@@ -44,6 +44,7 @@ from pipeline.errors import StudyStateError, TrackingError, first_line
 from pipeline.events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.fitting import fit_config
 from pipeline.history import epoch_attr, stale_keys
+from pipeline.interrupts import deferred_interrupts
 from pipeline.preflight import Prepared
 from pipeline.recovery import OWNER_ATTR, TrialHeartbeat, host_name, owner_record
 from pipeline.search import make_pruner, make_sampler, suggest
@@ -130,7 +131,8 @@ def open_study(
         url, storage = storage, open_storage(cfg, storage)
     where = mask_url(url) if url else "the study's storage"
     try:
-        with store_lock(url or ""):  # SQLite only: its schema migration must not race
+        # SQLite only: its schema migration must not race; a new study's rows are written whole.
+        with store_lock(url or ""), deferred_interrupts("the study"):
             study = optuna.create_study(
                 storage=storage,
                 study_name=cfg.study.name,
