@@ -170,6 +170,19 @@ def candidate_records(table: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
+def selection_rule(cfg: StudyConfig) -> str:
+    """The report's sentence on how the champion was chosen, for the study's `selection` settings."""
+    s = cfg.selection
+    how = (
+        f"Top {s.top_k} candidates by val (baselines included), each re-run with up to {s.reruns} further "
+        "seed(s); the champion has the best mean (ties: lower std, then lower trial number)."
+        if s.reruns
+        else "No seed re-runs (`selection.reruns: 0`): the champion is the trial with the best val "
+        "(baselines included; ties: lower trial number)."
+    )
+    return f"{how} Only the champion is ever evaluated on test."
+
+
 def markdown_lines(cfg: StudyConfig, choice: Choice, figures: TestFigures, refitted: bool) -> list[str]:
     """The report's selection section: candidates (mean ± std over seeds, spread) and the
     champion's honest test figures."""
@@ -197,16 +210,11 @@ def markdown_lines(cfg: StudyConfig, choice: Choice, figures: TestFigures, refit
         if refitted
         else "the champion trial's best-epoch checkpoint"
     )
-    s = cfg.selection
     gap = "" if figures.gap is None else f"; val → test gap {figures.gap:+.4f} (val: the champion's mean over seeds)"
     return [
         "## Candidates and champion",
         "",
-        (
-            f"Top {s.top_k} candidates by val (baselines included), each re-run with up to {s.reruns} further "
-            f"seed(s); the champion has the best mean (ties: lower std, then lower trial number). Only the "
-            "champion is ever evaluated on test."
-        ),
+        selection_rule(cfg),
         "",
         md_table(shown),
         "",

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.errors import SweepError, first_line
-from pipeline.secrets import mask_text
+from pipeline.secrets import mask_text, urls_in
 
 if TYPE_CHECKING:
     from pipeline.config import StudyConfig
@@ -73,16 +73,6 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# What an interrupt leaves behind, per command (one line each).
-INTERRUPTED = {
-    "run": "a trial that was running is recorded FAIL (it does not count and its parameters are "
-    "retried); run the same command again to resume the study",
-    "report": "the report stage stopped; a test evaluation already stored is kept and reused; run "
-    "`sweep report` again to finish it",
-    "default": "stopped; nothing was changed",
-}
-
-
 def handled(fn: F) -> F:
     """Map the error family to one message + exit code; interrupts to 130/143; anything else
     (a bug) to one line and exit 1. With `--debug`, the traceback is printed first."""
@@ -92,24 +82,25 @@ def handled(fn: F) -> F:
         _quiet_libraries()  # the heavy imports: an interrupt here still exits at once (pipeline.entry)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _raise_sigterm)
+        urls = urls_in([*sys.argv, *args, *kwargs.values()])  # their secrets are masked in every message
         try:
             return fn(*args, **kwargs)
         except SweepError as err:
             _traceback()
-            err_console.print(f"[red]error:[/] {escape(mask_text(str(err)))}")
+            err_console.print(f"[red]error:[/] {escape(mask_text(str(err), urls))}")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt as err:
+            from pipeline.interrupts import left_behind
             from pipeline.tune import Interrupted
 
             _traceback()
             sig = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
-            what = INTERRUPTED.get(fn.__name__, INTERRUPTED["default"])
-            err_console.print(f"[yellow]interrupted ({sig}):[/] {what}")
+            err_console.print(f"[yellow]interrupted ({sig}):[/] {escape(left_behind(fn.__name__, err))}")
             raise typer.Exit(143 if sig == "SIGTERM" else 130) from None
         except Exception as err:  # noqa: BLE001  (the last resort: a bug, never a bare traceback)
             _traceback()
             hint = "" if settings["debug"] else "; rerun with `sweep --debug` (or SWEEP_DEBUG=1) for the traceback"
-            shown = escape(mask_text(first_line(err)))
+            shown = escape(mask_text(first_line(err), urls))
             err_console.print(f"[red]error:[/] unexpected {type(err).__name__}: {shown}{hint}")
             raise typer.Exit(1) from None
 
@@ -224,8 +215,11 @@ def _print_summary(outcome: StudyOutcome) -> None:
 
     out.print(f"study '{outcome.study.study_name}': {_counts(outcome.study)} ({outcome.stop_reason})", markup=False)
     if outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        from pipeline.selection import role
+
         best = outcome.study.best_trial
-        out.print(f"best trial {best.number}: value {best.value:.4f} params {best.params}", markup=False)
+        params = f" params {best.params}" if best.params else ""  # the linear probe samples none
+        out.print(f"best trial {best.number} ({role(best)}): value {best.value:.4f}{params}", markup=False)
     out.print(f"MLflow parent run {outcome.parent_run_id}", markup=False)
 
 
@@ -249,7 +243,8 @@ def report(
     tracking_uri: TrackingOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="report folder (default reports/<study>)")] = None,
 ) -> None:
-    """Compare the trials, test the best COMPLETE trial once, register it and move the alias."""
+    """Compare the trials, choose the champion (baselines and seed re-runs, see README), test it once on
+    the sealed test split, register it and move the alias."""
     _report(_load(study_file, set_), storage, tracking_uri, out_dir)
 
 

@@ -23,12 +23,30 @@ from types import FrameType
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# Added as a note to the KeyboardInterrupt of a `sweep run` stopped before its first trial started.
+BEFORE_TRIALS = "sweep: interrupted before any trial started"
+# What an interrupt leaves behind, per command (one line each).
+LEFT_BEHIND = {
+    "run": "the trial that was running, if any, is recorded FAIL (it does not count and its parameters "
+    "are retried); run the same command again to resume the study",
+    "run-before-trials": "stopped before any trial started; run the same command again to start the study",
+    "report": "the report stage stopped; a test evaluation already stored is kept and reused; run "
+    "`sweep report` again to finish it",
+    "default": "stopped; nothing was changed",
+}
 
 
 def _leave_at_once(signum: int, frame: FrameType | None) -> None:
     sig = signal.Signals(signum)
     os.write(2, f"interrupted ({NAMES[sig]}) while starting: nothing was changed\n".encode())
     os._exit(EXIT_CODES[sig])
+
+
+def left_behind(command: str, err: BaseException) -> str:
+    """The line saying what an interrupt of `command` (a function name of `pipeline.cli`) left behind."""
+    if command == "run" and BEFORE_TRIALS in getattr(err, "__notes__", ()):
+        return LEFT_BEHIND["run-before-trials"]
+    return LEFT_BEHIND.get(command, LEFT_BEHIND["default"])
 
 
 def install_early_handlers() -> None:

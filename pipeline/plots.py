@@ -139,7 +139,12 @@ def importance_plot(study: optuna.Study, cfg: StudyConfig, path: Path) -> str | 
             f"({values.pop():.4g}), so no parameter explains a difference"
         )
     try:
-        _save_optuna_plot(lambda: plot_param_importances(study, params=varying, target_name=cfg.study.metric), path)
+        with warnings.catch_warnings():
+            # PED-ANOVA's "Some regimes for parameter ... have less than N trials", one line per
+            # parameter on every report: the linear probe, which samples no parameter, is a regime of
+            # its own. The other regime holds the search's trials, which the importances come from.
+            warnings.filterwarnings("ignore", message="Some regimes for parameter")
+            _save_optuna_plot(lambda: plot_param_importances(study, params=varying, target_name=cfg.study.metric), path)
     except ValueError as err:  # a parameter no COMPLETE trial sampled (the search space changed)
         return f"parameter importances skipped: {first_line(err)}"
     return None

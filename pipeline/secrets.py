@@ -95,6 +95,22 @@ def mask_text(text: str, urls: Iterable[str | None] = ()) -> str:
     return _USERINFO_IN_TEXT.sub(lambda m: m["head"] + MASK, text)
 
 
+# A URL inside a command-line value (`--storage=URL`, `study.storage=URL`): from its scheme to the next blank.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+")
+
+
+def urls_in(values: Iterable[object]) -> list[str]:
+    """Every URL written inside `values`: strings, lists of strings (repeated options), anything else
+    skipped. `["run", "--storage=postgresql://u:pw@h/db", ["study.storage=mysql://u:x@h/db"]]` ->
+    `["postgresql://u:pw@h/db", "mysql://u:x@h/db"]`; pass them to `mask_text` as the known URLs."""
+    found: list[str] = []
+    for value in values:
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str):
+                found += _URL_IN_TEXT.findall(item)
+    return found
+
+
 def mask_mapping(values: dict[str, object], urls: Iterable[str | None] = ()) -> dict[str, object]:
     """A copy of a flat mapping (MLflow params or tags) whose string values went through `mask_text`
     with `urls`; other values unchanged."""

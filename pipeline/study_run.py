@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from pipeline.baselines import add_baselines, run_reruns
@@ -30,6 +31,7 @@ from pipeline.config import StudyConfig
 from pipeline.datasets import split_inputs
 from pipeline.errors import StudyFailedError
 from pipeline.events import TrialObserver
+from pipeline.interrupts import BEFORE_TRIALS
 from pipeline.mlflow_runs import Tracker
 from pipeline.preflight import Prepared, prepare
 from pipeline.recovery import DeadTrials, recover
@@ -108,6 +110,53 @@ def run_study(
         for observer in observers:
             observer.images_scanned(done, total)
 
+    try:
+        prep, backend, tracker, study, dead, parent = _start(cfg, url, uri, accept_changes, say, scanned)
+    except KeyboardInterrupt as err:
+        err.add_note(BEFORE_TRIALS)  # the CLI's line then says so, not that a trial was recorded FAIL
+        raise
+
+    heartbeat = None if heartbeat_supported(url) else float(cfg.study.heartbeat_interval)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    status = "FAILED"
+    try:
+        everyone = [
+            MLflowObserver(tracker, cfg.study.name, split_inputs(prep.splits, ("train", "val"))),
+            *observers,
+        ]
+        reason = optimize(
+            study, cfg, prep, everyone, dead=dead, heartbeat=heartbeat, poll=min(2.0, grace_period(cfg) / 4)
+        )
+        if reason == "n_trials reached":
+            run_reruns(study, cfg, prep, backend, everyone, heartbeat=heartbeat)
+        # A study that produced nothing usable is a failure, also for the parent run.
+        status = "FAILED" if unusable(study, reason) else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if status == "FINISHED":  # runs of trials other workers left behind (killed) get their state
+            reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
+        # With several workers, the last one to finish closes the parent run.
+        if status != "FINISHED" or not count(study, (TrialState.RUNNING,)):
+            tracker.close_parent(status)
+    outcome = StudyOutcome(study, parent, reason, tracker.healthy)
+    if status == "FAILED":
+        raise StudyFailedError(failure_message(outcome))
+    return outcome
+
+
+def _start(
+    cfg: StudyConfig,
+    url: str,
+    uri: str,
+    accept_changes: bool,
+    say: Callable[[str], None],
+    scanned: Callable[[int, int], None],
+) -> tuple[Prepared, BaseStorage, Tracker, optuna.Study, DeadTrials, str]:
+    """Everything before the first trial: pre-flight, both stores, the study, the recorded split,
+    recovery, the parent run, the baselines and what the parent run logs."""
     check_local_paths(url, uri)
     if sqlite_path(uri):
         check_writable(artifact_root())
@@ -142,35 +191,7 @@ def run_study(
     )
     reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)  # the probe's nested run
 
-    heartbeat = None if heartbeat_supported(url) else float(cfg.study.heartbeat_interval)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    status = "FAILED"
-    try:
-        everyone = [
-            MLflowObserver(tracker, cfg.study.name, split_inputs(prep.splits, ("train", "val"))),
-            *observers,
-        ]
-        reason = optimize(
-            study, cfg, prep, everyone, dead=dead, heartbeat=heartbeat, poll=min(2.0, grace_period(cfg) / 4)
-        )
-        if reason == "n_trials reached":
-            run_reruns(study, cfg, prep, backend, everyone, heartbeat=heartbeat)
-        # A study that produced nothing usable is a failure, also for the parent run.
-        status = "FAILED" if unusable(study, reason) else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if status == "FINISHED":  # runs of trials other workers left behind (killed) get their state
-            reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
-        # With several workers, the last one to finish closes the parent run.
-        if status != "FINISHED" or not count(study, (TrialState.RUNNING,)):
-            tracker.close_parent(status)
-    outcome = StudyOutcome(study, parent, reason, tracker.healthy)
-    if status == "FAILED":
-        raise StudyFailedError(failure_message(outcome))
-    return outcome
+    return prep, backend, tracker, study, dead, parent
 
 
 def unusable(study: optuna.Study, reason: str) -> bool:

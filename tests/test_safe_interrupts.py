@@ -69,10 +69,9 @@ def test_nested_blocks_hold_the_signal_until_the_outer_one_ends(handlers):
 
 
 def test_the_interrupt_wins_over_an_error_of_the_block_and_no_signal_means_nothing(handlers):
-    with pytest.raises(KeyboardInterrupt) as caught:
-        with deferred_interrupts():
-            os.kill(os.getpid(), signal.SIGINT)
-            raise ValueError("the block failed")
+    with pytest.raises(KeyboardInterrupt) as caught, deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        raise ValueError("the block failed")
     assert isinstance(caught.value.__context__, ValueError)
     with deferred_interrupts():
         pass
