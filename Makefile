@@ -11,6 +11,9 @@ ARGS   ?=
 PORT   ?= 5000
 DASHBOARD_PORT ?= 8080
 
+# Offline copies somewhere other than ../shared, for `make data` (environment or make variables):
+# SWEEP_DATA_SOURCE=DIR (the hymenoptera_data folder), SWEEP_WEIGHTS_SOURCE=DIR (holding the .pth).
+export SWEEP_DATA_SOURCE SWEEP_WEIGHTS_SOURCE
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 

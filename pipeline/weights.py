@@ -91,7 +91,11 @@ def resolve_weights(arch: str, weights: str) -> WeightsSpec:
     if _looks_like_path(weights):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise ModelError(f"model.weights: checkpoint file {path} not found")
+            raise ModelError(
+                f"model.weights: checkpoint file {path} not found; set model.weights to a checkpoint file "
+                f"(--set model.weights=PATH), or run `make data`: it links the offline study's checkpoints "
+                "into weights/ from ../shared/weights or $SWEEP_WEIGHTS_SOURCE"
+            )
         return WeightsSpec(arch, "local", weights, path.resolve())
     if arch.startswith(TIMM_PREFIX):
         _check_timm_tag(arch, weights)

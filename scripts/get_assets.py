@@ -1,13 +1,14 @@
 """Put the real data (and, where available, the offline weights) in place for the studies.
 
-    python scripts/get_assets.py [--source DIR]
+    python scripts/get_assets.py [--source DIR] [--weights-source DIR]
 
 Data: `data/hymenoptera_data` is linked from `--source`, `$SWEEP_DATA_SOURCE` or
 `../shared/data/hymenoptera_data` when one exists; otherwise the PyTorch transfer-learning
 tutorial's public archive is downloaded. Either way the tree is verified against a sha256 digest
 of every file, so a partial or altered copy is refused instead of silently used.
-Weights: `weights/efficientnet_lite0_imagenet.pth` is linked from `../shared/weights` when it is
-there (sha256 checked); without it only the hub-weights study (studies/hymenoptera.yaml) can run.
+Weights: `weights/efficientnet_lite0_imagenet.pth` is linked from `--weights-source`,
+`$SWEEP_WEIGHTS_SOURCE` or `../shared/weights` (a folder holding the file; sha256 checked); without
+it only the hub-weights study (studies/hymenoptera.yaml) can run.
 """
 
 from __future__ import annotations
@@ -85,17 +86,19 @@ def place_data(source: Path | None) -> None:
     print(f"data: {target} downloaded and verified")
 
 
-def place_weights() -> None:
+def place_weights(folder: Path | None) -> None:
+    folders = [folder, os.environ.get("SWEEP_WEIGHTS_SOURCE"), SHARED / "weights"]
     for name, digest in WEIGHTS.items():
         target = ROOT / "weights" / name
-        source = SHARED / "weights" / name
+        source = next((Path(f) / name for f in folders if f and (Path(f) / name).is_file()), SHARED / "weights" / name)
         if target.exists() and sha256_file(target) == digest:
             print(f"weights: {target} in place (verified)")
             continue
         if not source.is_file():
             print(
-                f"weights: {source} not found; studies/hymenoptera_offline.yaml needs {target} "
-                "(studies/hymenoptera.yaml uses torchvision's hub weights instead)"
+                f"weights: {name} not found in --weights-source, $SWEEP_WEIGHTS_SOURCE or {SHARED / 'weights'}; "
+                f"studies/hymenoptera_offline.yaml needs {target} (put it there, or pass SWEEP_WEIGHTS_SOURCE=DIR); "
+                "studies/hymenoptera.yaml uses torchvision's hub weights instead"
             )
             continue
         if sha256_file(source) != digest:
@@ -110,9 +113,10 @@ def place_weights() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="local hymenoptera_data folder to link")
+    parser.add_argument("--weights-source", type=Path, help="local folder holding the offline checkpoint(s)")
     args = parser.parse_args()
     place_data(args.source)
-    place_weights()
+    place_weights(args.weights_source)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,25 @@ def test_importances_with_the_linear_probe_warn_of_no_regime(tmp_path, image_roo
         assert importance_plot(study, cfg, tmp_path / "imp.png") is None
     assert (tmp_path / "imp.png").stat().st_size > 0
     assert [str(w.message) for w in caught if "regime" in str(w.message)] == []
+
+
+def test_the_readme_exit_code_table_lists_every_error_family():
+    from pathlib import Path
+
+    from pipeline import errors
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("Exit codes:") :].split("\n\n")[1]
+    listed = [row.split("|")[1].strip() for row in table.splitlines()[2:]]
+    families = {
+        cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.SweepError)
+    }
+    assert listed == ["0", "1", *map(str, sorted(families - {1})), "130 / 143"]
+
+
+def test_an_unknown_arch_is_a_study_file_error(tmp_path, image_root):
+    path = write_study(tmp_path / "s.yaml", study_dict(image_root, model={"arch": "resnet999"}))
+    result = runner.invoke(cli.app, ["check-weights", str(path)])
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {path}: model.arch: unknown arch 'resnet999'; did you mean ")

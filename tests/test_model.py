@@ -186,7 +186,11 @@ def test_weights_none_and_names_are_classified():
 def test_missing_checkpoint_path_is_named(tmp_path):
     with pytest.raises(ModelError) as info:
         W.resolve_weights("resnet18", str(tmp_path / "nope.pth"))
-    assert str(info.value) == f"model.weights: checkpoint file {tmp_path / 'nope.pth'} not found"
+    assert str(info.value) == (
+        f"model.weights: checkpoint file {tmp_path / 'nope.pth'} not found; set model.weights to a checkpoint "
+        "file (--set model.weights=PATH), or run `make data`: it links the offline study's checkpoints into "
+        "weights/ from ../shared/weights or $SWEEP_WEIGHTS_SOURCE"
+    )
 
 
 def test_garbage_checkpoint_is_a_model_error(tmp_path):
