@@ -14,6 +14,7 @@ from urllib.parse import quote, urlencode
 from pipeline.config import StudyConfig
 from pipeline.errors import first_line
 from pipeline.mlflow_runs import STUDY_TAG, quiet_mlflow
+from pipeline.secrets import mask_text, mask_url
 from pipeline.stores import sqlite_path, tracking_uri
 
 TRAINING_MODE = {"workflowType": "machine_learning"}  # the UI's "Model training" toggle
@@ -53,17 +54,24 @@ def study_links(cfg: StudyConfig, base: str, tracking: str | None = None) -> lis
     if path is not None and not path.exists():
         return [f"no MLflow store at {path} yet: run the study first; the MLflow UI: {base}"]
     client = MlflowClient(uri, registry_uri=uri)
+
+    def unanswered(err: Exception) -> str:
+        return (
+            f"MLflow store {mask_url(uri)} did not answer ({mask_text(first_line(err), [uri])}); the MLflow UI: {base}"
+        )
+
     try:
         experiment = client.get_experiment_by_name(cfg.experiment_name)
         models = client.search_registered_models(f"name = '{cfg.registry.model_name}'")
     except MlflowException as err:
-        return [f"MLflow store {uri} did not answer ({first_line(err)}); the MLflow UI: {base}"]
+        return [unanswered(err)]
     if experiment is None:
-        return [f"no MLflow experiment '{cfg.experiment_name}' in {uri} yet: run the study first; the UI: {base}"]
+        shown = mask_url(uri)
+        return [f"no MLflow experiment '{cfg.experiment_name}' in {shown} yet: run the study first; the UI: {base}"]
     try:
         runs = client.search_runs([experiment.experiment_id], f"tags.`{STUDY_TAG}` = '{cfg.study.name}'", max_results=1)
     except MlflowException as err:
-        return [f"MLflow store {uri} did not answer ({first_line(err)}); the MLflow UI: {base}"]
+        return [unanswered(err)]
     if not runs:
         return [f"no runs of study '{cfg.study.name}' in experiment '{cfg.experiment_name}' yet"]
     lines = [f"runs of study '{cfg.study.name}': {runs_table_url(base, experiment.experiment_id, cfg.study.name)}"]

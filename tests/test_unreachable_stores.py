@@ -72,3 +72,12 @@ def test_a_password_quoted_alone_is_masked_when_its_url_was_on_the_command_line(
     assert _lines(result) == ["error: the server said: password '***' is wrong"]
     result = runner.invoke(cli.app, ["status", str(study_file), "--set", f"study.storage={PG}"])
     assert _lines(result) == ["error: the server said: password '***' is wrong"]
+
+
+def test_ui_links_from_an_unreachable_server_masks_the_password(study_file):
+    result = runner.invoke(cli.app, ["ui-links", str(study_file), "--tracking-uri", HTTP])
+    assert result.exit_code == 0, result.output
+    [line] = result.stdout.splitlines()
+    assert "secret" not in result.stdout + result.stderr
+    assert line.startswith("MLflow store http://user:***@127.0.0.1:1 did not answer (")
+    assert line.endswith("); the MLflow UI: http://127.0.0.1:5000")
