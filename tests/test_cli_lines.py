@@ -127,3 +127,11 @@ def test_an_unknown_arch_is_a_study_file_error(tmp_path, image_root):
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
     assert line.startswith(f"error: {path}: model.arch: unknown arch 'resnet999'; did you mean ")
+
+
+def test_report_help_names_the_champion_not_the_best_trial():
+    result = runner.invoke(cli.app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "choose the champion (baselines and seed re-runs, see README), test it once on the sealed test split" in text
+    assert "best COMPLETE trial" not in text
