@@ -60,6 +60,9 @@ def study_file(folder: Path, images: Path, trials: int, epochs: int) -> Path:
             "freeze_depth": {"type": "int", "low": 0, "high": 2},
         },
         "registry": {"model_name": "bench-classifier", "alias": "champion"},
+        # The search alone: the probe would be fitted once by whichever worker starts first, and
+        # the re-runs add a fixed tail; both would blur the 1-vs-N comparison of the trials.
+        "selection": {"baselines": {"linear_probe": False, "seed_recipe": False}, "reruns": 0},
     }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
