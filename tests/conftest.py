@@ -72,7 +72,7 @@ def study_dict(root: Path, **sections) -> dict:
         },
         "registry": {"model_name": "tiny-classifier", "alias": "champion"},
         # Today's selection (no baselines, no re-runs): tests of the selection set their own.
-        "selection": {"baselines": {"linear_probe": False, "seed_recipe": False}, "reruns": 0},
+        "selection": {"baselines": {"linear_probe": False, "seed_recipe": False}, "reruns": 0, "refit": False},
     }
     for key, value in sections.items():
         if isinstance(value, dict):

@@ -62,6 +62,7 @@ def test_sweep_run_on_real_images(tmp_path):
         "selection.baselines.linear_probe": "false",
         "selection.baselines.seed_recipe": "false",
         "selection.reruns": 0,
+        "selection.refit": "false",
     }
     study_file = REPO / "studies" / "hymenoptera_offline.yaml"
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(study_file), "--n-trials", "3", "--quiet", "--no-report"]
