@@ -86,19 +86,21 @@ def handled(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SweepError as err:
-            _traceback()
+            _traceback(urls)
             err_console.print(f"[red]error:[/] {escape(mask_text(str(err), urls))}")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt as err:
             from pipeline.interrupts import left_behind
             from pipeline.tune import Interrupted
 
-            _traceback()
+            _traceback(urls)
             sig = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
             err_console.print(f"[yellow]interrupted ({sig}):[/] {escape(left_behind(fn.__name__, err))}")
             raise typer.Exit(143 if sig == "SIGTERM" else 130) from None
+        except (typer.Exit, typer.Abort):  # a command's own exit code (e.g. a failing worker's) passes on
+            raise
         except Exception as err:  # noqa: BLE001  (the last resort: a bug, never a bare traceback)
-            _traceback()
+            _traceback(urls)
             hint = "" if settings["debug"] else "; rerun with `sweep --debug` (or SWEEP_DEBUG=1) for the traceback"
             shown = escape(mask_text(first_line(err), urls))
             err_console.print(f"[red]error:[/] unexpected {type(err).__name__}: {shown}{hint}")
@@ -113,9 +115,10 @@ def _raise_sigterm(signum: int, frame: object) -> None:
     raise Interrupted("SIGTERM")
 
 
-def _traceback() -> None:
+def _traceback(urls: list[str]) -> None:
+    # --debug shows the whole traceback, but a password in a URL stays masked there too.
     if settings["debug"]:
-        traceback.print_exc()
+        err_console.print(mask_text(traceback.format_exc(), urls), markup=False, highlight=False, end="")
 
 
 def _load(study_file: Path, sets: list[str] | None, **extra: object) -> StudyConfig:

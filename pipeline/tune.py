@@ -164,8 +164,8 @@ def load_existing(cfg: StudyConfig, storage: str | None = None) -> optuna.Study:
         StudyStateError: no storage file, or no study of that name in the storage.
     """
     url = storage_url(cfg, storage)
-    path = sqlite_path(url)
-    if path is not None and not path.exists():
+    path = sqlite_path(url) or (storages.journal_path(url) if storages.storage_kind(url) == "journal" else None)
+    if path is not None and not path.exists():  # opening would create an empty store: writes nothing
         raise StudyStateError(f"no Optuna storage at {url}: run `sweep run` with this study file first")
     try:
         return optuna.load_study(study_name=cfg.study.name, storage=storages.open_storage(url))

@@ -30,6 +30,7 @@ from types import FrameType
 
 from pipeline.errors import ConfigError, SweepError, TrackingError
 from pipeline.secrets import mask_url
+from pipeline.stores import sqlite_path
 
 THREADS_ENV = "SWEEP_THREADS"
 INDEX_ENV = "SWEEP_WORKER_INDEX"  # 0-based index of this worker among the launched ones
@@ -65,11 +66,14 @@ def check_storage_for_workers(storage: str, count: int) -> None:
     """
     if count < 1:
         raise ConfigError(f"--workers {count}: give at least 1 worker process")
+    path = sqlite_path(storage)
     if count > 1 and storage.startswith("sqlite:"):
+        # journal:/// + an absolute path gives the four slashes of an absolute journal URL.
+        journal = f"journal:///{path.with_suffix('.journal')}" if path is not None else "journal:///FILE.journal"
         raise TrackingError(
             f"--workers {count} cannot share the SQLite storage {mask_url(storage)}: SQLite takes one writer at "
-            "a time and Optuna advises against it for parallel workers; use a journal file "
-            "(--storage journal:///mlruns/optuna.journal) or a database server (--storage postgresql://USER@HOST/DB)"
+            f"a time and Optuna advises against it for parallel workers; use a journal file "
+            f"(--storage {journal}) or a database server (--storage postgresql://USER@HOST/DB)"
         )
 
 

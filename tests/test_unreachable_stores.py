@@ -81,3 +81,20 @@ def test_ui_links_from_an_unreachable_server_masks_the_password(study_file):
     assert "secret" not in result.stdout + result.stderr
     assert line.startswith("MLflow store http://user:***@127.0.0.1:1 did not answer (")
     assert line.endswith("); the MLflow UI: http://127.0.0.1:5000")
+
+
+def test_debug_traceback_keeps_the_password_masked(sweep_home, study_file):
+    result = runner.invoke(cli.app, ["--debug", "status", str(study_file), "--storage", PG])
+    assert result.exit_code == 5
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "user:***@127.0.0.1:1" in result.stderr and "secret" not in result.stdout + result.stderr
+
+
+def test_status_on_a_journal_file_that_does_not_exist_writes_nothing(sweep_home, study_file, tmp_path):
+    journal = tmp_path / "nowhere" / "optuna.journal"
+    result = runner.invoke(cli.app, ["status", str(study_file), "--storage", f"journal:///{journal}"])
+    assert result.exit_code == 6
+    assert result.stderr.splitlines() == [
+        f"error: no Optuna storage at journal:///{journal}: run `sweep run` with this study file first"
+    ]
+    assert not (tmp_path / "nowhere").exists()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -71,7 +72,8 @@ def test_several_workers_on_the_default_sqlite_store_are_refused(tmp_path, image
     assert result.stderr.splitlines() == [
         f"error: --workers 3 cannot share the SQLite storage sqlite:///{(sweep_home / 'optuna.db').resolve()}: "
         "SQLite takes one writer at a time and Optuna advises against it for parallel workers; use a journal file "
-        "(--storage journal:///mlruns/optuna.journal) or a database server (--storage postgresql://USER@HOST/DB)"
+        f"(--storage journal:///{(sweep_home / 'optuna.journal').resolve()}) or a database server "
+        "(--storage postgresql://USER@HOST/DB)"
     ]
     assert not sweep_home.exists(), "nothing written"
 
@@ -132,3 +134,19 @@ def test_workers_with_baselines_and_reruns_add_each_once_and_keep_n_trials(tmp_p
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [t.state for t in trials]
     assert 4 <= counted(study) <= 5, "re-runs and the probe are not counted; at most one overshoot"
     assert len(trials) == counted(study) + 1 + len(expected)
+
+
+@pytest.mark.parametrize(("codes", "expected"), [([0, 3], 3), ([130, 130], 130), ([-15, 0], 143)])
+def test_the_launcher_exits_with_the_first_failing_workers_code(
+    tmp_path, image_root, sweep_home, monkeypatch, codes, expected
+):
+    # typer.Exit raised by the launcher is the command's own exit code, not an unexpected error.
+    from pipeline import workers
+
+    monkeypatch.setattr(workers, "launch_workers", lambda command, count: codes)
+    study_file = write_study(tmp_path / "study.yaml", study_dict(image_root))
+    storage = f"journal:///{tmp_path / 'optuna.journal'}"
+    result = CliRunner().invoke(cli.app, ["run", str(study_file), "--workers", "2", "--storage", storage])
+    assert result.exit_code == expected, result.output
+    assert result.stdout.splitlines() == [f"2 workers ended with exit codes {', '.join(map(str, codes))}"]
+    assert "unexpected" not in result.stderr
