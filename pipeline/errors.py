@@ -55,3 +55,10 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     name when its message is empty (some raise with no message at all)."""
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     return (lines[0].strip() if lines else type(err).__name__)[:limit]
+
+
+def connection_refused(err: BaseException) -> bool:
+    """True when a client error (an HTTP tracking server's, wrapped by MLflow) says the connection
+    was refused: urllib3's retry dump, first line only."""
+    text = first_line(err)
+    return "NewConnectionError" in text or "Connection refused" in text

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipeline.errors import TrackingError, first_line
+from pipeline.errors import TrackingError, connection_refused, first_line
 from pipeline.interrupts import deferred_interrupts
 from pipeline.secrets import mask_text, mask_url
 from pipeline.stores import damaged_schema, store_lock
@@ -72,10 +72,9 @@ def _not_found(err: BaseException) -> bool:
 
 
 def _problem(err: BaseException, uri: str | None = None) -> str:
-    text = first_line(err)
-    if "NewConnectionError" in text or "Connection refused" in text:
+    if connection_refused(err):
         return "connection refused"  # urllib3's retry dump says no more than this
-    return mask_text(text, [uri])
+    return mask_text(first_line(err), [uri])
 
 
 def _schema_lock(uri: str) -> contextlib.AbstractContextManager[None]:

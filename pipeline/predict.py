@@ -43,7 +43,8 @@ import numpy as np
 
 from pipeline import imagefiles as IMG
 from pipeline import transforms as TX
-from pipeline.errors import DataError, RegistryError, first_line
+from pipeline.errors import DataError, RegistryError, TrackingError, connection_refused, first_line
+from pipeline.secrets import mask_url
 
 if TYPE_CHECKING:
     from mlflow.pyfunc import PyFuncModel
@@ -153,6 +154,11 @@ def load_model(model_uri: str, tracking: str, registry: str | None = None) -> tu
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as err:  # noqa: BLE001  MlflowException, OSError, unpickling errors
+        if connection_refused(err):  # the server, not the model: the same exit code as `run` and `report` give
+            raise TrackingError(
+                f"MLflow tracking server {mask_url(registry)} cannot be used: connection refused; start it, "
+                "or fix --tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
         where = tracking if registry == tracking else f"{tracking} (registry {registry})"
         raise RegistryError(
             f"{model_uri}: cannot be loaded from {where} ({first_line(err)}); "

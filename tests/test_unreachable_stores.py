@@ -1,7 +1,7 @@
-"""Stores that do not answer, from the command line: every command exits 5 (7 for `predict`, whose
-model cannot be loaded) with one line naming the store, its password masked as `***` wherever the URL
-was given (`--storage`, `--set study.storage=`, `--tracking-uri`); and nothing is stored until both
-stores answer, so the corrected run is not refused as a changed study."""
+"""Stores that do not answer, from the command line: every command exits 5 (`predict` too) with one
+line naming the store, its password masked as `***` wherever the URL was given (`--storage`,
+`--set study.storage=`, `--tracking-uri`); and nothing is stored until both stores answer, so the
+corrected run is not refused as a changed study."""
 
 from __future__ import annotations
 
@@ -56,9 +56,11 @@ def test_an_unreachable_tracking_server_stores_nothing_and_the_corrected_run_wor
 
 def test_predict_from_an_unreachable_server_masks_the_password(tmp_path, image_root):
     result = runner.invoke(cli.app, ["predict", "models:/x@champion", str(image_root), "--tracking-uri", HTTP])
-    assert result.exit_code == 7, result.output
-    [line] = _lines(result)
-    assert line.startswith("error: models:/x@champion: cannot be loaded from http://user:***@127.0.0.1:1 (")
+    assert result.exit_code == 5, result.output
+    assert _lines(result) == [
+        "error: MLflow tracking server http://user:***@127.0.0.1:1 cannot be used: connection refused; start it, "
+        "or fix --tracking-uri / MLFLOW_TRACKING_URI"
+    ]
 
 
 def test_a_password_quoted_alone_is_masked_when_its_url_was_on_the_command_line(monkeypatch, study_file):
