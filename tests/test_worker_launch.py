@@ -59,7 +59,7 @@ def test_plain_sqlite_is_refused_for_several_workers():
     assert str(info.value) == (
         "--workers 3 cannot share the SQLite storage sqlite:////runs/optuna.db: SQLite takes one writer at a time "
         "and Optuna advises against it for parallel workers; use a journal file "
-        "(--storage journal:///mlruns/optuna.journal) or a database server (--storage postgresql://USER@HOST/DB)"
+        "(--storage journal:////runs/optuna.journal) or a database server (--storage postgresql://USER@HOST/DB)"
     )
     with pytest.raises(ConfigError, match=r"^--workers 0: give at least 1 worker process$"):
         check_storage_for_workers("postgresql://db/optuna", 0)
