@@ -65,9 +65,11 @@ def is_extra(trial: FrozenTrial) -> bool:
     return is_rerun(trial) or trial.user_attrs.get(BASELINE_ATTR) == "linear_probe"
 
 
-def counted(study: optuna.Study) -> int:
-    """What `n_trials` counts: COMPLETE + PRUNED trials that are not re-runs or the probe."""
-    return sum(not is_extra(t) for t in study.get_trials(deepcopy=False, states=COUNTED_STATES))
+def counted(study: optuna.Study | Sequence[FrozenTrial]) -> int:
+    """What `n_trials` counts: COMPLETE + PRUNED trials that are not re-runs or the probe (of a
+    study, or of trials already read)."""
+    trials = study.get_trials(deepcopy=False) if isinstance(study, optuna.Study) else study
+    return sum(t.state in COUNTED_STATES and not is_extra(t) for t in trials)
 
 
 def rerun_seed(data_seed: int, rerun_of: int, seed_index: int) -> int:
@@ -75,15 +77,3 @@ def rerun_seed(data_seed: int, rerun_of: int, seed_index: int) -> int:
     so it differs from every original's `data.seed + number` in practice and is the same on
     every worker and resume."""
     return int(np.random.SeedSequence([data_seed, rerun_of, seed_index]).generate_state(1)[0])
-
-
-class TrialBudget:
-    """Optuna callback: stop once `counted(study) >= n_trials` (`MaxTrialsCallback` semantics,
-    with re-runs and the probe left out of the count)."""
-
-    def __init__(self, n_trials: int) -> None:
-        self.n_trials = n_trials
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if counted(study) >= self.n_trials:
-            study.stop()

@@ -28,7 +28,7 @@ from pipeline.events import TrialObserver
 from pipeline.preflight import Prepared
 from pipeline.recovery import DeadTrials
 from pipeline.search import grid_exhausted
-from pipeline.stopping import COUNTED_STATES, FailureBudget, counted, is_extra
+from pipeline.stopping import FailureBudget, counted, is_extra
 from pipeline.tune import Objective, count
 
 # What a worker counts before starting another trial: finished, being run, or queued to run.
@@ -64,7 +64,7 @@ class TrialClaims:
 def overshoot(trials: Sequence[FrozenTrial], n_trials: int) -> int:
     """Counted trials (COMPLETE + PRUNED, not extra) beyond `n_trials`: started by workers in the
     same instant as the last counted one (see the module doc); 0 when the study did not exceed it."""
-    return max(0, sum(t.state in COUNTED_STATES and not is_extra(t) for t in trials) - n_trials)
+    return max(0, counted(trials) - n_trials)
 
 
 def _stopped(study: optuna.Study, cfg: StudyConfig, budget: FailureBudget, deadline: float | None) -> str | None:
