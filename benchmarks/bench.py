@@ -8,7 +8,7 @@ threads, one process at a time: each measurement runs in its own child process (
 its own cold store folder, so peak memory and first-epoch costs are its own. Epoch times are the
 median of epochs 1.. (epoch 0 fills caches and starts workers); ratios are the result, absolute
 seconds depend on the machine and its load. sweep's side always goes through the product's own
-`pipeline.fitting.fit_config` (the study objective's entry point) and `pipeline.train`.
+`pipeline.training.fit_config` (the study objective's entry point) and `pipeline.training`.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def after_first(seconds: list[float]) -> float:
 
 def part_bare(args, fixed: bool) -> dict:
     from benchmarks import bare
-    from pipeline.train import pick_device
+    from pipeline.training import pick_device
 
     pp_resize = round(S["image_size"] / 0.875)
     return bare.run(
@@ -145,8 +145,9 @@ def part_bare(args, fixed: bool) -> dict:
 
 
 def part_sweep(args, depth: int, aug: float, decoded: bool = True) -> dict:
-    from pipeline import imagecache, preflight
-    from pipeline.fitting import fit_config
+    from pipeline.data import _imagecache as imagecache
+    from pipeline.training import _preflight as preflight
+    from pipeline.training import fit_config
 
     tree = study_tree(args.data_slice, args.weights, "bench-trial", freeze_depth=depth, aug_strength=aug)
     tree["cache"] = {"decoded_images": decoded}
@@ -164,8 +165,8 @@ def part_augmentation(args) -> dict:
     """What augmentation sees: the same trials (every stage frozen, aug 1) with crops from the
     cached augmentation sources (tensor transforms) vs from the file decoded each epoch (PIL
     transforms), over three seeds; best val accuracy."""
-    from pipeline import preflight
-    from pipeline.fitting import fit_config
+    from pipeline.training import _preflight as preflight
+    from pipeline.training import fit_config
 
     out: dict[str, list[float]] = {"cached": [], "decoded": []}
     for decoded in (True, False):
@@ -197,10 +198,13 @@ def run_study(cfg) -> dict:
     import optuna
     import psutil
 
-    from pipeline import imagecache, preflight, stores, tune
-    from pipeline.checkpoints import TrialCheckpoint
-    from pipeline.fitting import fit_config
-    from pipeline.track import Tracker
+    from pipeline.config import _stores as stores
+    from pipeline.data import _imagecache as imagecache
+    from pipeline.models import TrialCheckpoint
+    from pipeline.search import _tune as tune
+    from pipeline.tracking import Tracker
+    from pipeline.training import _preflight as preflight
+    from pipeline.training import fit_config
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
@@ -282,10 +286,10 @@ def part_usual(args) -> dict:
     from torch import nn, optim
 
     from benchmarks import bare
-    from pipeline import model as M
-    from pipeline import stores
-    from pipeline import transforms as TX
-    from pipeline.train import pick_device
+    from pipeline.config import _stores as stores
+    from pipeline.data import _transforms as TX
+    from pipeline.models import _model as M
+    from pipeline.training import pick_device
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params = json.loads(Path(args.params).read_text())
@@ -357,7 +361,7 @@ PARTS = {
 
 
 def child(args) -> None:
-    from pipeline.machine import configure_threads
+    from pipeline.training._machine import configure_threads
 
     configure_threads()  # the same intra-op threads in every part, bare loop included
     began = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -408,7 +412,7 @@ def machine() -> dict:
     import psutil
     import torch
 
-    from pipeline.machine import cpu_cores
+    from pipeline.training._machine import cpu_cores
 
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
@@ -497,7 +501,7 @@ def main() -> None:
             "augmentation": "best val accuracy, freeze_depth 8, aug 1, 3 seeds: augmentation from the cached "
             "sources vs from the file decoded every epoch (details.augmentation)",
             "throughput_depth0_vs_bare": "images/s of sweep's trial epoch (freeze 0, aug 1) / the tutorial loop's",
-            "studies": "Optuna API driving pipeline.fitting.fit_config per trial with the product's storage "
+            "studies": "Optuna API driving pipeline.training.fit_config per trial with the product's storage "
             "(tune.open_study: SQLite RDB + heartbeats), tune.reseed, track.Tracker nested runs and "
             "trial checkpoints, because `sweep run`'s objective (tune.Objective._fit) is being moved "
             "onto fit_config in parallel; once it is, `sweep run` takes the same fast paths",

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data as D
-from pipeline import model as M
-from pipeline import transforms as TX
-from pipeline import weights as W
 from pipeline.config import PreprocessConfig
-from pipeline.train import make_optimizer, train_one_epoch
+from pipeline.data import _splits as D
+from pipeline.data import _transforms as TX
+from pipeline.models import _model as M
+from pipeline.models import _weights as W
+from pipeline.training._train import make_optimizer, train_one_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "hymenoptera_data"

@@ -2,7 +2,7 @@
 
 Loads the study file (with `--set` style overrides) and runs its pre-flight, so the split
 (data.test_fraction, data.seed), weights and preprocessing are exactly the study's. Fits
-`pipeline.probe.fit_linear_probe` on train, then evaluates the resulting model (backbone + fitted
+`pipeline.training.fit_linear_probe` on train, then evaluates the resulting model (backbone + fitted
 head) once on val and once on test through `train.evaluate`, as a registered model would be.
 Prints one JSON object. A measurement, not a test.
 
@@ -19,13 +19,12 @@ import time
 
 import torch
 
-from pipeline import data as D
-from pipeline import model as M
-from pipeline import probe as P
-from pipeline import transforms as TX
 from pipeline.config import load_study
-from pipeline.preflight import prepare
-from pipeline.train import evaluate
+from pipeline.data import _splits as D
+from pipeline.data import _transforms as TX
+from pipeline.models import _model as M
+from pipeline.training import _probe as P
+from pipeline.training import evaluate, prepare
 
 
 def main() -> None:

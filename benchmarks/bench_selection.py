@@ -71,9 +71,9 @@ def _overrides(args: argparse.Namespace, split: int, name: str, sel: dict) -> li
 def _test(cfg, trial) -> float:
     """Accuracy (fraction 0-1) of `trial`'s checkpoint on the split's test half: a measurement of
     this benchmark, outside the product (which tests the champion only)."""
-    from pipeline.checkpoints import TrialCheckpoint, sha256
-    from pipeline.comparison import checkpoint_path
-    from pipeline.evaluation import evaluate_on_test
+    from pipeline.champion._comparison import checkpoint_path
+    from pipeline.champion._evaluation import evaluate_on_test
+    from pipeline.models import TrialCheckpoint, sha256
 
     path = checkpoint_path(trial, cfg.study.name)
     return evaluate_on_test(cfg, TrialCheckpoint.load(path), sha256(path)).accuracy
@@ -85,12 +85,12 @@ def _seconds(trials) -> float:
 
 def run_split(args: argparse.Namespace, split: int) -> list[dict]:
     """The four variants on one split (see the module doc); one dict per variant."""
-    from pipeline import champion
+    from pipeline.champion import _champion as champion
+    from pipeline.champion._evaluation import evaluate_on_test
     from pipeline.config import load_study
-    from pipeline.evaluation import evaluate_on_test
-    from pipeline.report import run_report
-    from pipeline.selection import BASELINE_ATTR, candidate_table, choose_champion, is_rerun
-    from pipeline.study_run import run_study
+    from pipeline.search import BASELINE_ATTR, candidate_table, choose_champion
+    from pipeline.search._selection import is_rerun
+    from pipeline.stages import run_report, run_study
 
     rows = []
     with tempfile.TemporaryDirectory() as home:

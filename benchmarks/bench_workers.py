@@ -75,7 +75,7 @@ def run(workers: int, study: Path, home: Path) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "pipeline",
         "run",
         str(study),
         "--no-report",

@@ -30,11 +30,11 @@ def test_accuracy(cfg, prep, checkpoint: Path) -> float:
     """Accuracy (fraction 0-1) of a trial checkpoint on the test split, eval transform."""
     import torch
 
-    from pipeline import data as D
-    from pipeline import model as M
-    from pipeline import transforms as TX
-    from pipeline.checkpoints import TrialCheckpoint
-    from pipeline.train import evaluate, pick_device
+    from pipeline.data import _splits as D
+    from pipeline.data import _transforms as TX
+    from pipeline.models import TrialCheckpoint
+    from pipeline.models import _model as M
+    from pipeline.training import evaluate, pick_device
 
     saved = TrialCheckpoint.load(checkpoint)
     model, _ = M.build_model(prep.spec, len(prep.splits.class_to_idx), prep.state)
@@ -47,10 +47,10 @@ def test_accuracy(cfg, prep, checkpoint: Path) -> float:
 
 def child(study: Path, overrides: list[str]) -> dict:
     from benchmarks.bench import run_study
-    from pipeline import preflight
-    from pipeline.checkpoints import TrialCheckpoint
     from pipeline.config import load_study
-    from pipeline.machine import configure_threads
+    from pipeline.models import TrialCheckpoint
+    from pipeline.training import _preflight as preflight
+    from pipeline.training._machine import configure_threads
 
     configure_threads()
     cfg = load_study(study, overrides)

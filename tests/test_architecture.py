@@ -1,6 +1,7 @@
-"""The code's shape: no private names of other libraries, modules of one job (~350 lines at most).
+"""The code's shape: no private names of other libraries, subpackages entered through their
+`__init__`, functions of one job (about 60 lines of code at most).
 
-The one-way module graph itself is checked by import-linter (`make lint`, contracts in
+The one-way subpackage graph itself is checked by import-linter (`make lint`, contracts in
 pyproject.toml)."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from conftest import REPO
 
 PIPELINE = REPO / "pipeline"
-MAX_LINES = 350
+MAX_CODE_LINES = 60  # per function: lines that are not blank, comments or the docstring
 # Private names of Optuna/MLflow objects this code once reached into; flagged even if some
 # pipeline class happened to define an attribute of the same name.
 KNOWN_PRIVATE = {
@@ -88,14 +89,21 @@ def private_uses(tree: ast.Module, own: set[str], where: str) -> list[str]:
     return found
 
 
+SOURCES = sorted(PIPELINE.rglob("*.py"))
+
+
+def _where(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
 def _modules() -> dict[str, ast.Module]:
-    return {p.name: ast.parse(p.read_text(), str(p)) for p in sorted(PIPELINE.glob("*.py"))}
+    return {_where(p): ast.parse(p.read_text(), str(p)) for p in SOURCES}
 
 
 def test_no_private_names_of_other_libraries():
     modules = _modules()
     own = _own_private_names(list(modules.values()))
-    found = [hit for name, tree in modules.items() for hit in private_uses(tree, own, f"pipeline/{name}")]
+    found = [hit for name, tree in modules.items() for hit in private_uses(tree, own, name)]
     assert found == []
 
 
@@ -117,7 +125,74 @@ def test_the_check_finds_what_it_looks_for():
     ]
 
 
-@pytest.mark.parametrize("path", sorted(PIPELINE.glob("*.py")), ids=lambda p: p.name)
-def test_modules_stay_small(path: Path):
-    lines = len(path.read_text().splitlines())
-    assert lines <= MAX_LINES, f"{path.name}: {lines} lines; split it by job (at most {MAX_LINES})"
+def foreign_private_imports(tree: ast.Module, own_subpackage: str, where: str) -> list[str]:
+    """`where:line: module` for each import of another subpackage's private module
+    (`pipeline.search._tune`, `from pipeline.search import _tune`): callers go through the
+    subpackage's `__init__`, its public surface."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] != "pipeline" or len(parts) < 2 or parts[1] == own_subpackage:
+                continue
+            names = [a.name for a in node.names] if len(parts) == 2 else []
+            if any(_is_private(p) for p in parts[2:]) or any(_is_private(n) for n in names):
+                found.append(f"{where}:{node.lineno}: {node.module}")
+    return found
+
+
+def test_subpackages_are_entered_through_their_init():
+    found = []
+    for path in SOURCES:
+        parts = path.relative_to(PIPELINE).parts
+        own = parts[0] if len(parts) > 1 else ""
+        found += foreign_private_imports(ast.parse(path.read_text()), own, _where(path))
+    assert found == []
+
+
+def test_the_init_check_finds_what_it_looks_for():
+    code = (
+        "from pipeline.search._tune import open_study\n"
+        "from pipeline.search import _tune as tune\n"
+        "from pipeline.search import open_study\n"
+        "from pipeline.report._markdown import table\n"
+    )
+    hits = foreign_private_imports(ast.parse(code), own_subpackage="report", where="x.py")
+    assert hits == ["x.py:1: pipeline.search._tune", "x.py:2: pipeline.search"]
+
+
+def code_lines(source: str, node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of `node` (a function, nested functions included) that are not blank, comment-only
+    or its docstring."""
+    docstring: set[int] = set()
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        docstring = set(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    lines = source.splitlines()[node.lineno - 1 : node.end_lineno]
+    return sum(
+        1
+        for number, line in enumerate(lines, start=node.lineno)
+        if line.strip() and not line.strip().startswith("#") and number not in docstring
+    )
+
+
+def long_functions(source: str, where: str, limit: int = MAX_CODE_LINES) -> list[str]:
+    """`where:line: name (N lines of code)` for each function longer than `limit`."""
+    tree = ast.parse(source)
+    return [
+        f"{where}:{node.lineno}: {node.name} ({code_lines(source, node)} lines of code)"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and code_lines(source, node) > limit
+    ]
+
+
+def test_the_length_check_counts_code_not_docstrings_or_comments():
+    source = 'def f():\n    """Doc\n    more doc."""\n    # why\n\n    a = 1\n    return a\n'
+    assert long_functions(source, "x.py", limit=3) == []
+    assert long_functions(source, "x.py", limit=2) == ["x.py:1: f (3 lines of code)"]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_where)
+def test_functions_stay_short(path: Path):
+    found = long_functions(path.read_text(), _where(path))
+    assert found == [], f"split by job (at most {MAX_CODE_LINES} lines of code a function): {found}"

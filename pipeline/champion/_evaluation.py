@@ -1,0 +1,192 @@
+"""The sealed-test evaluation: the selected trial's checkpoint on the test split, exactly once.
+
+The test split is read only here, for the selected checkpoint. The result is stored in the study
+as a user attr keyed by trial number and the checkpoint file's sha256 (`evaluation_key`), so a
+later report of the same checkpoint reuses it instead of looking at the test images again; a new
+checkpoint (another trial, or the same trial re-run) gets its own evaluation. Test figures never
+choose anything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+import pandas as pd
+from torch import nn
+
+from pipeline import data as D
+from pipeline import models as M
+from pipeline import training as TR
+from pipeline.config import StudyConfig
+from pipeline.core import RegistryError
+from pipeline.data import SPLITS_ATTR, adopt
+from pipeline.models import TrialCheckpoint
+
+TEST_ATTR = "sweep_test_eval"  # study user attr prefix: f"{TEST_ATTR}:{trial}:{sha256}"
+
+
+@dataclass(frozen=True)
+class TestEvaluation:
+    """One checkpoint on the sealed test split.
+
+    Attributes:
+        trial_number: the trial whose checkpoint this is.
+        checkpoint_sha256: hex sha256 of the checkpoint file evaluated.
+        classes: class names in output-index order.
+        n_images: test images evaluated.
+        accuracy: fraction 0-1.
+        loss: mean cross-entropy per image (nats).
+        precision, recall, f1: per class, index order, 0-1 (0 for a class never predicted).
+        support: test images per class, index order.
+        confusion: rows true class, columns predicted class, counts.
+        evaluated_at: ISO 8601 time in UTC, to the second.
+    """
+
+    trial_number: int
+    checkpoint_sha256: str
+    classes: tuple[str, ...]
+    n_images: int
+    accuracy: float
+    loss: float
+    precision: tuple[float, ...]
+    recall: tuple[float, ...]
+    f1: tuple[float, ...]
+    support: tuple[int, ...]
+    confusion: tuple[tuple[int, ...], ...]
+    evaluated_at: str
+
+    __test__ = False  # not a pytest class
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON values (lists for tuples): what the study user attr holds once stored."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TestEvaluation:
+        """The evaluation back from `to_record` output read out of the study."""
+        tuples = {k: tuple(record[k]) for k in ("classes", "precision", "recall", "f1", "support")}
+        return cls(**{**record, **tuples, "confusion": tuple(tuple(r) for r in record["confusion"])})
+
+    def per_class(self) -> pd.DataFrame:
+        """One row per class: class, precision, recall, f1, support."""
+        return pd.DataFrame(
+            {
+                "class": self.classes,
+                "precision": self.precision,
+                "recall": self.recall,
+                "f1": self.f1,
+                "support": self.support,
+            }
+        )
+
+    def confusion_frame(self) -> pd.DataFrame:
+        """The confusion matrix with `true <class>` rows and `pred <class>` columns."""
+        return pd.DataFrame(
+            self.confusion, index=[f"true {c}" for c in self.classes], columns=[f"pred {c}" for c in self.classes]
+        )
+
+
+def evaluation_key(trial_number: int, sha256: str) -> str:
+    """Study user attr holding the test evaluation of one checkpoint of one trial."""
+    return f"{TEST_ATTR}:{trial_number}:{sha256}"
+
+
+def eval_preprocess(checkpoint: TrialCheckpoint) -> D.Preprocess:
+    """The eval transform's settings recorded in the checkpoint (lists back to tuples)."""
+    pp = checkpoint.preprocess
+    return D.Preprocess(**{**pp, "mean": tuple(pp["mean"]), "std": tuple(pp["std"])})
+
+
+def rebuild(checkpoint: TrialCheckpoint) -> nn.Module:
+    """The checkpoint's classifier (arch + best-epoch weights, no pretrained download), in eval
+    mode on the CPU; it maps float32 `(N, 3, crop, crop)` images to `(N, num_classes)` logits."""
+    net, _ = M.build_model(M.WeightsSpec(checkpoint.arch, "none", "none"), len(checkpoint.class_to_idx))
+    net.load_state_dict(checkpoint.state_dict)
+    return net.eval()
+
+
+def sealed_splits(cfg: StudyConfig, record: dict[str, Any] | None = None) -> D.Splits:
+    """The study's splits: the split its first worker recorded (`pipeline.data`) when
+    `record` is given, else rebuilt exactly as the study built them (same folders, seed and
+    bad-image policy).
+
+    Raises:
+        DataError: the image folders cannot be read, or hold other files than the record.
+    """
+    d = cfg.data
+    local = D.scan_images(D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed), d.bad_images)
+    return local if record is None else adopt(record, local, cfg.study.name)
+
+
+def evaluate_on_test(
+    cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str, record: dict[str, Any] | None = None
+) -> TestEvaluation:
+    """Evaluate the checkpoint on the sealed test split (the recorded one when `record` is given):
+    one pass, batches of `data.batch_size`.
+
+    Raises:
+        DataError: the image folders cannot be read.
+        RegistryError: the data's classes no longer match the checkpoint's `class_to_idx`.
+    """
+    import torch
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    splits = sealed_splits(cfg, record)
+    if splits.class_to_idx != checkpoint.class_to_idx:
+        raise RegistryError(
+            f"{cfg.data.root}: classes {splits.class_to_idx} differ from the selected checkpoint's "
+            f"{checkpoint.class_to_idx}; restore the data the study was run on"
+        )
+    loader = D.make_loader(
+        splits.root,
+        splits.test,
+        D.eval_transform(eval_preprocess(checkpoint)),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        shuffle=False,
+    )
+    device = TR.pick_device(cfg.training.device)
+    result = TR.evaluate(rebuild(checkpoint).to(device), loader, torch.nn.CrossEntropyLoss(), device)
+    labels, preds = result.labels.numpy(), result.predictions.numpy()
+    idx = list(range(len(splits.classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
+    return TestEvaluation(
+        trial_number=checkpoint.trial_number,
+        checkpoint_sha256=sha256,
+        classes=tuple(splits.classes),
+        n_images=len(labels),
+        accuracy=float(result.accuracy),
+        loss=float(result.loss),
+        precision=tuple(map(float, precision)),
+        recall=tuple(map(float, recall)),
+        f1=tuple(map(float, f1)),
+        support=tuple(map(int, support)),
+        confusion=tuple(tuple(map(int, row)) for row in confusion_matrix(labels, preds, labels=idx)),
+        evaluated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+
+
+def evaluate_once(
+    study: optuna.Study, cfg: StudyConfig, checkpoint: TrialCheckpoint, sha256: str
+) -> tuple[TestEvaluation, bool]:
+    """The test evaluation of this exact checkpoint: the one stored in the study, else evaluate
+    it now and store it.
+
+    Returns:
+        (evaluation, True when this call evaluated it).
+
+    Raises:
+        DataError, RegistryError: from `evaluate_on_test` (only when nothing is stored yet).
+    """
+    key = evaluation_key(checkpoint.trial_number, sha256)
+    stored = study.user_attrs.get(key)
+    if stored is not None:
+        return TestEvaluation.from_record(stored), False
+    evaluation = evaluate_on_test(cfg, checkpoint, sha256, study.user_attrs.get(SPLITS_ATTR))
+    # Stored before anything else can fail (registration), so a retry never tests twice.
+    study.set_user_attr(key, evaluation.to_record())
+    return evaluation, True

@@ -1,0 +1,40 @@
+"""The error family (one exception per kind of bad input or fault, each with its exit code),
+masking of passwords in URLs and text, and interrupts deferred while a store is written.
+
+Imports nothing else of `pipeline`: every other subpackage may use it.
+"""
+
+from pipeline.core._errors import (
+    ConfigError,
+    DataError,
+    ModelError,
+    RegistryError,
+    StudyFailedError,
+    StudyStateError,
+    SweepError,
+    TrackingError,
+    connection_refused,
+    first_line,
+)
+from pipeline.core._interrupts import BEFORE_TRIALS, deferred_interrupts, install_early_handlers, left_behind
+from pipeline.core._secrets import mask_text, mask_url, urls_in
+
+__all__ = [
+    "BEFORE_TRIALS",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "RegistryError",
+    "StudyFailedError",
+    "StudyStateError",
+    "SweepError",
+    "TrackingError",
+    "connection_refused",
+    "deferred_interrupts",
+    "first_line",
+    "install_early_handlers",
+    "left_behind",
+    "mask_text",
+    "mask_url",
+    "urls_in",
+]

@@ -1,0 +1,20 @@
+"""MLflow as an observer: the study's parent run and one nested run per trial (states, params,
+metrics per step, artifacts), reconciliation of runs left behind, dataset inputs and UI links.
+"""
+
+from pipeline.tracking._datasets import input_context, split_inputs
+from pipeline.tracking._links import study_links
+from pipeline.tracking._mlflow_runs import Tracker, quiet_mlflow
+from pipeline.tracking._track import PARENT_ATTR, MLflowObserver, log_study, reconcile
+
+__all__ = [
+    "MLflowObserver",
+    "PARENT_ATTR",
+    "Tracker",
+    "input_context",
+    "log_study",
+    "quiet_mlflow",
+    "reconcile",
+    "split_inputs",
+    "study_links",
+]
