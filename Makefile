@@ -17,7 +17,7 @@ export SWEEP_DATA_SOURCE SWEEP_WEIGHTS_SOURCE
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install data run report status ui dashboard lint test bench clean
+.PHONY: install data run report status ui dashboard lint test bench bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -72,11 +72,19 @@ lint: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
-# Fast paths vs the bare tutorial loop, side by side on a fixed slice of hymenoptera (~10-15 min
-# on 2 cores): prints the table, writes reports/bench/bench.json.
+# Benchmark suites (benchmarks/README.md): every suite drives `sweep run` itself and writes
+# reports/bench/<suite>.json with its ratios and targets. SUITE=name runs one; SIZE=full the long
+# budgets. bench-smoke runs every suite once at a tiny size (CI): each must finish and write every
+# key of its JSON (reports/bench/smoke/); no timing is judged there.
+SUITE ?=
+SIZE  ?= default
 bench: install data
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/bench.py --out reports/bench/bench.json $(ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.run $(if $(SUITE),--suite $(SUITE)) --size $(SIZE) $(ARGS)
+
+bench-smoke: install data
+	$(PY) -m pip install -q -e '.[bench]'
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.run --size smoke $(ARGS)
 
 clean:
 	rm -rf mlruns reports

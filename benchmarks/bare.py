@@ -140,3 +140,22 @@ def run(
         model, dataloaders, sizes, nn.CrossEntropyLoss(), optimizer, scheduler, epochs, device
     )
     return {"epoch_seconds": seconds, "best_val_accuracy": best, "images": sizes}
+
+
+def main() -> None:
+    """`python -m benchmarks.bare '<json>'`: one tutorial run in this process, its result as JSON.
+
+    The JSON holds `run`'s keyword arguments (paths as strings, mean/std as lists)."""
+    import json
+    import sys
+
+    from pipeline.training import configure_threads, pick_device
+
+    configure_threads()  # the same intra-op threads as sweep's trials
+    kwargs = json.loads(sys.argv[1])
+    data, weights = Path(kwargs.pop("data_dir")), Path(kwargs.pop("weights"))
+    print(json.dumps(run(data, weights, device=pick_device("auto"), **kwargs)))
+
+
+if __name__ == "__main__":
+    main()

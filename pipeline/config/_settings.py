@@ -37,5 +37,5 @@ class SelectionSection(Frozen):
     baselines: BaselinesConfig = BaselinesConfig()
     top_k: Int = Field(3, ge=1, description="candidates re-run with further seeds")
     reruns: Int = Field(2, ge=0, description="further seeds per candidate")
-    # On by default: best mean champion test in benchmarks/bench_selection.py (README, "Choosing the champion")
+    # On by default: best mean champion test in the `selection` benchmark suite (README, "Choosing the champion")
     refit: Bool = True

@@ -10,7 +10,7 @@ What is cached, as uint8 `(3, H, W)` tensors, per use:
   antialiased). Random crops are then taken from the same pixels as on the fly: even the
   smallest RandomResizedCrop box (8 % of the area, 0.28 of the short side) keeps at least the
   crop's side in source pixels. (Crops from the working-size image instead lost 2 points of val
-  accuracy on hymenoptera; benchmarks/bench.py checks this every run.)
+  accuracy on hymenoptera; the `augmentation` benchmark suite checks this every run.)
 
 Two tiers:
 - memory: a dict per process, shared by every trial of the study, bounded by one `MemoryBudget`

@@ -107,6 +107,6 @@ def cached_train_transform(pp: Preprocess, strength: float) -> T.Compose:
     of the PIL image: RandomResizedCrop draws its box the same way over the same pixels but
     resamples with torchvision's tensor kernels (antialiased bilinear) instead of PIL's, and
     ColorJitter works on uint8 tensors; the random draws differ from the PIL path's, the
-    distribution of views does not. benchmarks/bench.py compares best val accuracy both ways.
+    distribution of views does not. the `augmentation` benchmark suite compares best val accuracy both ways.
     """
     return cached_eval_transform(pp) if strength == 0 else train_transform(pp, strength)

@@ -4,6 +4,7 @@ features of frozen stages; the linear probe on the frozen backbone.
 """
 
 from pipeline.training._fitting import fit_config
+from pipeline.training._machine import configure_threads, cpu_cores
 from pipeline.training._preflight import Prepared, prepare
 from pipeline.training._probe import fit_linear_probe, probe_loaders
 from pipeline.training._refit import Source, refit_probe, refit_trial
@@ -15,6 +16,8 @@ __all__ = [
     "NonFiniteLossError",
     "Prepared",
     "Source",
+    "configure_threads",
+    "cpu_cores",
     "evaluate",
     "fit_config",
     "fit_linear_probe",

@@ -1,6 +1,6 @@
 """Size the work for the machine: CPU cores, intra-op threads, DataLoader workers, cache memory.
 
-Rules (measured with benchmarks/bench.py on a 2-core CPU machine, see its JSON):
+Rules (measured with the `trial` benchmark suite on a 2-core CPU machine, see reports/bench/trial.json):
 - Intra-op threads: one per core this process may run on (`os.sched_getaffinity`), never more;
   torch's default counts the host's cores, which oversubscribes a process pinned to fewer.
 - DataLoader workers only when they pay: a worker process competes with the intra-op threads

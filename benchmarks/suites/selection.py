@@ -15,13 +15,11 @@ and test time. Wall times are the whole product path (`sweep run` + `sweep repor
 each study in a store of its own (no cache carried over from the other study).
 `probe_test` is the study's linear-probe trial (fitted on train alone) on that split's test half.
 Testing non-champions is a measurement made here only; the product tests the champion once.
-Prints one JSON line per variant and a summary; `--out` writes JSON.
+The rows and a summary per variant go to `reports/bench/selection.json`.
 
-The budget is reduced so the whole grid runs on a 2-core CPU in reasonable time: by default 6
-trials x 3 epochs at 160 px (the shipped file: 12 x 6 at 224 px). Say so when quoting numbers.
-
-    PYTHONPATH=. python benchmarks/bench_selection.py --out bench_selection.json
-    PYTHONPATH=. python benchmarks/bench_selection.py --splits 0 --n-trials 2 --epochs 1 --image-size 64
+Sizes (budgets reduced so the grid runs on a 2-core CPU; the shipped file is 12 trials x 6 epochs at
+224 px, say so when quoting numbers): default one split, 6 trials x 3 epochs at 128 px; full both
+splits at 160 px (`make bench SUITE=selection SIZE=full`).
 """
 
 from __future__ import annotations
@@ -29,15 +27,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(
-    os.environ.get("SWEEP_SHARED")
-    or next((p / "shared" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared")
-)
+from benchmarks import common as C
+
+REPO = C.ROOT
+SIZES = {
+    "smoke": {"splits": [0], "n_trials": 1, "epochs": 1, "image_size": 32, "top_k": 2, "reruns": 1, "num_workers": 0},
+    "default": {
+        "splits": [0],
+        "n_trials": 6,
+        "epochs": 3,
+        "image_size": 128,
+        "top_k": 3,
+        "reruns": 2,
+        "num_workers": 0,
+    },
+    "full": {
+        "splits": [0, 1],
+        "n_trials": 6,
+        "epochs": 3,
+        "image_size": 160,
+        "top_k": 3,
+        "reruns": 2,
+        "num_workers": 0,
+    },
+}
+TARGETS = {
+    "refit_minus_today_test": (">=", 0.0),  # the shipped selection must not test worse than best-single-val
+    "refit_gap": ("<=", 0.03),  # val -> test gap of the registered champion (fraction 0-1)
+    "refit_wall_vs_today": ("report", None),
+}
+KEYS = ("ratios", "runs", "summary")
 
 # Two studies per split. `today` is a study of its own; `baselines`, `reruns` and `refit` are read
 # off one study run with baselines and re-runs (the product's order: search, then re-runs, then the
@@ -50,8 +75,8 @@ VARIANTS = ("today", "baselines", "reruns", "refit")
 
 def _overrides(args: argparse.Namespace, split: int, name: str, sel: dict) -> list[str]:
     sets = [
-        f"data.root={SHARED / 'data' / 'hymenoptera_data'}",
-        f"model.weights={SHARED / 'weights' / 'efficientnet_lite0_imagenet.pth'}",
+        f"data.root={C.DATA}",
+        f"model.weights={C.WEIGHTS}",
         f"data.image_size={args.image_size}",
         f"data.seed={split}",
         f"data.num_workers={args.num_workers}",
@@ -163,32 +188,9 @@ def run_split(args: argparse.Namespace, split: int) -> list[dict]:
     return [{"split": split, **row, "probe_test": probe_test, **counts} for row in rows]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", default=str(REPO / "studies" / "hymenoptera_offline.yaml"))
-    parser.add_argument("--splits", nargs="+", type=int, default=[0, 1], help="data.seed values")
-    parser.add_argument("--n-trials", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--reruns", type=int, default=2)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    rows = []
-    for split in args.splits:
-        for row in run_split(args, split):
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    budget = {
-        "n_trials": args.n_trials,
-        "epochs": args.epochs,
-        "image_size": args.image_size,
-        "top_k": args.top_k,
-        "reruns": args.reruns,
-    }
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant on every split in `args.splits`; the rows and a summary per variant."""
+    rows = [row for split in args.splits for row in run_split(args, split)]
     summary = {}
     today_wall = sum(r["wall_seconds"] for r in rows if r["variant"] == "today")
     for variant in VARIANTS:
@@ -199,11 +201,24 @@ def main() -> None:
             "beats_probe_on_all_splits": all(r["test"] >= r["probe_test"] for r in mine),
             "wall_vs_today": sum(r["wall_seconds"] for r in mine) / max(today_wall, 1e-9),
         }
-    result = {"budget": budget, "runs": rows, "summary": summary}
-    print(json.dumps(summary, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    return {"runs": rows, "summary": summary}
+
+
+def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The suite's entry for `benchmarks.run`: `measure` in a process of its own."""
+    cmd = [sys.executable, "-m", "benchmarks.suites.selection", json.dumps(s)]
+    child = C.run_child(cmd, {**C.ENV, "SWEEP_HOME": str(work / "home")})
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    refit = result["summary"]["refit"]
+    values = {
+        "refit_minus_today_test": refit["mean_champion_test"] - result["summary"]["today"]["mean_champion_test"],
+        "refit_gap": refit["mean_gap"],
+        "refit_wall_vs_today": refit["wall_vs_today"],
+    }
+    return {"ratios": C.ratios_with_targets(values, TARGETS), **result}
 
 
 if __name__ == "__main__":
-    main()
+    settings = json.loads(sys.argv[1])
+    namespace = argparse.Namespace(study=str(REPO / "studies" / "hymenoptera_offline.yaml"), set=[], **settings)
+    print(json.dumps(measure(namespace)))
