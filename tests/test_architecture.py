@@ -196,3 +196,42 @@ def test_the_length_check_counts_code_not_docstrings_or_comments():
 def test_functions_stay_short(path: Path):
     found = long_functions(path.read_text(), _where(path))
     assert found == [], f"split by job (at most {MAX_CODE_LINES} lines of code a function): {found}"
+
+
+def bare_attr_keys(tree: ast.Module, where: str) -> list[str]:
+    """`where:line: 'key'` for each trial/study user attr read or written with a string literal key
+    (`user_attrs.get("k")`, `user_attrs["k"]`, `set_user_attr("k", ...)`): keys are named once, as
+    constants beside their reading (`pipeline.search.TrialRecord`, the distributed and tracking ones)."""
+    found = []
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            owner = node.func.value
+            reads = node.func.attr == "get" and isinstance(owner, ast.Attribute) and owner.attr == "user_attrs"
+            if reads or node.func.attr == "set_user_attr":
+                key = node.args[0]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute):
+            key = node.slice if node.value.attr == "user_attrs" else None
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            found.append(f"{where}:{node.lineno}: {key.value!r}")
+    return found
+
+
+def test_user_attr_keys_are_named_once():
+    found = [hit for path in SOURCES for hit in bare_attr_keys(ast.parse(path.read_text()), _where(path))]
+    assert found == []
+
+
+def test_the_attr_key_check_finds_what_it_looks_for():
+    code = (
+        'a = trial.user_attrs.get("seconds")\n'
+        'b = trial.user_attrs["best_epoch"]\n'
+        'trial.set_user_attr("fail_reason", "x")\n'
+        "c = trial.user_attrs.get(SECONDS_ATTR)\n"
+        'd = params.get("lr")\n'
+    )
+    assert bare_attr_keys(ast.parse(code), "x.py") == [
+        "x.py:1: 'seconds'",
+        "x.py:2: 'best_epoch'",
+        "x.py:3: 'fail_reason'",
+    ]

@@ -17,6 +17,7 @@ The study records which model was tested under `sweep_tested`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ from optuna.trial import FrozenTrial
 
 from pipeline import models as M
 from pipeline import training as TR
-from pipeline.champion._comparison import checkpoint_path, select_trial
+from pipeline.champion._comparison import checkpoint_path, require_complete
 from pipeline.champion._confidence import TestFigures, sealed_test_figures
 from pipeline.champion._evaluation import TestEvaluation, eval_preprocess, sealed_splits
 from pipeline.config import StudyConfig, checkpoint_dir
 from pipeline.models import TrialCheckpoint
-from pipeline.search import BASELINE_ATTR, candidate_table, choose_champion
+from pipeline.search import TrialRecord, candidate_table, choose_champion
 
 REFIT_ATTR = "sweep_refit"  # study user attr prefix: f"{REFIT_ATTR}:{trial}" -> {"path", "sha256", "epochs"}
 TESTED_ATTR = "sweep_tested"  # study user attr: the model the sealed test split was read for
@@ -57,7 +58,7 @@ def choose(trials: Sequence[FrozenTrial], cfg: StudyConfig) -> Choice:
         RegistryError: no COMPLETE trial (the message counts the trials by state).
     """
     direction = cfg.study.direction
-    select_trial(trials, direction, cfg.study.name)  # raises the clear message when none is COMPLETE
+    require_complete(trials, cfg.study.name)
     table = candidate_table(trials, cfg.selection.top_k, direction)
     number = choose_champion(table, direction)
     row = table.iloc[0]
@@ -96,25 +97,14 @@ def _refit(
     spec = M.resolve_weights(cfg.model.arch, cfg.model.weights)
     source = TR.Source(sealed_splits(cfg), spec, M.pretrained_state(spec), eval_preprocess(original))
     seed = d.seed + selected.number
-    if selected.user_attrs.get(BASELINE_ATTR) == "linear_probe":
+    if TrialRecord.from_frozen(selected).is_probe:
         state, epochs = TR.refit_probe(cfg, source, seed), 1
     else:
         run = cfg.with_params(dict(selected.params))
         epochs = refit_epochs or run.training.epochs
         state = TR.refit_trial(run, source, epochs, seed)
-    checkpoint = TrialCheckpoint(
-        state_dict=state,
-        arch=original.arch,
-        weights_origin=original.weights_origin,
-        class_to_idx=original.class_to_idx,
-        preprocess=original.preprocess,
-        trial_number=selected.number,
-        best_epoch=epochs - 1,
-        metric=original.metric,
-        value=original.value,
-        params=dict(original.params),
-    )
-    return checkpoint, epochs
+    # The refitted weights stand in for the original's: everything else it records holds.
+    return dataclasses.replace(original, state_dict=state, best_epoch=epochs - 1), epochs
 
 
 def record_tested(study: optuna.Study, selected: FrozenTrial, path: Path, sha256: str, refitted: bool) -> None:
@@ -137,7 +127,7 @@ def metadata(choice: Choice, figures: TestFigures, refitted: bool) -> dict[str, 
     return {
         "selection": {
             "champion": choice.selected.number,
-            "baseline": choice.selected.user_attrs.get(BASELINE_ATTR) or "",
+            "baseline": TrialRecord.from_frozen(choice.selected).baseline or "",
             "val_mean": choice.val,
             "refit": refitted,
             "candidates": candidate_records(choice.table),

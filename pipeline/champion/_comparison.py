@@ -20,9 +20,9 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import models as M
-from pipeline.config import StudyConfig
+from pipeline.config import StudyConfig, best_index, score_sign
 from pipeline.core import RegistryError
-from pipeline.search import epoch_history, role
+from pipeline.search import TrialRecord, role
 
 BASE_COLUMNS = ("number", "state", "role")
 RESULT_COLUMNS = ("best_epoch", "epochs_run", "seconds", "mlflow_run_id")
@@ -51,8 +51,7 @@ def best_of_history(history: Sequence[dict[str, Any]], metric: str, direction: s
     """
     if not history:
         return math.nan, None
-    sign = 1.0 if direction == "maximize" else -1.0
-    best = max(range(len(history)), key=lambda i: (sign * history[i][metric], -i))
+    best = best_index([h[metric] for h in history], direction)
     return float(history[best][metric]), int(history[best]["epoch"])
 
 
@@ -60,14 +59,15 @@ def trial_seconds(trial: FrozenTrial) -> float:
     """Wall seconds of a trial: the `seconds` the objective recorded (the training itself), else
     Optuna's `FrozenTrial.duration` (start to end, for trials made elsewhere), else nan (a trial
     still running, or one whose process died before it ended)."""
-    if "seconds" in trial.user_attrs:
-        return float(trial.user_attrs["seconds"])
+    seconds = TrialRecord.from_frozen(trial).seconds
+    if seconds is not None:
+        return seconds
     return trial.duration.total_seconds() if trial.duration is not None else math.nan
 
 
 def epochs_run(trial: FrozenTrial) -> int:
     """Epochs the trial trained: its `epochs_run` user attr, else the length of its history."""
-    return int(trial.user_attrs.get("epochs_run", len(epoch_history(trial.user_attrs))))
+    return TrialRecord.from_frozen(trial).epochs_run
 
 
 def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
@@ -90,7 +90,8 @@ def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
     names += sorted({p for t in trials for p in t.params} - set(names))
     rows = []
     for t in trials:
-        history = epoch_history(t.user_attrs)
+        r = TrialRecord.from_frozen(t)
+        history = r.history
         best, epoch = best_of_history(history, metric, direction)
         rows.append(
             {
@@ -103,7 +104,7 @@ def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
                 "best_epoch": epoch,
                 "epochs_run": epochs_run(t),
                 "seconds": trial_seconds(t),
-                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                "mlflow_run_id": r.mlflow_run_id,
             }
         )
     values = ["best_val_accuracy"] if metric == "val_accuracy" else [f"best_{metric}", "best_val_accuracy"]
@@ -166,7 +167,7 @@ def compute_spent(trials: Sequence[FrozenTrial], planned_epochs: int) -> Compute
             continue
         pruned += 1
         left = max(int(t.params.get("epochs", planned_epochs)) - run, 0)
-        times = [h["seconds"] for h in epoch_history(t.user_attrs) if "seconds" in h]
+        times = [h["seconds"] for h in TrialRecord.from_frozen(t).history if "seconds" in h]
         per_epoch = sum(times) / len(times) if times else (0.0 if math.isnan(s) else s / max(run, 1))
         saved += left
         saved_s += left * per_epoch
@@ -178,22 +179,19 @@ def compute_spent(trials: Sequence[FrozenTrial], planned_epochs: int) -> Compute
 
 def ranked_complete(trials: Sequence[FrozenTrial], direction: str) -> list[FrozenTrial]:
     """COMPLETE trials with a value, best first in `direction`; ties: lower trial number first."""
-    sign = -1.0 if direction == "maximize" else 1.0
+    sign = -score_sign(direction)
     scored = [(sign * t.value, t.number, t) for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     return [t for _, _, t in sorted(scored, key=lambda s: s[:2])]
 
 
-def select_trial(trials: Sequence[FrozenTrial], direction: str, study_name: str = "") -> FrozenTrial:
-    """The best COMPLETE trial (Optuna states and values only; ties: lower trial number).
-
-    A PRUNED trial is never selected, whatever its intermediate values: it did not train to the end.
+def require_complete(trials: Sequence[FrozenTrial], study_name: str = "") -> None:
+    """Raise unless some trial is COMPLETE (a PRUNED trial did not train to the end: never a champion).
 
     Raises:
         RegistryError: no COMPLETE trial; the message counts the trials by state.
     """
-    ranked = ranked_complete(trials, direction)
-    if ranked:
-        return ranked[0]
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return
     counts = [f"{n} {w}" for s, w in STATE_WORDS.items() if (n := sum(t.state == s for t in trials))]
     raise RegistryError(
         f"study '{study_name}' has no COMPLETE trial ({', '.join(counts) or 'no trials'}): nothing to "
@@ -203,7 +201,7 @@ def select_trial(trials: Sequence[FrozenTrial], direction: str, study_name: str 
 
 def checkpoint_path(trial: FrozenTrial, study_name: str) -> Path:
     """The trial's checkpoint file (`M.resolve` of the path it recorded)."""
-    return M.resolve(trial.user_attrs.get("checkpoint"), study_name, trial.number)
+    return M.resolve(TrialRecord.from_frozen(trial).checkpoint, study_name, trial.number)
 
 
 # ---- which checkpoints stay ----------------------------------------------------------------------

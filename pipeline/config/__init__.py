@@ -3,7 +3,15 @@
 with its path; and where a study's stores live (`home`, `storage_url`, `tracking_uri`, checkpoints).
 """
 
-from pipeline.config._config import PreprocessConfig, StudyConfig, TrainingSection, load_study
+from pipeline.config._config import (
+    METRICS,
+    PreprocessConfig,
+    StudyConfig,
+    TrainingSection,
+    best_index,
+    load_study,
+    score_sign,
+)
 from pipeline.config._space import TUNABLE, CategoricalParam, FloatParam, IntParam
 from pipeline.config._stores import (
     artifact_root,
@@ -36,6 +44,9 @@ __all__ = [
     "experiment_artifacts",
     "home",
     "load_study",
+    "best_index",
+    "score_sign",
+    "METRICS",
     "resolve_tracking",
     "sqlite_path",
     "storage_url",

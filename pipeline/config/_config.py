@@ -21,6 +21,7 @@ Checked before anything runs, so a bad file never leaves a stored study or a fai
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,32 @@ from pipeline.config._space import (
 from pipeline.config._studyfile import Words, apply_override, describe, parse, where
 from pipeline.core import ConfigError
 
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}  # each metric's only sane direction
+
+
+def score_sign(direction: str) -> float:
+    """+1.0 for "maximize", -1.0 for "minimize": `score_sign(d) * value` is larger the better the
+    value, so one rule ranks in either direction (the larger score wins; ties go to the earlier
+    epoch or the lower trial number, wherever sweep ranks).
+
+    Raises:
+        ValueError: any other direction.
+    """
+    if direction not in ("maximize", "minimize"):
+        raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+    return 1.0 if direction == "maximize" else -1.0
+
+
+def best_index(values: Sequence[float], direction: str) -> int:
+    """Index of the best of `values` in `direction`; ties go to the earliest.
+
+    Raises:
+        ValueError: `values` is empty, or an unknown direction.
+    """
+    if not values:
+        raise ValueError("no values to choose the best of")
+    sign = score_sign(direction)
+    return max(range(len(values)), key=lambda i: (sign * values[i], -i))
 
 
 class StudySection(Frozen):

@@ -4,7 +4,18 @@ process check and re-queued, the gRPC storage proxy and the worker launcher.
 """
 
 from pipeline.distributed._proxy import serve_storage_proxy
-from pipeline.distributed._recovery import OWNER_ATTR, DeadTrials, TrialHeartbeat, host_name, owner_record, recover
+from pipeline.distributed._recovery import (
+    FAIL_REASON_ATTR,
+    HOST_ATTR,
+    INTERRUPTED_ATTR,
+    OWNER_ATTR,
+    PID_ATTR,
+    DeadTrials,
+    TrialHeartbeat,
+    host_name,
+    owner_record,
+    recover,
+)
 from pipeline.distributed._storages import creation_lock, heartbeat_supported, journal_path, open_storage, storage_kind
 from pipeline.distributed._studylock import study_lock
 from pipeline.distributed._workers import (
@@ -17,7 +28,11 @@ from pipeline.distributed._workers import (
 
 __all__ = [
     "DeadTrials",
+    "FAIL_REASON_ATTR",
+    "HOST_ATTR",
+    "INTERRUPTED_ATTR",
     "OWNER_ATTR",
+    "PID_ATTR",
     "TrialHeartbeat",
     "apply_worker_threads",
     "check_storage_for_workers",

@@ -49,6 +49,9 @@ HOST_ATTR = "host"  # trial user attrs naming the process that runs the trial
 PID_ATTR = "pid"
 OWNER_ATTR = "worker"  # trial user attr {"trial": number, "host": ..., "pid": ...} of the run that owns it
 HEARTBEAT_ATTR = "heartbeat_at"  # trial user attr {"trial": number, "at": Unix seconds}
+# Written by the objective when a trial fails: recovery tells a dead trial from one that failed on its own.
+FAIL_REASON_ATTR = "fail_reason"  # first line of the error
+INTERRUPTED_ATTR = "interrupted"  # True: stopped by Ctrl-C / SIGTERM
 HOST_ENV = "SWEEP_HOST"
 
 logger = logging.getLogger(__name__)
@@ -196,7 +199,7 @@ def process_gone(pid: int, since: datetime.datetime | None) -> bool:
 def died(trial: FrozenTrial) -> bool:
     """True for a FAIL trial that did not fail on its own: its process died (no reason recorded)
     or it was interrupted (Ctrl-C, SIGTERM)."""
-    return not trial.user_attrs.get("fail_reason") or bool(trial.user_attrs.get("interrupted"))
+    return not trial.user_attrs.get(FAIL_REASON_ATTR) or bool(trial.user_attrs.get(INTERRUPTED_ATTR))
 
 
 class TrialHeartbeat:

@@ -16,17 +16,18 @@ from pipeline.config import StudyConfig
 from pipeline.core import RegistryError, first_line
 from pipeline.models import TrialCheckpoint
 from pipeline.registry import _versions as registry
+from pipeline.search import TrialRecord
 from pipeline.tracking import Tracker, input_context
 
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput
 
 
-def figures_of(evaluation: TestEvaluation, val_accuracy: float | None = None) -> TestFigures:
-    """The evaluation's accuracy with its 95% Wilson interval (and the val -> test gap when the
-    selected trial's val accuracy is given)."""
+def figures_of(evaluation: TestEvaluation) -> TestFigures:
+    """The evaluation's accuracy with its 95% Wilson interval (the val -> test gap is the
+    report's, `pipeline.champion.honest_figures`, in the model's metadata)."""
     correct = sum(evaluation.confusion[i][i] for i in range(len(evaluation.confusion)))
-    return sealed_test_figures(correct, evaluation.n_images, val=val_accuracy)
+    return sealed_test_figures(correct, evaluation.n_images)
 
 
 def recorded_test_input(tracker: Tracker, parent: str | None) -> DatasetInput | None:
@@ -55,7 +56,7 @@ def register_selected(
             fails, or no val image can be read for the input example.
         DataError: the val folder is gone (only on first registration).
     """
-    run_id = existing_run(tracker, selected.user_attrs.get("mlflow_run_id")) or existing_run(tracker, parent)
+    run_id = existing_run(tracker, TrialRecord.from_frozen(selected).mlflow_run_id) or existing_run(tracker, parent)
     return registry.register(
         lambda: export(
             cfg, selected, checkpoint, sha256, evaluation, parent, extra, recorded_test_input(tracker, parent)
@@ -138,7 +139,7 @@ def export(
         registry.STUDY_TAG: cfg.study.name,
         registry.TRIAL_TAG: str(selected.number),
         registry.PARENT_TAG: parent or "",
-        registry.RUN_TAG: selected.user_attrs.get("mlflow_run_id") or "",
+        registry.RUN_TAG: TrialRecord.from_frozen(selected).mlflow_run_id or "",
         registry.SHA_TAG: sha256,
     }
     figures = figures_of(evaluation)

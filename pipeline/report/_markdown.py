@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline.champion import Choice, Cleanup, Compute, TestEvaluation, TestFigures
 from pipeline.config import StudyConfig
 from pipeline.registry import Registered
+from pipeline.search import TrialRecord
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Outcome:
     test: TestEvaluation
     registered: Registered
     cleanup: Cleanup
+    figures: TestFigures  # the one set of test figures every description of the model quotes
 
 
 def table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -106,7 +108,7 @@ def selection_lines(cfg: StudyConfig, outcome: Outcome) -> list[str]:
         "",
         (
             f"**Trial {selected.number}**: {cfg.study.metric} {selected.value:.4f} at epoch "
-            f"{selected.user_attrs.get('best_epoch')} ({params}). Chosen among COMPLETE trials by "
+            f"{TrialRecord.from_frozen(selected).best_epoch} ({params}). Chosen among COMPLETE trials by "
             f"`{cfg.study.metric}` (ties: lower trial number); test figures never choose anything."
         ),
         "",
@@ -153,7 +155,7 @@ def compute_lines(c: Compute) -> list[str]:
 def fail_reasons(trials: Sequence[FrozenTrial]) -> list[tuple[int, str]]:
     """(trial number, recorded `fail_reason`) of every FAIL trial, in trial order."""
     return [
-        (t.number, t.user_attrs.get("fail_reason") or "no reason recorded (process stopped)")
+        (t.number, TrialRecord.from_frozen(t).fail_reason or "no reason recorded (process stopped)")
         for t in trials
         if t.state == TrialState.FAIL
     ]

@@ -2,7 +2,8 @@
 Description, MLflow's `mlflow.note.content` tag) and the selected trial's figures as metrics.
 
 The description is Markdown: trial counts by state, the selected trial with its val figure and
-epoch, the sealed-test accuracy with its 95% interval and the val -> test gap, the registered
+epoch, the sealed-test accuracy with its 95% interval and the val -> test gap (the report's figures,
+`Outcome.figures`: val is the champion's mean over seeds), the registered
 model's URI and where the full report is.
 """
 
@@ -14,9 +15,8 @@ from collections.abc import Sequence
 from optuna.trial import FrozenTrial
 
 from pipeline.config import StudyConfig
-from pipeline.registry import figures_of
 from pipeline.report._markdown import Outcome
-from pipeline.search import epoch_history
+from pipeline.search import TrialRecord
 from pipeline.tracking import Tracker
 
 NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
@@ -26,10 +26,11 @@ STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RU
 def checkpoint_val_accuracy(trial: FrozenTrial) -> float | None:
     """Val accuracy (0-1) of the trial's checkpoint epoch (`best_epoch`; the last epoch when not
     recorded); None when the trial reported no epoch."""
-    history = epoch_history(trial.user_attrs)
+    r = TrialRecord.from_frozen(trial)
+    history = r.history
     if not history:
         return None
-    epoch = trial.user_attrs.get("best_epoch")
+    epoch = r.best_epoch
     row = next((h for h in history if h["epoch"] == epoch), history[-1])
     return float(row["val_accuracy"])
 
@@ -47,12 +48,12 @@ def describe(cfg: StudyConfig, trials: Sequence[FrozenTrial], outcome: Outcome, 
     counts = Counter(t.state.name for t in trials)
     states = ", ".join(f"{counts[s]} {word}" for s, word in STATE_WORDS.items() if counts[s])
     selected, registered = outcome.selected, outcome.registered
-    figures = figures_of(outcome.test, checkpoint_val_accuracy(selected))
+    figures = outcome.figures
     lines = [
         f"**Study `{cfg.study.name}`**: {len(trials)} trials ({states}).",
         "",
         f"Selected **trial {selected.number}**: {cfg.study.metric} {selected.value:.4f} at epoch "
-        f"{selected.user_attrs.get('best_epoch')}.",
+        f"{TrialRecord.from_frozen(selected).best_epoch}.",
         f"Sealed test split: {figures.describe()}.",
         f"Registered model: `{registered.uri}` (version {registered.version}).",
         f"Full report: `{report_file}` in this run's artifacts.",
@@ -77,8 +78,7 @@ def summarise_parent(
     if not fresh:
         return
     selected, metric = outcome.selected, cfg.study.metric
-    val = checkpoint_val_accuracy(selected)
-    figures = figures_of(outcome.test, val)
+    val, figures = checkpoint_val_accuracy(selected), outcome.figures
     metrics = {"test_accuracy_ci_low": figures.low, "test_accuracy_ci_high": figures.high}
     if selected.value is not None:
         metrics[f"selected_{metric}"] = selected.value

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from pipeline.champion import TestEvaluation
 from pipeline.config import FloatParam, IntParam, StudyConfig
 from pipeline.core import first_line
-from pipeline.search import epoch_history
+from pipeline.search import TrialRecord
 
 MAIN_PARAMS = ("lr", "momentum", "freeze_depth", "aug_strength")
 STATE_STYLE: dict[str, dict[str, Any]] = {
@@ -174,7 +174,7 @@ def learning_curves_figure(study: optuna.Study, cfg: StudyConfig, selected: int 
     ends: list[tuple[int, float, float, str]] = []  # (trial, last epoch, its val accuracy, line colour)
     drawn: set[str] = set()
     for t in study.get_trials(deepcopy=False):
-        history = epoch_history(t.user_attrs)
+        history = TrialRecord.from_frozen(t).history
         if not history:
             continue
         state = t.state.name if t.state.name in STATE_STYLE else "RUNNING"

@@ -6,7 +6,8 @@ the seed recipe), seed re-runs and what a trial stores in its user attrs (its ep
 from pipeline.search._baselines import add_baselines, run_reruns
 from pipeline.search._events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.search._history import epoch_history
-from pipeline.search._selection import BASELINE_ATTR, candidate_table, choose_champion, role
+from pipeline.search._record import BASELINE_ATTR, RUN_ID_ATTR, TrialRecord
+from pipeline.search._selection import candidate_table, choose_champion, role
 from pipeline.search._stopping import same_failure
 from pipeline.search._study_loop import optimize, overshoot
 from pipeline.search._tune import Interrupted, count, grace_period, load_existing, open_storage, open_study
@@ -14,8 +15,10 @@ from pipeline.search._tune import Interrupted, count, grace_period, load_existin
 __all__ = [
     "BASELINE_ATTR",
     "Interrupted",
+    "RUN_ID_ATTR",
     "TrialEnded",
     "TrialObserver",
+    "TrialRecord",
     "TrialStarted",
     "add_baselines",
     "candidate_table",

@@ -38,19 +38,27 @@ from pipeline import training as TR
 from pipeline.config import TUNABLE, StudyConfig, checkpoint_dir
 from pipeline.core import DataError
 from pipeline.distributed import study_lock
-from pipeline.models import TrialCheckpoint
 from pipeline.search._events import TrialObserver
-from pipeline.search._selection import BASELINE_ATTR, RERUN_ATTR, rerun_attrs, rerun_plan
+from pipeline.search._history import epoch_attr
+from pipeline.search._record import (
+    BASELINE_ATTR,
+    BEST_EPOCH_ATTR,
+    CHECKPOINT_ATTR,
+    EPOCHS_RUN_ATTR,
+    PROBE_ATTR,
+    SECONDS_ATTR,
+    record,
+)
+from pipeline.search._selection import rerun_attrs, rerun_plan
 from pipeline.search._stopping import FailureBudget, counted
 from pipeline.search._tune import Objective, count
 from pipeline.training import Prepared, pick_device
 
 SEED_RECIPE = {"lr": 0.001, "momentum": 0.9, "freeze_depth": 0, "aug_strength": 1.0}
-PROBE_ATTR = "probe_id"  # unique id of one added probe trial, to find its number after add_trial
 
 
 def _with_role(study: optuna.Study, role: str) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR) == role]
+    return [t for t in study.get_trials(deepcopy=False) if record(t).baseline == role]
 
 
 def seed_recipe_params(cfg: StudyConfig) -> dict[str, Any]:
@@ -104,45 +112,29 @@ def add_linear_probe(
     say("linear probe: extracting features and fitting (a baseline candidate, not counted in n_trials)")
     result = TR.fit_linear_probe(model, train, val, pick_device(cfg.training.device), d.seed, num_classes=k)
     value = result.val_accuracy if cfg.study.metric == "val_accuracy" else result.val_loss
-    history = [
-        {
-            "epoch": 0,
-            "train_loss": math.nan,
-            "train_accuracy": result.train_accuracy,
-            "val_loss": result.val_loss,
-            "val_accuracy": result.val_accuracy,
-            "lr": 0.0,
-            "seconds": result.seconds,
-        }
-    ]
+    # One epoch, in the record every trial stores (`epoch_attr`); no training loss: no SGD ran.
+    epoch = TR.EpochResult(
+        0, math.nan, result.train_accuracy, result.val_loss, result.val_accuracy, 0.0, result.seconds
+    )
     probe_id = uuid.uuid4().hex
     attrs = {
         BASELINE_ATTR: "linear_probe",
         PROBE_ATTR: probe_id,
-        "history": history,
-        "best_epoch": 0,
-        "epochs_run": 1,
-        "seconds": result.seconds,
+        **dict([epoch_attr(epoch)]),
+        BEST_EPOCH_ATTR: 0,
+        EPOCHS_RUN_ATTR: 1,
+        SECONDS_ATTR: result.seconds,
         "probe_C": result.C,
         "probe_cv_folds": result.cv_folds,
     }
     path = checkpoint_dir(cfg.study.name) / f"linear-probe-{probe_id[:8]}.pt"
     study.add_trial(
-        optuna.trial.create_trial(state=TrialState.COMPLETE, value=value, user_attrs={**attrs, "checkpoint": str(path)})
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=value, user_attrs={**attrs, CHECKPOINT_ATTR: str(path)}
+        )
     )
     number = next(t.number for t in _with_role(study, "linear_probe") if t.user_attrs.get(PROBE_ATTR) == probe_id)
-    TrialCheckpoint(
-        state_dict=result.state_dict,
-        arch=cfg.model.arch,
-        weights_origin=prep.spec.origin(),
-        class_to_idx=prep.splits.class_to_idx,
-        preprocess=prep.preprocess.to_dict(),
-        trial_number=number,
-        best_epoch=0,
-        metric=cfg.study.metric,
-        value=value,
-        params={},
-    ).save(path)
+    prep.checkpoint(cfg, result.state_dict, number, 0, value, {}).save(path)
     say(f"linear probe: trial {number}, {cfg.study.metric} {value:.4f} (C {result.C:.3g}, {result.seconds:.0f} s)")
     return number
 
@@ -180,9 +172,7 @@ def enqueue_reruns(study: optuna.Study, cfg: StudyConfig, storage: BaseStorage) 
 
 
 def _waiting_reruns(study: optuna.Study) -> int:
-    return sum(
-        t.user_attrs.get(RERUN_ATTR) is not None for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    )
+    return sum(record(t).is_rerun for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def run_reruns(

@@ -7,7 +7,7 @@ observer can keep them and never changes what another one sees.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,9 @@ class TrialStarted:
     retry_of: int | None  # number of the FAIL trial whose parameters this one re-runs
     # Selection roles from the trial's user attrs (`baseline`, `rerun_of`, `seed_index`), if any.
     roles: Mapping[str, Any] = field(default_factory=dict)
+    # Records one user attr on the trial (`record(key, value)`), e.g. the id of the run an observer
+    # made for it (`pipeline.search.RUN_ID_ATTR`); keys are listed in `TrialRecord`.
+    record: Callable[[str, Any], None] = field(default=lambda key, value: None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,9 @@ class TrialEnded:
 class TrialObserver:
     """What a study announces. Every method is a no-op here: observers override what they need.
 
-    `trial_started` may return user attrs to record on the trial (e.g. the id of a run an
-    observer made for it). Observers are called in the order given, in the trial's process.
+    Observers return nothing; one that has something to keep on the trial (the MLflow observer's
+    run id) passes it to `TrialStarted.record`. They are called in the order given, in the trial's
+    process.
     """
 
     def message(self, text: str) -> None:
@@ -55,9 +59,8 @@ class TrialObserver:
     def images_scanned(self, done: int, total: int) -> None:
         """Pre-flight progress: `done` of `total` image files decoded."""
 
-    def trial_started(self, event: TrialStarted) -> Mapping[str, Any] | None:
+    def trial_started(self, event: TrialStarted) -> None:
         """Called once the trial's parameters are sampled, before training."""
-        return None
 
     def epoch_finished(self, number: int, result: EpochResult) -> None:
         """Called after each epoch of trial `number`, before the pruner decides."""

@@ -5,10 +5,9 @@ set over many trials and epochs overstates the winner (the winner's curse of hyp
 search); re-running the top `k` candidates with `r` further seeds and choosing by the mean makes
 the choice depend less on one lucky draw of data order and augmentation.
 
-Trial user attrs read here (set by whoever enqueues or runs the trials):
-- `rerun_of` (int): the number of the trial whose params this re-run repeats; absent on originals.
-- `seed_index` (int): 1..r on re-runs (the original trial counts as seed index 0).
-- `baseline` (str): `"linear_probe"` or `"seed_recipe"` on baseline trials; absent otherwise.
+Trial user attrs read here (`TrialRecord`, set by whoever enqueues or runs the trials):
+`rerun_of` (the number of the trial whose params a re-run repeats), `seed_index` (1..r on re-runs;
+the original trial counts as seed index 0), `baseline` (`"linear_probe"` or `"seed_recipe"`).
 
 A candidate's value per seed is the trial's value (its best val metric over epochs, see
 `train.fit`). With `r = 0` and no baselines, `choose_champion(candidate_table(...))` picks the
@@ -24,9 +23,9 @@ import numpy as np
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-RERUN_ATTR = "rerun_of"
-SEED_INDEX_ATTR = "seed_index"
-BASELINE_ATTR = "baseline"
+from pipeline.config import score_sign
+from pipeline.search._record import RERUN_ATTR, SEED_INDEX_ATTR, record
+
 # Baselines whose val value does not depend on a training seed (no data order, no augmentation):
 # re-running them would repeat the same number, so they take part with their single value.
 SEEDLESS: frozenset[str] = frozenset({"linear_probe"})
@@ -53,9 +52,8 @@ TABLE_COLUMNS = (
 
 
 def _sign(direction: str) -> float:
-    if direction not in ("maximize", "minimize"):
-        raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
-    return -1.0 if direction == "maximize" else 1.0
+    """The sort key's sign: ascending `_sign(d) * value` puts the best first (`score_sign`, negated)."""
+    return -score_sign(direction)
 
 
 def _value(trial: FrozenTrial) -> float:
@@ -65,15 +63,13 @@ def _value(trial: FrozenTrial) -> float:
 
 def is_rerun(trial: FrozenTrial) -> bool:
     """True for a seed re-run (it carries `rerun_of`)."""
-    return trial.user_attrs.get(RERUN_ATTR) is not None
+    return record(trial).is_rerun
 
 
 def role(trial: FrozenTrial) -> str:
     """What the trial is in the race: "search" (a sampled point), "seed_recipe" or "linear_probe"
     (baselines), or "rerun of N seed K" (a seed re-run of trial N)."""
-    if is_rerun(trial):
-        return f"rerun of {trial.user_attrs[RERUN_ATTR]} seed {trial.user_attrs.get(SEED_INDEX_ATTR)}"
-    return str(trial.user_attrs.get(BASELINE_ATTR) or "search")
+    return record(trial).role
 
 
 def rerun_attrs(number: int, seed_index: int) -> dict[str, int]:
@@ -114,15 +110,11 @@ def rerun_plan(
     """
     if r < 0:
         raise ValueError(f"r (seed re-runs per candidate) must be at least 0, got {r}")
-    present = {
-        (t.user_attrs[RERUN_ATTR], t.user_attrs.get(SEED_INDEX_ATTR))
-        for t in trials
-        if is_rerun(t) and t.state in _PRESENT
-    }
+    present = {(rec.rerun_of, rec.seed_index) for t in trials if (rec := record(t)).is_rerun and t.state in _PRESENT}
     return [
         (t.number, i)
         for t in top_candidates(trials, k, direction)
-        if t.user_attrs.get(BASELINE_ATTR) not in seedless
+        if record(t).baseline not in seedless
         for i in range(1, r + 1)
         if (t.number, i) not in present
     ]
@@ -136,14 +128,12 @@ def _seed_trials(original: FrozenTrial, trials: Sequence[FrozenTrial]) -> list[F
         (
             t
             for t in trials
-            if t.state == TrialState.COMPLETE
-            and t.value is not None
-            and t.user_attrs.get(RERUN_ATTR) == original.number
+            if t.state == TrialState.COMPLETE and t.value is not None and record(t).rerun_of == original.number
         ),
         key=lambda t: t.number,
     )
     for t in reruns:
-        index = t.user_attrs.get(SEED_INDEX_ATTR)
+        index = record(t).seed_index
         # A re-run without a seed index is still a seed of its own, after the indexed ones.
         by_index.setdefault((0, int(index)) if index is not None else (1, t.number), t)
     return [by_index[i] for i in sorted(by_index)]
@@ -185,7 +175,7 @@ def candidate_table(trials: Sequence[FrozenTrial], k: int | None = None, directi
         seeds = _seed_trials(t, trials)
         values = [_value(s) for s in seeds]
         best_steps = [b for s in seeds if (b := _best_step(s.intermediate_values, sign)) is not None]
-        name = t.user_attrs.get(BASELINE_ATTR) or ""
+        name = record(t).baseline or ""
         rows.append(
             {
                 "number": t.number,

@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.search._events import TrialObserver
-from pipeline.search._selection import BASELINE_ATTR, is_rerun
+from pipeline.search._record import record
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)  # what `n_trials` counts
 
@@ -50,7 +50,7 @@ class FailureBudget:
 def same_failure(failed: Sequence[FrozenTrial]) -> str | None:
     """When two or more FAIL trials share one fail reason, that reason plus a hint that it does
     not depend on the sampled parameters (more trials cannot help); else None."""
-    reasons = {t.user_attrs.get("fail_reason") for t in failed}
+    reasons = {record(t).fail_reason for t in failed}
     if len(failed) < 2 or len(reasons) != 1 or None in reasons:
         return None
     return (
@@ -62,7 +62,8 @@ def same_failure(failed: Sequence[FrozenTrial]) -> str | None:
 def is_extra(trial: FrozenTrial) -> bool:
     """A trial outside the search's budget: a seed re-run or the linear-probe baseline (the seed
     recipe is a sampled point like any other and counts)."""
-    return is_rerun(trial) or trial.user_attrs.get(BASELINE_ATTR) == "linear_probe"
+    r = record(trial)
+    return r.is_rerun or r.is_probe
 
 
 def counted(study: optuna.Study | Sequence[FrozenTrial]) -> int:

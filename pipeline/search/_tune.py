@@ -37,10 +37,14 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.config import StudyConfig, check_local_paths, sqlite_path, storage_url, store_lock
+from pipeline.config import StudyConfig, best_index, check_local_paths, sqlite_path, storage_url, store_lock
 from pipeline.core import StudyStateError, TrackingError, deferred_interrupts, first_line, mask_url
 from pipeline.distributed import (
+    FAIL_REASON_ATTR,
+    HOST_ATTR,
+    INTERRUPTED_ATTR,
     OWNER_ATTR,
+    PID_ATTR,
     TrialHeartbeat,
     heartbeat_supported,
     host_name,
@@ -52,8 +56,16 @@ from pipeline.distributed import open_storage as open_raw_storage
 from pipeline.models import TrialCheckpoint
 from pipeline.search._events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.search._history import epoch_attr, stale_keys
+from pipeline.search._record import (
+    BEST_EPOCH_ATTR,
+    EPOCHS_RUN_ATTR,
+    RERUN_ATTR,
+    RETRY_OF_ATTR,
+    ROLE_ATTRS,
+    SECONDS_ATTR,
+    SEED_INDEX_ATTR,
+)
 from pipeline.search._samplers import make_pruner, make_sampler, suggest
-from pipeline.search._selection import BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR
 from pipeline.search._stopping import COUNTED_STATES, rerun_seed
 from pipeline.training import EpochResult, FitResult, NonFiniteLossError, Prepared, fit_config
 
@@ -229,50 +241,36 @@ class Objective:
             raise
         except BaseException as err:
             reason, interrupted = fail_reason(err), isinstance(err, KeyboardInterrupt)
-            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
             if interrupted:
-                trial.set_user_attr("interrupted", True)
+                trial.set_user_attr(INTERRUPTED_ATTR, True)
             self._end(trial, "FAIL", start, history, reason=reason, interrupted=interrupted)
             raise
         # The checkpoint's path is not recorded on the trial: a finished trial's attrs cannot
         # change, and the report deletes most checkpoints (`checkpoints.resolve` finds the file).
-        trial.set_user_attr("best_epoch", fitted.best_epoch)
+        trial.set_user_attr(BEST_EPOCH_ATTR, fitted.best_epoch)
         self._end(trial, "COMPLETE", start, history, best_epoch=fitted.best_epoch)
         return fitted.best_value
 
     def _start(self, trial: optuna.Trial, cfg: StudyConfig) -> None:
         # Who runs this trial: a later start on this host fails it at once if the pid is gone.
         # A retried trial inherits the failed one's user attrs: reset what described that run.
-        fresh = {OWNER_ATTR: owner_record(trial.number), "host": host_name(), "pid": os.getpid(), "fail_reason": None}
+        fresh = {OWNER_ATTR: owner_record(trial.number), HOST_ATTR: host_name(), PID_ATTR: os.getpid()}
+        fresh[FAIL_REASON_ATTR] = None
         fresh.update(dict.fromkeys(stale_keys(trial.user_attrs)))  # the failed run's epochs
-        for key, value in {**fresh, "interrupted": False}.items():
+        for key, value in {**fresh, INTERRUPTED_ATTR: False}.items():
             trial.set_user_attr(key, value)
         retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
         if retry_of is not None:
-            trial.set_user_attr("retry_of", retry_of)
-        roles = {
-            k: trial.user_attrs[k]
-            for k in (BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR)
-            if trial.user_attrs.get(k) is not None
-        }
-        event = TrialStarted(trial.number, dict(trial.params), cfg, retry_of, roles)
+            trial.set_user_attr(RETRY_OF_ATTR, retry_of)
+        roles = {k: trial.user_attrs[k] for k in ROLE_ATTRS if trial.user_attrs.get(k) is not None}
+        event = TrialStarted(trial.number, dict(trial.params), cfg, retry_of, roles, record=trial.set_user_attr)
         for observer in self.observers:
-            for key, value in (observer.trial_started(event) or {}).items():
-                trial.set_user_attr(key, value)
+            observer.trial_started(event)
 
     def _save_checkpoint(self, cfg: StudyConfig, trial: optuna.Trial, fitted: FitResult) -> Path:
-        prep = self.prep
-        checkpoint = TrialCheckpoint(
-            state_dict=fitted.best_state,
-            arch=cfg.model.arch,
-            weights_origin=prep.spec.origin(),
-            class_to_idx=prep.splits.class_to_idx,
-            preprocess=prep.preprocess.to_dict(),
-            trial_number=trial.number,
-            best_epoch=fitted.best_epoch,
-            metric=cfg.study.metric,
-            value=fitted.best_value,
-            params=dict(trial.params),
+        checkpoint = self.prep.checkpoint(
+            cfg, fitted.best_state, trial.number, fitted.best_epoch, fitted.best_value, dict(trial.params)
         )
         return checkpoint.save(TrialCheckpoint.path_for(cfg.study.name, trial.number))
 
@@ -289,12 +287,11 @@ class Objective:
     ) -> None:
         # Measured here, not read from `FrozenTrial.duration`: the trial is not finished yet.
         seconds = time.perf_counter() - start
-        trial.set_user_attr("seconds", seconds)
-        trial.set_user_attr("epochs_run", len(history))
+        trial.set_user_attr(SECONDS_ATTR, seconds)
+        trial.set_user_attr(EPOCHS_RUN_ATTR, len(history))
         metric = self.cfg.study.metric
         values = [h[metric] for h in history]
-        pick = max if self.cfg.study.direction == "maximize" else min
-        best = pick(values) if values else None
+        best = values[best_index(values, self.cfg.study.direction)] if values else None
         event = TrialEnded(trial.number, state, metric, best, best_epoch, len(history), seconds, reason, interrupted)
         for observer in self.observers:
             observer.trial_ended(event)

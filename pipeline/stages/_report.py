@@ -42,11 +42,10 @@ from pipeline.champion import (
     clean_checkpoints,
     compute_spent,
     evaluate_once,
-    ranked_complete,
     trials_frame,
 )
 from pipeline.config import StudyConfig, experiment_artifacts, home, storage_url, tracking_uri
-from pipeline.core import TrackingError
+from pipeline.core import RegistryError, TrackingError
 from pipeline.distributed import open_storage, study_lock
 from pipeline.registry import Registered, register_selected
 from pipeline.report import (
@@ -58,6 +57,7 @@ from pipeline.report import (
     write_markdown,
     write_plots,
 )
+from pipeline.search import TrialRecord
 from pipeline.tracking import PARENT_ATTR, Tracker, reconcile
 
 REPORTS_ENV = "SWEEP_REPORTS"
@@ -151,15 +151,16 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
     notes: list[str] = list(worker_notes(trials, cfg.study.n_trials))
     tracker, parent = _open_tracker(cfg, tracking, study, trials, notes)
     frame, compute = trials_frame(study, cfg), compute_spent(trials, cfg.training.epochs)
-    ranked = ranked_complete(trials, cfg.study.direction)
     frame.to_csv(folder / "trials.csv", index=False)
-    choice = champion.choose(trials, cfg) if ranked else None
-    plots, plot_notes = write_plots(study, cfg, frame, folder, choice.selected.number if choice else None)
-    notes += plot_notes
-    if choice is None:
-        md = write_markdown(folder, cfg, trials, frame, compute, None, notes, plots)
+    try:
+        choice = champion.choose(trials, cfg)
+    except RegistryError:  # no COMPLETE trial: the comparison is still written, then the clear message
+        plots, plot_notes = write_plots(study, cfg, frame, folder, None)
+        md = write_markdown(folder, cfg, trials, frame, compute, None, notes + plot_notes, plots)
         _log_files(tracker, parent, [folder / "trials.csv", *plots, md, write_html(md)])
-        choice = champion.choose(trials, cfg)  # raises the clear message: no COMPLETE trial
+        raise
+    plots, plot_notes = write_plots(study, cfg, frame, folder, choice.selected.number)
+    notes += plot_notes
     outcome, fresh, section = _hand_off(cfg, study, trials, choice, tracker, parent)
     notes.append(section[0])
     confusion = confusion_plot(outcome.test, folder / "confusion_matrix.png")
@@ -174,7 +175,7 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
         metric=cfg.study.metric,
         selected_trial=outcome.selected.number,
         val_value=cast(float, outcome.selected.value),  # COMPLETE: it has a value
-        best_epoch=outcome.selected.user_attrs.get("best_epoch"),
+        best_epoch=TrialRecord.from_frozen(outcome.selected).best_epoch,
         test=outcome.test,
         evaluated_now=fresh,
         registered=outcome.registered,
@@ -242,7 +243,7 @@ def _hand_off(
     registered = register_selected(cfg, tracker, parent, selected, checkpoint, sha, evaluation, extra)
     cleanup = clean_checkpoints(trials, selected, cfg.study.direction, cfg.registry.keep_top_k, cfg.study.name)
     section = [figures.describe(), *markdown_lines(cfg, choice, figures, refitted)]
-    return Outcome(selected, evaluation, registered, cleanup), fresh, section
+    return Outcome(selected, evaluation, registered, cleanup, figures), fresh, section
 
 
 def _make_folder(folder: Path) -> Path:

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import CategoricalParam, IntParam, StudyConfig
 from pipeline.data import Splits
-from pipeline.search import TrialEnded, TrialObserver, TrialStarted, epoch_history
+from pipeline.search import RUN_ID_ATTR, TrialEnded, TrialObserver, TrialRecord, TrialStarted
 from pipeline.tracking._datasets import CONTEXT, input_context, split_inputs
 from pipeline.tracking._mlflow_runs import Tracker, quiet_mlflow, trial_run_name
 from pipeline.training import EpochResult
@@ -42,8 +42,6 @@ __all__ = [
 REASON_TAG = "sweep.fail_reason"
 RETRY_TAG = "sweep.retry_of"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run id
-RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's nested run id
-ROLE_ATTRS = ("baseline", "rerun_of", "seed_index")  # trial user attrs of pipeline.search
 TRIAL_CONTEXTS = (CONTEXT["train"], CONTEXT["val"])  # what a trial's run records; never the test split
 CHANGED_TAG = "sweep.changed_params"  # parent run: study settings changed on resume (params cannot)
 
@@ -70,9 +68,10 @@ def run_params(cfg: StudyConfig) -> dict[str, Any]:
     }
 
 
-def role_tags(attrs: Mapping[str, Any]) -> dict[str, str]:
-    """Run tags of a trial's selection role: `sweep.baseline`, `sweep.rerun_of`, `sweep.seed_index`."""
-    return {f"sweep.{k}": str(attrs[k]) for k in ROLE_ATTRS if attrs.get(k) is not None}
+def role_tags(roles: Mapping[str, Any]) -> dict[str, str]:
+    """Run tags of a trial's selection role (`TrialRecord.roles()`, `TrialStarted.roles`):
+    `sweep.baseline`, `sweep.rerun_of`, `sweep.seed_index`."""
+    return {f"sweep.{k}": str(v) for k, v in roles.items() if v is not None}
 
 
 def study_params(cfg: StudyConfig) -> dict[str, Any]:
@@ -134,7 +133,7 @@ class MLflowObserver(TrialObserver):
         self.runs: dict[int, str | None] = {}
         self.best_accuracy: dict[int, float] = {}
 
-    def trial_started(self, event: TrialStarted) -> Mapping[str, Any]:
+    def trial_started(self, event: TrialStarted) -> None:
         run_id = self.tracker.start_nested_run(
             self.study_name, event.number, {**event.params, **run_params(event.config)}
         )
@@ -144,7 +143,7 @@ class MLflowObserver(TrialObserver):
             self.tracker.set_tags(run_id, {RETRY_TAG: str(event.retry_of)})
         if event.roles:  # sweep.baseline / sweep.rerun_of / sweep.seed_index
             self.tracker.set_tags(run_id, role_tags(event.roles))
-        return {RUN_ATTR: run_id}
+        event.record(RUN_ID_ATTR, run_id)
 
     def epoch_finished(self, number: int, result: EpochResult) -> None:
         self.tracker.log_metrics(self.runs.get(number), result.metrics(), step=result.epoch)
@@ -213,9 +212,10 @@ def sync_runs(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) 
         if run_id:
             tracker.log_inputs(run_id, seen)
             _backfill_epochs(tracker, run_id, t)
-        tags = {"sweep.synced": "true", **role_tags(t.user_attrs)}
-        if t.user_attrs.get("fail_reason"):
-            tags[REASON_TAG] = t.user_attrs["fail_reason"]
+        r = TrialRecord.from_frozen(t)
+        tags = {"sweep.synced": "true", **role_tags(r.roles())}
+        if r.fail_reason:
+            tags[REASON_TAG] = r.fail_reason
         tracker.end_nested_run(run_id, t.state.name, tags, name=_ended_name(t))
         if run_id:
             created.append(t.number)
@@ -229,7 +229,7 @@ def close_stale_runs(tracker: Tracker, trials: Sequence[FrozenTrial]) -> None:
         trial = by_number.get(number)
         if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        reason = trial.user_attrs.get("fail_reason")
+        reason = TrialRecord.from_frozen(trial).fail_reason
         if trial.state == TrialState.FAIL and not reason:
             reason = "stale: the process running this trial stopped (heartbeat lost)"
         _backfill_epochs(tracker, run_id, trial)
@@ -239,14 +239,14 @@ def close_stale_runs(tracker: Tracker, trials: Sequence[FrozenTrial]) -> None:
 
 
 def _ended_name(trial: FrozenTrial) -> str:
-    return trial_run_name(trial.number, trial.state.name, bool(trial.user_attrs.get("interrupted")))
+    return trial_run_name(trial.number, trial.state.name, TrialRecord.from_frozen(trial).interrupted)
 
 
 def _backfill_epochs(tracker: Tracker, run_id: str, trial: FrozenTrial) -> None:
     """Log the epochs Optuna recorded after the run's last logged step (store outage), then the
     trial's best val accuracy."""
     last = tracker.last_step(run_id, "val_accuracy")
-    history = epoch_history(trial.user_attrs)
+    history = TrialRecord.from_frozen(trial).history
     for h in history:
         if h["epoch"] > last:
             tracker.log_metrics(run_id, EpochResult(**h).metrics(), step=h["epoch"])

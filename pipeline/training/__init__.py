@@ -5,9 +5,9 @@ features of frozen stages; the linear probe on the frozen backbone.
 
 from pipeline.training._fitting import fit_config
 from pipeline.training._machine import configure_threads, cpu_cores
-from pipeline.training._preflight import Prepared, prepare
+from pipeline.training._preflight import Prepared, Source, prepare
 from pipeline.training._probe import fit_linear_probe, probe_loaders
-from pipeline.training._refit import Source, refit_probe, refit_trial
+from pipeline.training._refit import refit_probe, refit_trial
 from pipeline.training._train import EpochResult, FitResult, NonFiniteLossError, evaluate, pick_device
 
 __all__ = [

@@ -27,7 +27,7 @@ from pipeline import models as M
 from pipeline.config import StudyConfig
 from pipeline.training import _features as F
 from pipeline.training._machine import cache_limit_bytes, configure_threads, loader_workers
-from pipeline.training._preflight import Prepared
+from pipeline.training._preflight import Prepared, Source
 from pipeline.training._train import EpochResult, FitResult, build_training, fit, pick_device
 
 
@@ -60,7 +60,12 @@ class Inputs:
 
 
 def plan(
-    cfg: StudyConfig, prep: Prepared, model: nn.Module, frozen: list[nn.Module], device: torch.device, seed: int
+    cfg: StudyConfig,
+    prep: Prepared | Source,
+    model: nn.Module,
+    frozen: list[nn.Module],
+    device: torch.device,
+    seed: int,
 ) -> Inputs:
     """Choose each split's fast path for a model already frozen to `cfg.training.freeze_depth`.
 
@@ -113,34 +118,42 @@ def plan(
 
 
 def fit_config(
-    cfg: StudyConfig, prep: Prepared, seed: int, on_epoch: Callable[[EpochResult], None] | None = None
+    cfg: StudyConfig,
+    prep: Prepared | Source,
+    seed: int,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    epochs: int | None = None,
 ) -> FitResult:
     """Build the model for `cfg` (params already applied) and fine-tune it on train, scoring val.
 
     Args:
         cfg: the study config with the trial's parameters applied (`StudyConfig.with_params`).
-        prep: pre-flight result (splits, pretrained weights, preprocessing).
+        prep: pre-flight result (splits, pretrained weights, preprocessing); for a refit, a
+            `Source` whose train split is train + val and whose val split is empty.
         seed: seeds weight init of the new head and the train loader's shuffling/augmentation;
             the objective passes `data.seed + trial.number`.
         on_epoch: called after each epoch with its frozen `EpochResult`; may raise to stop.
+        epochs: epochs to train (the scheduler is built for them); default `training.epochs`.
 
     Returns:
-        `FitResult` with per-epoch results and the best epoch's weights (CPU tensors).
+        `FitResult` with per-epoch results and the best epoch's weights (CPU tensors); with an
+        empty val split, the weights after the last epoch (val figures NaN).
     """
     t = cfg.training
+    n = epochs or t.epochs
     device = pick_device(t.device)
     configure_threads()
     torch.manual_seed(seed)
     model, _ = M.build_model(prep.spec, len(prep.splits.class_to_idx), prep.state)
     frozen = M.freeze(model, cfg.model.arch, t.freeze_depth)
-    optimizer, scheduler = build_training(model, t, head=M.head_names(model, len(prep.splits.class_to_idx)))
+    optimizer, scheduler = build_training(model, t, n, head=M.head_names(model, len(prep.splits.class_to_idx)))
     inputs = plan(cfg, prep, model, frozen, device, seed)
     try:
         return fit(
             model,
             inputs.train_loader,
-            inputs.val_loader,
-            epochs=t.epochs,
+            inputs.val_loader if prep.splits.val else None,
+            epochs=n,
             optimizer=optimizer,
             scheduler=scheduler,
             criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
@@ -161,7 +174,7 @@ def _use_frozen_features(
     inputs: Inputs,
     cut: M.Split,
     cfg: StudyConfig,
-    prep: Prepared,
+    prep: Prepared | Source,
     image_set: Callable[[list[D.Sample], bool], D.ImageList | D.CachedImageList],
     memory: D.MemoryBudget,
     device: torch.device,
@@ -176,6 +189,8 @@ def _use_frozen_features(
     weights = F.digest(cut.prefix.modules(), setup)
     for name in ("val", "train") if t.aug_strength == 0 else ("val",):
         samples = prep.splits.val if name == "val" else prep.splits.train
+        if not samples:  # a refit's empty val split
+            continue
         key = F.digest([], (weights, name, samples))
         size = F.nbytes(cut, len(samples))
         if not inputs.store.reserve(key, size):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,6 +18,17 @@ from pipeline import data as D
 from pipeline import models as M
 from pipeline.config import CategoricalParam, IntParam, StudyConfig
 from pipeline.core import ModelError
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a fit trains from when no pre-flight ran in this process (the refit on train + val):
+    the splits, the pretrained weights and the eval preprocessing the trials used."""
+
+    splits: D.Splits
+    spec: M.WeightsSpec
+    state: dict[str, torch.Tensor] | None
+    preprocess: D.Preprocess
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,31 @@ class Prepared:
     preprocess: D.Preprocess
     stage_names: tuple[str, ...]  # freeze-depth stages of the arch; empty when no depth > 0 is sampled
     load_report: M.LoadReport
+
+    def checkpoint(
+        self,
+        cfg: StudyConfig,
+        state_dict: dict[str, torch.Tensor],
+        trial_number: int,
+        best_epoch: int,
+        value: float,
+        params: dict[str, Any],
+    ) -> M.TrialCheckpoint:
+        """The checkpoint of weights fitted on this pre-flight's data: the arch and metric from
+        `cfg`, the weights' origin, `class_to_idx` and eval preprocessing from here; `value` is the
+        best `cfg.study.metric` (fraction 0-1 for accuracy) reached at 0-based `best_epoch`."""
+        return M.TrialCheckpoint(
+            state_dict=state_dict,
+            arch=cfg.model.arch,
+            weights_origin=self.spec.origin(),
+            class_to_idx=self.splits.class_to_idx,
+            preprocess=self.preprocess.to_dict(),
+            trial_number=trial_number,
+            best_epoch=best_epoch,
+            metric=cfg.study.metric,
+            value=value,
+            params=params,
+        )
 
 
 def prepare(

@@ -11,30 +11,20 @@ chosen again by cross-validation on the union. The test split is never read here
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import data as D
 from pipeline import models as M
 from pipeline.config import StudyConfig
 from pipeline.training import _probe as P
-from pipeline.training._train import build_training, pick_device, train_one_epoch
-
-
-@dataclass(frozen=True)
-class Source:
-    """What a refit trains from: the study's splits (only train and val are read), the
-    pretrained weights and the eval preprocessing the trials used."""
-
-    splits: D.Splits
-    spec: M.WeightsSpec
-    state: dict[str, torch.Tensor] | None
-    preprocess: D.Preprocess
+from pipeline.training._fitting import fit_config
+from pipeline.training._preflight import Source
+from pipeline.training._train import pick_device
 
 
 def refit_samples(splits: D.Splits) -> list[D.Sample]:
@@ -58,8 +48,9 @@ def _loader(
 def refit_trial(cfg: StudyConfig, source: Source, epochs: int, seed: int) -> dict[str, torch.Tensor]:
     """Fine-tune `cfg` (the champion's params applied) on train + val for `epochs` epochs.
 
-    Same model, freeze depth, optimiser, head lr and scheduler as its trials (the scheduler is
-    built for `epochs`), train transforms at its augmentation strength.
+    The trials' own path (`fit_config`: threads, decoded-image and frozen-feature caches, memory
+    layout; same model, freeze depth, optimiser, head lr, augmentation), with train + val as the
+    train split, no val split, and the scheduler built for `epochs`.
 
     Returns:
         The weights after the last epoch (CPU tensors, the model's state_dict).
@@ -67,23 +58,8 @@ def refit_trial(cfg: StudyConfig, source: Source, epochs: int, seed: int) -> dic
     Raises:
         NonFiniteLossError: the loss became NaN or infinite.
     """
-    t, d = cfg.training, cfg.data
-    torch.manual_seed(seed)
-    device = pick_device(t.device)
-    k = len(source.splits.class_to_idx)
-    model, _ = M.build_model(source.spec, k, source.state)
-    frozen = M.freeze(model, cfg.model.arch, t.freeze_depth)
-    optimizer, scheduler = build_training(model, t, epochs, head=M.head_names(model, k))
-    loader = _loader(
-        source, D.train_transform(source.preprocess, t.aug_strength), d.batch_size, d.num_workers, True, seed
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    model.to(device)
-    for _ in range(epochs):
-        train_one_epoch(model, loader, criterion, optimizer, device, frozen, t.amp, t.channels_last)
-        if scheduler is not None:
-            scheduler.step()
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    union = dataclasses.replace(source.splits, train=refit_samples(source.splits), val=[])
+    return fit_config(cfg, dataclasses.replace(source, splits=union), seed, epochs=epochs).best_state
 
 
 def refit_probe(cfg: StudyConfig, source: Source, seed: int) -> dict[str, torch.Tensor]:

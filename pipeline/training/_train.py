@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from pipeline.config import METRICS, score_sign
 from pipeline.models import set_train_mode, trainable_parameters
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def evaluate(
 def fit(
     model: nn.Module,
     train_loader: Batches,
-    val_loader: Batches,
+    val_loader: Batches | None,
     *,
     epochs: int,
     optimizer: torch.optim.Optimizer,
@@ -224,7 +225,9 @@ def fit(
     """Train for `epochs`, evaluating on val after each; keep the best epoch's weights.
 
     "Best" is the highest val accuracy (or lowest val loss when `metric='val_loss'`); ties keep
-    the earlier epoch. `on_epoch` runs after each epoch and may raise to stop early.
+    the earlier epoch. `on_epoch` runs after each epoch and may raise to stop early. With no
+    `val_loader` (a refit on train + val: nothing is left to choose an epoch with) val is not
+    scored (NaN in each `EpochResult`) and the weights after the last epoch are kept.
 
     `criterion` is the training loss. Validation always uses plain cross-entropy, so `val_loss`
     compares across trials whatever their label smoothing (a smoothed loss cannot go below the
@@ -240,7 +243,7 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
-    sign = -1.0 if metric == "val_loss" else 1.0
+    sign = score_sign(METRICS[metric])
     history: list[EpochResult] = []
     best_epoch, best_score, best_state = -1, -math.inf, {}
     for epoch in range(epochs):
@@ -249,13 +252,16 @@ def fit(
         train_loss, train_acc = train_one_epoch(
             model, train_loader, criterion, optimizer, device, frozen, amp, channels_last, scaler, train_forward
         )
-        val = evaluate(model, val_loader, val_criterion, device, amp, channels_last, val_forward)
+        val_loss, val_acc = math.nan, math.nan
+        if val_loader is not None:
+            val = evaluate(model, val_loader, val_criterion, device, amp, channels_last, val_forward)
+            val_loss, val_acc = val.loss, val.accuracy
         if scheduler is not None:
             scheduler.step()
-        result = EpochResult(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, time.perf_counter() - start)
+        result = EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - start)
         history.append(result)
         score = sign * getattr(result, metric)
-        if score > best_score:
+        if score > best_score or (val_loader is None and epoch == epochs - 1):
             best_epoch, best_score = epoch, score
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch is not None:

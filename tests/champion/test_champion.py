@@ -19,7 +19,7 @@ from optuna.trial import TrialState, create_trial
 from pipeline import data as D
 from pipeline.champion import choose, trials_frame
 from pipeline.champion._champion import TESTED_ATTR
-from pipeline.champion._comparison import select_trial
+from pipeline.champion._comparison import ranked_complete
 from pipeline.config import load_study, storage_url, tracking_uri
 from pipeline.models import _model as M
 from pipeline.search._selection import rerun_plan
@@ -45,17 +45,24 @@ def done(tmp_path_factory):
         cfg = load_study(write_study(tmp / "study.yaml", tree))
         outcome = run_study(cfg)
         loads: list[list] = []
-        real = D.make_loader
 
-        def recording(root, samples, *args, **kwargs):
-            loads.append(list(samples))
-            return real(root, samples, *args, **kwargs)
+        def recording(real, samples_at):
+            def record(*args, **kwargs):
+                loads.append(list(args[samples_at]))
+                return real(*args, **kwargs)
 
-        mp.setattr(D, "make_loader", recording)
+            return record
+
+        # Every image set the report reads: loaders (the test pass, the probe's refit) and the
+        # image lists a fit builds (a trial's refit through `fit_config`).
+        reals = {name: getattr(D, name) for name in ("make_loader", "ImageList", "CachedImageList")}
+        for name, real in reals.items():
+            mp.setattr(D, name, recording(real, 1))
         first = R.run_report(cfg, out=tmp / "report")
         first_loads = list(loads)
         second = R.run_report(cfg, out=tmp / "report")
-        mp.setattr(D, "make_loader", real)
+        for name, real in reals.items():
+            mp.setattr(D, name, real)
         from pipeline.champion._evaluation import sealed_splits
 
         yield SimpleNamespace(
@@ -82,7 +89,9 @@ def test_baselines_are_trials_and_candidates(done):
     assert seed.user_attrs["baseline"] == "seed_recipe"
     assert seed.params == {"lr": 0.001, "freeze_depth": 0, "momentum": 0.9}
     assert len(probe) == 1 and probe[0].params == {} and probe[0].intermediate_values == {}
-    assert probe[0].value == pytest.approx(probe[0].user_attrs["history"][0]["val_accuracy"])
+    # its one epoch in the record every trial stores (val figures kept to 6 significant digits)
+    assert probe[0].value == pytest.approx(probe[0].user_attrs["epoch_00"]["val_acc"], rel=1e-5)
+    assert "history" not in probe[0].user_attrs
     assert probe[0].user_attrs["checkpoint"].endswith(".pt")
     # Candidates are the top 2 COMPLETE originals, baselines included.
     table = choose(trials, done.cfg).table
@@ -183,7 +192,7 @@ def test_reruns_off_and_no_baselines_select_as_before(tmp_path, seed):
         t.number = i  # create_trial leaves the number to the storage
     tree = study_dict(tmp_path, selection={"baselines": {"linear_probe": False, "seed_recipe": False}, "reruns": 0})
     cfg = load_study(write_study(tmp_path / "s.yaml", tree))
-    assert choose(trials, cfg).selected.number == select_trial(trials, "maximize").number
+    assert choose(trials, cfg).selected.number == ranked_complete(trials, "maximize")[0].number
 
 
 def test_head_lr_mult_gives_the_head_its_own_group(tmp_path):

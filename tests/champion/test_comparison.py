@@ -38,22 +38,22 @@ def _study_with(values_states: list[tuple[float | None, TrialState]], folder: Pa
 def test_selection_ties_go_to_the_lower_trial_number_and_follow_direction():
     Co, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
     study = _study_with([(0.8, Co), (0.9, Co), (0.9, Co), (1.0, P), (None, F)])
-    assert C.select_trial(study.trials, "maximize").number == 1
+    assert C.ranked_complete(study.trials, "maximize")[0].number == 1
     assert [t.number for t in C.ranked_complete(study.trials, "maximize")] == [1, 2, 0]
-    assert C.select_trial(study.trials, "minimize").number == 0
+    assert C.ranked_complete(study.trials, "minimize")[0].number == 0
     assert [t.number for t in C.ranked_complete(study.trials, "minimize")] == [0, 1, 2]
 
 
 def test_no_complete_trial_message_counts_states():
     study = _study_with([(0.5, TrialState.PRUNED), (None, TrialState.FAIL), (None, TrialState.FAIL)])
     with pytest.raises(RegistryError) as err:
-        C.select_trial(study.trials, "maximize", "s")
+        C.require_complete(study.trials, "s")
     assert str(err.value) == (
         "study 's' has no COMPLETE trial (1 pruned, 2 failed): nothing to test or register; "
         "run `sweep run` with this study file to add trials (raise --n-trials)"
     )
     with pytest.raises(RegistryError, match=r"^study 'e' has no COMPLETE trial \(no trials\)"):
-        C.select_trial([], "maximize", "e")
+        C.require_complete([], "e")
 
 
 @pytest.mark.parametrize("keep_top_k, kept", [(0, [2]), (1, [2]), (2, [0, 2]), (9, [0, 1, 2])])
@@ -61,7 +61,7 @@ def test_clean_checkpoints_keeps_top_k_complete_and_selected(tmp_path, keep_top_
     Co, P = TrialState.COMPLETE, TrialState.PRUNED
     study = _study_with([(0.8, Co), (0.7, Co), (0.9, Co), (1.0, P)], tmp_path)
     trials = study.get_trials()
-    selected = C.select_trial(trials, "maximize")
+    selected = C.ranked_complete(trials, "maximize")[0]
     result = C.clean_checkpoints(trials, selected, "maximize", keep_top_k, "unused")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([f"trial-{n}.pt" for n in kept] + ["trial-3.pt"])  # the PRUNED trial's file untouched

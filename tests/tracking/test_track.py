@@ -75,9 +75,17 @@ def test_observer_mirrors_each_trial_onto_a_nested_run(store, cfg, tmp_path):
     ]
     recorded = {}
     for number, (state, accs, reason, interrupted) in enumerate(scripts):
-        attrs = observer.trial_started(
-            TrialStarted(number, {"lr": 0.01}, cfg.with_params({"lr": 0.01}), retry_of=2 if number == 3 else None)
+        attrs: dict = {}
+        returned = observer.trial_started(
+            TrialStarted(
+                number,
+                {"lr": 0.01},
+                cfg.with_params({"lr": 0.01}),
+                retry_of=2 if number == 3 else None,
+                record=attrs.__setitem__,
+            )
         )
+        assert returned is None and list(attrs) == ["mlflow_run_id"]  # kept on the trial through `record`
         recorded[number] = attrs["mlflow_run_id"]
         for epoch, acc in enumerate(accs):
             observer.epoch_finished(number, _epoch(epoch, acc))

@@ -129,6 +129,27 @@ def test_best_state_matches_the_hook_snapshot_of_a_normal_run():
         assert torch.equal(tensor, saved[result.best_epoch][name]), name
 
 
+def test_without_val_the_last_epoch_is_kept_and_val_is_nan():
+    # A refit on train + val has nothing left to choose an epoch with.
+    model = mlp()
+    train, _ = loaders()
+    states = []
+    result = fit(
+        model,
+        train,
+        None,
+        epochs=3,
+        optimizer=make_optimizer(model.parameters(), "sgd", 0.1),
+        on_epoch=lambda r: states.append(snapshot(model)),
+    )
+    assert result.best_epoch == 2 and math.isnan(result.best_value)
+    assert all(math.isnan(h.val_accuracy) and math.isnan(h.val_loss) for h in result.history)
+    assert [h.epoch for h in result.history] == [0, 1, 2]
+    for name, tensor in result.best_state.items():
+        assert torch.equal(tensor, states[2][name]), name
+    assert not torch.equal(states[0]["3.weight"], states[2]["3.weight"])  # it trained
+
+
 def test_ties_keep_the_earliest_epoch():
     model = mlp()
     train, val = loaders()
