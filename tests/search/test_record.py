@@ -47,7 +47,10 @@ def test_a_failed_trial_of_an_older_study_reads_with_defaults():
     # Older studies stored one `history` list and no epochs_run / seconds.
     history = [{"epoch": 0, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 0.9, "val_accuracy": 0.5}]
     r = TrialRecord.from_frozen(
-        _stored(state=TrialState.FAIL, user_attrs={"history": history, "fail_reason": "non-finite loss", "interrupted": True})
+        _stored(
+            state=TrialState.FAIL,
+            user_attrs={"history": history, "fail_reason": "non-finite loss", "interrupted": True},
+        )
     )
     assert (r.state, r.value, r.best_epoch, r.seconds, r.mlflow_run_id) == ("FAIL", None, None, None, None)
     assert (r.epochs_run, r.fail_reason, r.interrupted) == (1, "non-finite loss", True)
