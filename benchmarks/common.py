@@ -66,6 +66,18 @@ def make_slice(target: Path, train: int, val: int, test: int, source: Path = DAT
     return target
 
 
+def slice_data(s: Mapping[str, Any], data: Path) -> dict[str, Any]:
+    """The `data:` section of a study over a `make_slice` tree at a suite's size `s`."""
+    return {
+        "root": str(data),
+        "test": "test",
+        "image_size": s["image_size"],
+        "batch_size": s["batch_size"],
+        "num_workers": s["num_workers"],
+        "seed": 0,
+    }
+
+
 def study_file(folder: Path, tree: Mapping[str, Any]) -> Path:
     """Write `tree` as `<folder>/<study name>.yaml` (what a user writes) and return its path."""
     folder.mkdir(parents=True, exist_ok=True)

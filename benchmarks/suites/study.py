@@ -47,14 +47,7 @@ def tree(s: dict[str, Any], data: Path, name: str, pruner: str) -> dict[str, Any
     pruning = {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1} if pruner == "median" else {"type": pruner}
     return {
         "study": {"name": name, "n_trials": s["trials"], "sampler": {"type": "tpe", "seed": 0}, "pruner": pruning},
-        "data": {
-            "root": str(data),
-            "test": "test",
-            "image_size": s["image_size"],
-            "batch_size": s["batch_size"],
-            "num_workers": s["num_workers"],
-            "seed": 0,
-        },
+        "data": C.slice_data(s, data),
         "model": C.EFFICIENTNET,
         "training": {"epochs": s["epochs"], "lr": 0.01, "momentum": 0.9},
         "search_space": SPACE,

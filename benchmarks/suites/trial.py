@@ -39,14 +39,7 @@ def grid_study(s: dict[str, Any], data: Path) -> dict[str, Any]:
             "sampler": {"type": "grid", "seed": 0},
             "pruner": {"type": "none"},
         },
-        "data": {
-            "root": str(data),
-            "test": "test",
-            "image_size": s["image_size"],
-            "batch_size": s["batch_size"],
-            "num_workers": s["num_workers"],
-            "seed": 0,
-        },
+        "data": C.slice_data(s, data),
         "model": C.EFFICIENTNET,
         "training": {"epochs": s["epochs"], "lr": 0.01, "momentum": 0.9},
         "search_space": {
