@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,43 @@ def make_slice(target: Path, train: int, val: int, test: int, source: Path = DAT
                     link = folder / f.name
                     if not link.exists():
                         link.symlink_to(f.resolve())
+    return target
+
+
+def make_tree(target: Path, images: int, classes: int, fractions: tuple[float, float] = (0.8, 0.1)) -> Path:
+    """An ImageFolder tree of `images` real JPEG files in `classes` classes under `target`
+    (`train/`, `val/`, `test/`, one folder per class `c0000`...): hymenoptera's JPEGs dealt round
+    robin, each as a hard link of its own name (a copy where links cannot be made), so every file is
+    decoded at its real cost and cached as its own entry. Class labels carry no signal: accuracy is
+    not what a scale run measures.
+
+    Args:
+        fractions: (train, val) shares of each class's images; test gets the rest (at least one).
+
+    Returns:
+        `target`. An existing tree of the same shape is reused.
+    """
+    marker = target / ".shape"
+    shape = f"{images} {classes} {fractions}"
+    if marker.exists() and marker.read_text() == shape:
+        return target
+    sources = sorted(p for p in DATA.rglob("*.jpg"))
+    per_class = max(3, images // classes)
+    n_train, n_val = max(1, round(per_class * fractions[0])), max(1, round(per_class * fractions[1]))
+    k = 0
+    for c in range(classes):
+        for i in range(per_class):
+            split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+            folder = target / split / f"c{c:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            link = folder / f"img{k:06d}.jpg"
+            if not link.exists():
+                try:
+                    os.link(sources[k % len(sources)], link)
+                except OSError:  # another filesystem, or links not allowed
+                    shutil.copyfile(sources[k % len(sources)], link)
+            k += 1
+    marker.write_text(shape)
     return target
 
 

@@ -62,14 +62,25 @@ class TestEvaluation:
     __test__ = False  # not a pytest class
 
     def to_record(self) -> dict[str, Any]:
-        """Plain JSON values (lists for tuples): what the study user attr holds once stored."""
-        return json.loads(json.dumps(asdict(self)))
+        """Plain JSON values (lists for tuples): what the study user attr holds once stored.
+
+        The confusion matrix is stored as its non-zero cells, `confusion_cells`: `[true, predicted,
+        count]` triples, at most one per test image. Dense, it would be K x K numbers (a million at
+        1000 classes, megabytes in one attr that every reader of the study fetches)."""
+        record = json.loads(json.dumps(asdict(self)))
+        del record["confusion"]
+        record["confusion_cells"] = [
+            [i, j, count] for i, row in enumerate(self.confusion) for j, count in enumerate(row) if count
+        ]
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> TestEvaluation:
-        """The evaluation back from `to_record` output read out of the study."""
+        """The evaluation back from `to_record` output read out of the study (also the dense
+        `confusion` list of lists an earlier version stored)."""
         tuples = {k: tuple(record[k]) for k in ("classes", "precision", "recall", "f1", "support")}
-        return cls(**{**record, **tuples, "confusion": tuple(tuple(r) for r in record["confusion"])})
+        fields = {k: v for k, v in record.items() if k != "confusion_cells"}
+        return cls(**{**fields, **tuples, "confusion": dense_confusion(record, len(tuples["classes"]))})
 
     def per_class(self) -> pd.DataFrame:
         """One row per class: class, precision, recall, f1, support."""
@@ -83,11 +94,37 @@ class TestEvaluation:
             }
         )
 
+    def confused_pairs(self, top: int) -> pd.DataFrame:
+        """The `top` largest off-diagonal cells: true, predicted, count, share (count over the true
+        class's support, 0-1); ties by true then predicted class index."""
+        cells = [
+            (-count, i, j) for i, row in enumerate(self.confusion) for j, count in enumerate(row) if count and i != j
+        ]
+        rows = sorted(cells)[:top]
+        return pd.DataFrame(
+            {
+                "true": [self.classes[i] for _, i, _ in rows],
+                "predicted": [self.classes[j] for _, _, j in rows],
+                "count": [-n for n, _, _ in rows],
+                "share of true class": [-n / max(1, self.support[i]) for n, i, _ in rows],
+            }
+        )
+
     def confusion_frame(self) -> pd.DataFrame:
         """The confusion matrix with `true <class>` rows and `pred <class>` columns."""
         return pd.DataFrame(
             self.confusion, index=[f"true {c}" for c in self.classes], columns=[f"pred {c}" for c in self.classes]
         )
+
+
+def dense_confusion(record: dict[str, Any], num_classes: int) -> tuple[tuple[int, ...], ...]:
+    """The `(K, K)` count matrix of a stored evaluation, from its `confusion_cells` or `confusion`."""
+    if "confusion" in record:
+        return tuple(tuple(int(c) for c in row) for row in record["confusion"])
+    rows = [[0] * num_classes for _ in range(num_classes)]
+    for i, j, count in record["confusion_cells"]:
+        rows[i][j] = int(count)
+    return tuple(map(tuple, rows))
 
 
 def evaluation_key(trial_number: int, sha256: str) -> str:

@@ -6,6 +6,7 @@ from pipeline.report._html import write_html
 from pipeline.report._markdown import Outcome, markdown_lines, table, write_markdown
 from pipeline.report._parent_summary import summarise_parent
 from pipeline.report._plots import confusion_plot, write_plots
+from pipeline.report._test_tables import write_test_tables
 
 __all__ = [
     "Outcome",
@@ -16,4 +17,5 @@ __all__ = [
     "write_html",
     "write_markdown",
     "write_plots",
+    "write_test_tables",
 ]

@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline.champion import Choice, Cleanup, Compute, TestEvaluation, TestFigures
 from pipeline.config import StudyConfig
 from pipeline.registry import Registered
+from pipeline.report._test_tables import SHOWN_ROWS, is_compact, lowest_recall
 from pipeline.search import TrialRecord
 
 
@@ -119,12 +120,7 @@ def selection_lines(cfg: StudyConfig, outcome: Outcome) -> list[str]:
             f"(mean cross-entropy {test.loss:.4f}); checkpoint sha256 `{test.checkpoint_sha256[:16]}…`."
         ),
         "",
-        table(test.per_class(), floatfmt=".4f"),
-        "",
-        "Confusion matrix (rows: true class, columns: predicted):",
-        "",
-        table(test.confusion_frame().reset_index(names="")),
-        "",
+        *test_tables(test),
         "![confusion matrix](confusion_matrix.png)",
         "",
         "## Registered model",
@@ -133,6 +129,31 @@ def selection_lines(cfg: StudyConfig, outcome: Outcome) -> list[str]:
             f"`{registered.name}` version {registered.version}, alias `{registered.alias}`: "
             f"load it with `{registered.uri}`."
         ),
+        "",
+    ]
+
+
+def test_tables(test: TestEvaluation) -> list[str]:
+    """Per-class figures and the confusion matrix: whole up to `COMPACT_CLASSES` classes, beyond
+    that the lowest recalls and the most confused pairs, pointing at the CSV files."""
+    if not is_compact(test):
+        return [
+            table(test.per_class(), floatfmt=".4f"),
+            "",
+            "Confusion matrix (rows: true class, columns: predicted; also in `confusion_matrix.csv`):",
+            "",
+            table(test.confusion_frame().reset_index(names="")),
+            "",
+        ]
+    n = len(test.classes)
+    return [
+        f"The {SHOWN_ROWS} classes with the lowest recall (all {n} in `per_class.csv`):",
+        "",
+        table(lowest_recall(test), floatfmt=".4f"),
+        "",
+        f"The {SHOWN_ROWS} most confused pairs (the whole {n} x {n} matrix in `confusion_matrix.csv`):",
+        "",
+        table(test.confused_pairs(SHOWN_ROWS), floatfmt=".4f"),
         "",
     ]
 

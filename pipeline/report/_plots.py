@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from pipeline.champion import TestEvaluation
 from pipeline.config import FloatParam, IntParam, StudyConfig
 from pipeline.core import first_line
+from pipeline.report._test_tables import SHOWN_ROWS, is_compact
 from pipeline.search import TrialRecord
 
 MAIN_PARAMS = ("lr", "momentum", "freeze_depth", "aug_strength")
@@ -282,19 +283,50 @@ def confusion_plot(evaluation: TestEvaluation, path: Path) -> Path:
 def confusion_figure(evaluation: TestEvaluation) -> Figure:
     """The test confusion matrix (rows: true class, columns: predicted class, cells: counts),
     titled with the trial and the accuracy with its count on two lines, so a narrow figure of
-    two classes still shows it whole; no grid lines across the cells."""
+    two classes still shows it whole; no grid lines across the cells. Beyond `COMPACT_CLASSES`
+    classes: `compact_confusion_figure`, a fixed size whatever the class count."""
     import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    if is_compact(evaluation):
+        return compact_confusion_figure(evaluation)
     n = len(evaluation.classes)
-    correct = sum(evaluation.confusion[i][i] for i in range(n))
     fig, ax = _figure(max(4.0, 2.4 + 0.6 * n), max(3.6, 2.2 + 0.6 * n))
     ConfusionMatrixDisplay(np.array(evaluation.confusion), display_labels=list(evaluation.classes)).plot(
         ax=ax, colorbar=False, cmap="Blues"
     )
     ax.grid(False)  # a style with axes.grid on (Optuna's ggplot) would draw lines through the cells
-    ax.set_title(
+    ax.set_title(_confusion_title(evaluation))
+    return fig
+
+
+def _confusion_title(evaluation: TestEvaluation) -> str:
+    correct = sum(row[i] for i, row in enumerate(evaluation.confusion))
+    return (
         f"test split, trial {evaluation.trial_number}\n"
         f"accuracy {evaluation.accuracy:.3f} ({correct}/{evaluation.n_images})"
     )
+
+
+def compact_confusion_figure(evaluation: TestEvaluation) -> Figure:
+    """Many classes at 11 x 4.8 inches (1210 x 528 px at the report's dpi): left, the matrix
+    normalised by row (each true class's share predicted as each class) as an image with class
+    indices on the axes; right, the `SHOWN_ROWS` most confused pairs as bars. No text per cell:
+    K x K labels were what made the full plot take minutes and pass Pillow's pixel limit."""
+    import numpy as np
+
+    matrix = np.asarray(evaluation.confusion, dtype=np.float64)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(11, 4.8))
+    left, right = fig.subplots(1, 2)
+    shown = left.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+    fig.colorbar(shown, ax=left, fraction=0.046, label="share of the true class")
+    left.grid(False)
+    left.set(xlabel="predicted class (index)", ylabel="true class (index)", title=_confusion_title(evaluation))
+    pairs = evaluation.confused_pairs(SHOWN_ROWS)
+    labels = [f"{t} → {p}" for t, p in zip(pairs["true"], pairs["predicted"], strict=True)]
+    right.barh(range(len(pairs)), pairs["count"], color="tab:red", alpha=0.7)
+    right.set_yticks(range(len(pairs)), labels, fontsize="x-small")
+    right.invert_yaxis()
+    right.set(xlabel="test images", title=f"the {len(pairs)} most confused pairs (true → predicted)")
     return fig

@@ -56,6 +56,7 @@ from pipeline.report import (
     write_html,
     write_markdown,
     write_plots,
+    write_test_tables,
 )
 from pipeline.search import TrialRecord
 from pipeline.tracking import PARENT_ATTR, Tracker, reconcile
@@ -164,8 +165,9 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
     outcome, fresh, section = _hand_off(cfg, study, trials, choice, tracker, parent)
     notes.append(section[0])
     confusion = confusion_plot(outcome.test, folder / "confusion_matrix.png")
+    tables = write_test_tables(outcome.test, folder)
     md = write_markdown(folder, cfg, trials, frame, compute, outcome, notes, plots, section[1:])
-    files = (folder / "trials.csv", *plots, confusion, md, write_html(md))
+    files = (folder / "trials.csv", *plots, confusion, *tables, md, write_html(md))
     _log_files(tracker, parent, files)
     _tag_parent(tracker, parent, outcome, fresh)
     summarise_parent(tracker, parent, cfg, trials, outcome, fresh)

@@ -67,7 +67,9 @@ def test_evaluate_once_evaluates_a_checkpoint_once_and_stores_it(setup, monkeypa
     # what is stored is plain JSON and comes back as the same evaluation, without a second pass
     record = study.user_attrs[f"sweep_test_eval:3:{sha}"]
     assert record == first.to_record() == json.loads(json.dumps(record))
-    assert record["classes"] == ["ants", "bees"] and record["confusion"] == [list(r) for r in first.confusion]
+    assert record["classes"] == ["ants", "bees"] and record["confusion_cells"] == [
+        [i, j, n] for i, row in enumerate(first.confusion) for j, n in enumerate(row) if n
+    ]
     again, fresh = E.evaluate_once(study, cfg, ckpt, sha)
     assert (again, fresh, passes) == (first, False, [6])
     # another checkpoint file of the same trial is a new evaluation
@@ -94,3 +96,42 @@ def test_rebuild_gives_the_checkpoints_weights_in_eval_mode(setup):
     with torch.no_grad():
         assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
     assert E.eval_preprocess(ckpt) == PP
+
+
+def _evaluation(confusion, classes):
+    support = tuple(sum(row) for row in confusion)
+    return E.TestEvaluation(
+        trial_number=0,
+        checkpoint_sha256="ab" * 32,
+        classes=classes,
+        n_images=sum(support),
+        accuracy=sum(row[i] for i, row in enumerate(confusion)) / sum(support),
+        loss=0.5,
+        precision=(0.5,) * len(classes),
+        recall=(0.5,) * len(classes),
+        f1=(0.5,) * len(classes),
+        support=support,
+        confusion=confusion,
+        evaluated_at="2026-01-01T00:00:00+00:00",
+    )
+
+
+def test_sparse_record_round_trips_and_a_dense_record_still_reads():
+    evaluation = _evaluation(((2, 0, 1), (0, 3, 0), (4, 0, 0)), ("a", "b", "c"))
+    record = evaluation.to_record()
+    assert record["confusion_cells"] == [[0, 0, 2], [0, 2, 1], [1, 1, 3], [2, 0, 4]]
+    assert E.TestEvaluation.from_record(record) == evaluation
+    dense = {k: v for k, v in record.items() if k != "confusion_cells"}
+    dense["confusion"] = [[2, 0, 1], [0, 3, 0], [4, 0, 0]]
+    assert E.TestEvaluation.from_record(dense) == evaluation
+
+
+def test_confused_pairs_largest_off_diagonal_cells_first():
+    evaluation = _evaluation(((2, 0, 1), (0, 3, 0), (4, 0, 0)), ("a", "b", "c"))
+    pairs = evaluation.confused_pairs(5)
+    assert pairs.to_dict("list") == {
+        "true": ["c", "a"],
+        "predicted": ["a", "c"],
+        "count": [4, 1],
+        "share of true class": [1.0, pytest.approx(1 / 3)],
+    }

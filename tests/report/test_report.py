@@ -161,9 +161,9 @@ def test_test_split_is_evaluated_exactly_once(done):
     record = done.study.user_attrs[f"sweep_test_eval:1:{sha}"]
     assert record["n_images"] == 6 and record["trial_number"] == 1
     assert record["accuracy"] == done.first.test.accuracy == done.second.test.accuracy
-    confusion = record["confusion"]
-    assert sum(map(sum, confusion)) == 6
-    assert record["accuracy"] == pytest.approx(sum(confusion[i][i] for i in range(2)) / 6)
+    cells = record["confusion_cells"]  # [true, predicted, count], non-zero cells only
+    assert sum(n for _, _, n in cells) == 6 and all(n > 0 for _, _, n in cells)
+    assert record["accuracy"] == pytest.approx(sum(n for i, j, n in cells if i == j) / 6)
     assert [k for k in done.study.user_attrs if k.startswith("sweep_test_eval")] == [f"sweep_test_eval:1:{sha}"]
 
 
@@ -237,6 +237,8 @@ def test_report_files(done):
         "learning_curves.png",
         *(f"val_accuracy_vs_{p}.png" for p in ("lr", "momentum", "freeze_depth", "aug_strength")),
         "confusion_matrix.png",
+        "per_class.csv",
+        "confusion_matrix.csv",
         "report.md",
         "report.html",
     ]
