@@ -23,7 +23,7 @@ from pipeline import models as M
 from pipeline import training as TR
 from pipeline.config import StudyConfig
 from pipeline.core import RegistryError
-from pipeline.data import SPLITS_ATTR, adopt
+from pipeline.data import adopt, load_record
 from pipeline.models import TrialCheckpoint
 
 TEST_ATTR = "sweep_test_eval"  # study user attr prefix: f"{TEST_ATTR}:{trial}:{sha256}"
@@ -223,7 +223,7 @@ def evaluate_once(
     stored = study.user_attrs.get(key)
     if stored is not None:
         return TestEvaluation.from_record(stored), False
-    evaluation = evaluate_on_test(cfg, checkpoint, sha256, study.user_attrs.get(SPLITS_ATTR))
+    evaluation = evaluate_on_test(cfg, checkpoint, sha256, load_record(study.user_attrs))
     # Stored before anything else can fail (registration), so a retry never tests twice.
     study.set_user_attr(key, evaluation.to_record())
     return evaluation, True

@@ -6,8 +6,8 @@ record every worker reads back.
 
 from pipeline.data._imagecache import CachedImageList, MemoryBudget, budget, notice, shared
 from pipeline.data._imagefiles import Findings, check_image, decode_image, ignored_files_message, ignored_kinds, list_images, load_rgb
-from pipeline.data._splitrecord import SPLITS_ATTR, adopt, to_record
+from pipeline.data._splitrecord import SPLITS_ATTR, adopt, load_record, store_record, to_record
 from pipeline.data._splits import ImageList, Sample, Splits, build_splits, loader, make_loader, scan_images
 from pipeline.data._transforms import Preprocess, Transform, cached_eval_transform, cached_train_transform, eval_transform, train_transform
 
-__all__ = ['CachedImageList', 'Findings', 'ImageList', 'MemoryBudget', 'Preprocess', 'SPLITS_ATTR', 'Sample', 'Splits', 'Transform', 'adopt', 'budget', 'build_splits', 'cached_eval_transform', 'cached_train_transform', 'check_image', 'decode_image', 'eval_transform', 'ignored_files_message', 'ignored_kinds', 'list_images', 'load_rgb', 'loader', 'make_loader', 'notice', 'scan_images', 'shared', 'to_record', 'train_transform']
+__all__ = ['CachedImageList', 'Findings', 'ImageList', 'MemoryBudget', 'Preprocess', 'SPLITS_ATTR', 'Sample', 'Splits', 'Transform', 'adopt', 'load_record', 'store_record', 'budget', 'build_splits', 'cached_eval_transform', 'cached_train_transform', 'check_image', 'decode_image', 'eval_transform', 'ignored_files_message', 'ignored_kinds', 'list_images', 'load_rgb', 'loader', 'make_loader', 'notice', 'scan_images', 'shared', 'to_record', 'train_transform']

@@ -37,7 +37,7 @@ from pipeline.config import (
     tracking_uri,
 )
 from pipeline.core import BEFORE_TRIALS, StudyFailedError, mask_text, mask_url
-from pipeline.data import SPLITS_ATTR, adopt, to_record
+from pipeline.data import adopt, load_record, store_record, to_record
 from pipeline.distributed import DeadTrials, heartbeat_supported, recover, study_lock
 from pipeline.search import (
     Interrupted,
@@ -221,9 +221,9 @@ def failure_message(outcome: StudyOutcome) -> str:
 def _recorded_split(study: optuna.Study, prep: Prepared, accept_changes: bool) -> Prepared:
     """Record this worker's split when the study has none (or `accept_changes`), else use the
     recorded one, which this worker's data folder must match file for file (`splitrecord.adopt`)."""
-    recorded = study.user_attrs.get(SPLITS_ATTR)
+    recorded = load_record(study.user_attrs)
     if recorded is None or accept_changes:
-        study.set_user_attr(SPLITS_ATTR, to_record(prep.splits))
+        store_record(to_record(prep.splits), study.set_user_attr)
         return prep
     return dataclasses.replace(prep, splits=adopt(recorded, prep.splits, study.study_name))
 

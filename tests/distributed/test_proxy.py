@@ -3,46 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-import pipeline
 from pipeline.core import TrackingError
 from pipeline.distributed import open_storage, serve_storage_proxy
 
-ROOT = str(Path(pipeline.__file__).resolve().parents[1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_proxy(database: str, port: int) -> subprocess.Popen:
-    code = (
-        f"from pipeline.distributed import serve_storage_proxy; serve_storage_proxy({database!r}, '127.0.0.1', {port})"
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": ROOT},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return out
+from conftest import free_port, start_proxy, stop
 
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
