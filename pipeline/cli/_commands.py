@@ -162,6 +162,7 @@ def run(
             cfg, storage=storage, tracking=tracking_uri, observers=[display], accept_changes=accept_changes
         )
     _print_summary(outcome)
+    _print_cache(cfg)
     running = len(outcome.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     if report and running:
         out.print(
@@ -223,6 +224,13 @@ def _print_summary(outcome: StudyOutcome) -> None:
         params = f" params {best.params}" if best.params else ""  # the linear probe samples none
         out.print(f"best trial {best.number} ({role(best)}): value {best.value:.4f}{params}", markup=False)
     out.print(f"MLflow parent run {outcome.parent_run_id}", markup=False)
+
+
+def _print_cache(cfg: StudyConfig) -> None:
+    from pipeline import data as D
+
+    if cfg.cache.decoded_images and D.cache_folder().exists():
+        out.print(D.cache_summary(D.cache_folder(), cfg.cache.max_disk_mb), markup=False)
 
 
 def _report(cfg: StudyConfig, storage: str | None, tracking_uri: str | None, out_dir: Path | None = None) -> None:
@@ -300,6 +308,25 @@ def predict(
         typer.echo(rendered)  # plain stdout: rich would wrap long JSON lines
     else:
         out.print(rendered)
+
+
+@app.command()
+@handled
+def cache(
+    clear: Annotated[bool, typer.Option("--clear", help="delete every decoded image in the cache")] = False,
+    unused_days: Annotated[
+        Optional[float], typer.Option(min=0, help="delete only the entries not used for DAYS days")
+    ] = None,
+) -> None:
+    """Show (or clear) the decoded-image cache under $SWEEP_HOME/cache/decoded; a run only decodes
+    deleted entries again, nothing else is lost."""
+    from pipeline import data as D
+
+    folder = D.cache_folder()
+    if clear or unused_days is not None:
+        gone = D.clear_cache(folder, None if unused_days is None else unused_days * 86400)
+        out.print(f"deleted {gone.entries} decoded image(s), {gone.bytes / 2**20:.1f} MiB", markup=False)
+    out.print(D.cache_summary(folder), markup=False)
 
 
 @app.command("ui-links")

@@ -21,6 +21,12 @@ class CacheSection(Frozen):
     max_memory_mb: int | None = Field(
         None, ge=0, description="MiB of RAM for both caches together; null = a quarter of the machine's"
     )
+    max_disk_mb: int | None = Field(
+        None,
+        ge=0,
+        description="MiB of disk for decoded images under $SWEEP_HOME/cache/decoded (least recently used "
+        "entries of earlier runs evicted); null = a quarter of the free space, at most 10 GiB; 0 = memory only",
+    )
 
 
 class BaselinesConfig(Frozen):

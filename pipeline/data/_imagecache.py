@@ -15,49 +15,43 @@ What is cached, as uint8 `(3, H, W)` tensors, per use:
 Two tiers:
 - memory: a dict per process, shared by every trial of the study, bounded by one `MemoryBudget`
   (`cache.max_memory_mb`, shared with the frozen-feature cache);
-- files: one `.npy` per entry under `<store folder>/cache/decoded/`, named by a digest of the
-  absolute path, size, mtime (ns), working size, interpolation and `FORMAT_VERSION`. A resumed
-  run, a second worker on the same machine, or a trial's DataLoader worker reads them instead of
-  decoding again; a changed file gets a new name, so it is decoded again. Entries are written
-  atomically (temporary file + `os.replace`); stale ones are never read and can be deleted any time.
+- files (`_diskcache.DiskTier`): one `.npy` per entry under `<store folder>/cache/decoded/`, named
+  by a digest of the absolute path, size, mtime (ns), working size, interpolation and
+  `FORMAT_VERSION`, within `cache.max_disk_mb` (least recently used entries of earlier runs are
+  evicted). A resumed run, a second worker on the same machine, or a trial's DataLoader worker
+  reads them instead of decoding again; a changed file gets a new name, so it is decoded again.
+  Entries are written atomically (temporary file + `os.replace`); stale ones are never read and
+  can be deleted any time (`sweep cache --clear`).
 When memory is full the rest are read from the files each epoch, and without a writable folder
-they are decoded on the fly; one line says which.
+(or past the disk budget) they are decoded on the fly; one line says which. DataLoader worker
+processes use the file tier only: a memory tier there would be a copy per worker, outside the
+budget, and gone when the worker ends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.data import _splits as D
 from pipeline.data import _imagefiles as IMG
 from pipeline.data import _transforms as TX
+from pipeline.data import _diskcache as DC
+from pipeline.data._notices import forget as _forget_notices
+from pipeline.data._notices import notice
 from pipeline.core import DataError
 
 FORMAT_VERSION = 1  # bump when load_rgb or the resizes change what an entry holds
 SOURCE_SIDE = 4  # augmentation sources: short side at most SOURCE_SIDE x crop px
-DISK_RESERVE = 512 * 2**20  # bytes left free on the store's disk before entries stop being written
-log = logging.getLogger("sweep.cache")
-_said: set[str] = set()
-
-
-def notice(message: str) -> None:
-    """Log `message` once per process (a fallback is stated once, not once per trial or batch)."""
-    if message not in _said:
-        _said.add(message)
-        log.warning(message)
-
 
 class MemoryBudget:
     """Bytes of RAM the caches of this process may hold together (thread-safe counter)."""
@@ -77,6 +71,13 @@ class MemoryBudget:
     def give(self, nbytes: int) -> None:
         with self._lock:
             self.used = max(0, self.used - nbytes)
+
+    def __getstate__(self) -> dict:
+        return {"limit": self.limit, "used": self.used}  # a spawned DataLoader worker gets its own lock
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["limit"])  # type: ignore[misc]
+        self.used = state["used"]
 
 
 _BUDGETS: dict[int, MemoryBudget] = {}
@@ -98,34 +99,33 @@ class DecodedImages:
     """uint8 `(3, H, W)` images of the files under `root`, decoded at most once.
 
     `for_training=False`: eval inputs at the working size; True: augmentation sources (see the
-    module notes).
+    module notes). `folder`: the file tier's folder (None: memory only), within `max_disk_mb` MiB
+    (None: `_diskcache.default_limit`).
 
     Counters (for benchmarks and tests): `decoded` files decoded by this process, `memory_hits`,
     `file_hits` (entries read from the folder). Returned tensors are shared: do not modify them.
     """
 
     def __init__(
-        self, root: Path, pp: TX.Preprocess, budget: MemoryBudget, folder: Path | None, for_training: bool = False
+        self,
+        root: Path,
+        pp: TX.Preprocess,
+        budget: MemoryBudget,
+        folder: Path | None,
+        for_training: bool = False,
+        max_disk_mb: int | None = None,
     ):
         self.root, self.pp, self.budget = Path(root).resolve(), pp, budget
-        self.folder = self._usable(folder)
+        self.disk = DC.tier(folder, max_disk_mb) if folder is not None and max_disk_mb != 0 else None
         self.for_training = for_training
         self._resize = TX.working_size(pp)
         self._memory: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         self.decoded = self.memory_hits = self.file_hits = 0
 
-    def _usable(self, folder: Path | None) -> Path | None:
-        if folder is None:
-            return None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            notice(
-                f"cache: cannot write decoded images under {folder} ({err.strerror or err}); "
-                "images beyond cache.max_memory_mb are decoded on the fly"
-            )
-            return None
-        return folder
+    @property
+    def folder(self) -> Path | None:
+        """Where entries are written; None without a usable file tier."""
+        return None if self.disk is None else self.disk.folder
 
     def entry_name(self, path: Path, stamp: tuple[int, int]) -> str:
         """Digest naming the entry of `path` with (size bytes, mtime ns) `stamp` at this working size."""
@@ -156,7 +156,14 @@ class DecodedImages:
         image = self._read(name)
         if image is None:
             image = self._decode(path)
-            self._write(name, image)
+            if self.disk is not None:
+                self.disk.write(name, image.numpy())
+        self._hold(rel, stamp, image)
+        return image
+
+    def _hold(self, rel: str, stamp: tuple[int, int], image: torch.Tensor) -> None:
+        if get_worker_info() is not None:  # a DataLoader worker: file tier only (module notes)
+            return
         if self.budget.take(image.nbytes):
             self._memory[rel] = (stamp, image)
         else:
@@ -165,7 +172,6 @@ class DecodedImages:
                 f"cache: decoded images pass cache.max_memory_mb "
                 f"({self.budget.limit / 2**20:.0f} MiB); the rest are {where} every epoch"
             )
-        return image
 
     def _decode(self, path: Path) -> torch.Tensor:
         try:
@@ -181,37 +187,11 @@ class DecodedImages:
         return TF.pil_to_tensor(image).contiguous()
 
     def _read(self, name: str) -> torch.Tensor | None:
-        if self.folder is None:
-            return None
-        try:
-            array = np.load(self.folder / name[:2] / name, allow_pickle=False)
-        except (OSError, ValueError, EOFError):  # absent (the usual miss) or unreadable: decode
+        array = None if self.disk is None else self.disk.read(name)
+        if array is None:
             return None
         self.file_hits += 1
         return torch.from_numpy(array)
-
-    def _write(self, name: str, image: torch.Tensor) -> None:
-        if self.folder is None:
-            return
-        target = self.folder / name[:2] / name
-        try:
-            if shutil.disk_usage(self.folder).free < image.nbytes + DISK_RESERVE:
-                notice(
-                    f"cache: under {DISK_RESERVE // 2**20} MiB free on the disk of {self.folder}; "
-                    "decoded images are no longer written there"
-                )
-                return
-            target.parent.mkdir(exist_ok=True)
-            tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as handle:
-                np.save(handle, image.numpy(), allow_pickle=False)
-            os.replace(tmp, target)  # readers see a whole entry or none
-        except OSError as err:
-            notice(
-                f"cache: cannot write decoded images under {self.folder} ({err.strerror or err}); "
-                "images beyond cache.max_memory_mb are decoded on the fly"
-            )
-            self.folder = None
 
     def stats(self) -> dict[str, int]:
         """Counters plus `memory_bytes` / `memory_entries` held by this cache."""
@@ -228,18 +208,24 @@ _CACHES: dict[tuple, DecodedImages] = {}
 
 
 def shared(
-    root: Path, pp: TX.Preprocess, memory: MemoryBudget, folder: Path | None = None, for_training: bool = False
+    root: Path,
+    pp: TX.Preprocess,
+    memory: MemoryBudget,
+    folder: Path | None = None,
+    for_training: bool = False,
+    max_disk_mb: int | None = None,
 ) -> DecodedImages:
     """The process-wide cache of `root` for `pp` (eval inputs, or augmentation sources when
     `for_training`), so every trial reuses it.
 
     Args:
         folder: where entries are written; default `default_folder()` at the time of the call.
+        max_disk_mb: `cache.max_disk_mb` (None: `_diskcache.default_limit`).
     """
     folder = folder if folder is not None else default_folder()
     key = (str(Path(root).resolve()), pp.resize, pp.crop, pp.interpolation, str(folder), id(memory), for_training)
     if key not in _CACHES:
-        _CACHES[key] = DecodedImages(root, pp, memory, folder, for_training)
+        _CACHES[key] = DecodedImages(root, pp, memory, folder, for_training, max_disk_mb)
     return _CACHES[key]
 
 
@@ -253,13 +239,14 @@ def totals() -> dict[str, int]:
 
 
 def clear() -> None:
-    """Forget every in-memory cache and budget of this process (the files stay)."""
+    """Forget every in-memory cache, budget and disk tier of this process (the files stay)."""
     for cache in _CACHES.values():
         for _, image in cache._memory.values():
             cache.budget.give(image.nbytes)
     _CACHES.clear()
     _BUDGETS.clear()
-    _said.clear()
+    DC.forget()
+    _forget_notices()
 
 
 class CachedImageList(Dataset):

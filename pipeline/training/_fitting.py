@@ -78,12 +78,12 @@ def plan(
     t, d, c = cfg.training, cfg.data, cfg.cache
     pp, splits = prep.preprocess, prep.splits
     memory = D.budget(cache_limit_bytes(c.max_memory_mb))
-    images = D.shared(splits.root, pp, memory) if c.decoded_images else None
+    images = D.shared(splits.root, pp, memory, max_disk_mb=c.max_disk_mb) if c.decoded_images else None
 
     def image_set(samples: list[D.Sample], train: bool) -> D.ImageList | D.CachedImageList:
         if images is not None:
             if train and t.aug_strength > 0:
-                sources = D.shared(splits.root, pp, memory, for_training=True)
+                sources = D.shared(splits.root, pp, memory, for_training=True, max_disk_mb=c.max_disk_mb)
                 return D.CachedImageList(sources, samples, D.cached_train_transform(pp, t.aug_strength))
             return D.CachedImageList(images, samples, D.cached_eval_transform(pp))
         transform = D.train_transform(pp, t.aug_strength) if train else D.eval_transform(pp)

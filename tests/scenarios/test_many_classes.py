@@ -9,6 +9,7 @@ whole per-class figures go to CSV files, and the stored test evaluation stays sm
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import optuna
@@ -50,11 +51,11 @@ def reported(tmp_path_factory):
     result = CliRunner().invoke(cli.app, ["run", str(study), "--quiet"], env=env)
     assert result.exit_code == 0, result.output
     storage = f"sqlite:///{tmp / 'mlruns' / 'optuna.db'}"
-    return tmp / "reports" / "many", optuna.load_study(study_name="many", storage=storage)
+    return tmp / "reports" / "many", optuna.load_study(study_name="many", storage=storage), result.output
 
 
 def test_every_image_opens_in_pillow_and_stays_small(reported):
-    folder, _ = reported
+    folder, *_ = reported
     pngs = sorted(folder.glob("*.png"))
     assert "confusion_matrix.png" in {p.name for p in pngs}
     for png in pngs:
@@ -67,7 +68,7 @@ def test_every_image_opens_in_pillow_and_stays_small(reported):
 
 
 def test_report_is_compact_and_points_at_the_whole_tables(reported):
-    folder, _ = reported
+    folder, *_ = reported
     md = (folder / "report.md").read_text()
     assert (folder / "report.md").stat().st_size < 50_000
     assert (folder / "report.html").stat().st_size < 3_000_000
@@ -84,7 +85,7 @@ def test_report_is_compact_and_points_at_the_whole_tables(reported):
 
 
 def test_stored_test_evaluation_holds_only_nonzero_cells(reported):
-    folder, study = reported
+    folder, study, _ = reported
     (key,) = [k for k in study.user_attrs if k.startswith("sweep_test_eval:")]
     record = study.user_attrs[key]
     assert "confusion" not in record
@@ -92,3 +93,19 @@ def test_stored_test_evaluation_holds_only_nonzero_cells(reported):
     assert len(json.dumps(record)) < 200_000  # dense, 10^6 numbers: megabytes in one attr
     correct = sum(n for i, j, n in record["confusion_cells"] if i == j)
     assert record["accuracy"] == pytest.approx(correct / CLASSES)
+
+
+def test_the_run_ends_with_the_cache_it_left(reported):
+    folder, _, output = reported
+    from pipeline.data import cache_usage
+
+    cache = folder.parent.parent / "mlruns" / "cache" / "decoded"
+    [line] = [x for x in output.splitlines() if x.startswith("cache ")]
+    shown = re.fullmatch(
+        rf"cache {re.escape(str(cache.resolve()))}: (\d+) decoded image\(s\), [\d.]+ MiB, used .+ \.\. .+ "
+        r"\(budget \d+ MiB, the default; `sweep cache --clear` frees it\)",
+        line,
+    )
+    assert shown, line
+    assert int(shown.group(1)) >= 2 * CLASSES  # train and val, one image per class each
+    assert cache_usage(cache).entries >= int(shown.group(1))  # the report stage only adds

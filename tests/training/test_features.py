@@ -247,6 +247,25 @@ def test_cache_section_defaults_and_a_bad_cap_named(tmp_path, image_root):
     expected = r"cache\.max_memory_mb: Input should be greater than or equal to 0 \(got -5\)$"
     with pytest.raises(ConfigError, match=expected):
         load_study(write_study(tmp_path / "bad.yaml", tree))
+    assert cfg.cache.max_disk_mb is None
+    tree = study_dict(image_root, cache={"max_disk_mb": "lots"})
+    expected = (
+        r"cache\.max_disk_mb: Input should be a valid integer, unable to parse string as an integer \(got 'lots'\)$"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        load_study(write_study(tmp_path / "bad.yaml", tree))
+
+
+def test_max_disk_mb_0_trains_the_same_and_writes_no_entry(tmp_path, image_root):
+    from pipeline.data import cache_folder, cache_usage
+
+    cfg, prep = prepared(tmp_path, image_root, freeze_depth=5)
+    memory_only = fitting.fit_config(with_cache(cfg, max_disk_mb=0), prep, seed=3)
+    assert cache_usage(cache_folder()).entries == 0
+    imagecache.clear()
+    written = fitting.fit_config(cfg, prep, seed=3)
+    assert cache_usage(cache_folder()).entries == len(prep.splits.train) + len(prep.splits.val)
+    assert_same_history(history(memory_only), history(written), len(prep.splits.train), len(prep.splits.val))
 
 
 def test_loader_workers_only_when_they_pay(monkeypatch):
