@@ -6,6 +6,7 @@ this prints them (to stderr, so stdout keeps the results).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -46,6 +47,7 @@ class ProgressDisplay(TrialObserver):
         self.trials = self.progress.add_task("trials", total=n_trials, info="")
         self.epochs: TaskID | None = None
         self.scan: TaskID | None = None
+        self.scan_start = 0.0
         self.params: dict[int, str] = {}
 
     def __enter__(self) -> ProgressDisplay:
@@ -58,10 +60,18 @@ class ProgressDisplay(TrialObserver):
     def images_scanned(self, done: int, total: int) -> None:
         if self.scan is None:
             self.scan = self.progress.add_task("scanning images", total=total, info="")
-        self.progress.update(self.scan, completed=done)
+            self.scan_start = time.monotonic()
+            if not self.live and not self.quiet:
+                self.console.print(f"scanning {total} image files (each decoded once)", markup=False)
+        seconds = max(time.monotonic() - self.scan_start, 1e-9)
+        self.progress.update(self.scan, completed=done, info=f"{done / seconds:.0f} files/s")
         if done == total:
             self.progress.remove_task(self.scan)
             self.scan = None
+            if not self.live and not self.quiet:
+                self.console.print(
+                    f"scanned {total} image files in {seconds:.1f} s ({total / seconds:.0f} files/s)", markup=False
+                )
 
     def trial_started(self, event: TrialStarted) -> None:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in event.params.items())

@@ -1,9 +1,11 @@
 """The error family (one exception per kind of bad input or fault, each with its exit code),
-masking of passwords in URLs and text, and interrupts deferred while a store is written.
+masking of passwords in URLs and text, interrupts deferred while a store is written, and the
+cores this process may use.
 
 Imports nothing else of `pipeline`: every other subpackage may use it.
 """
 
+from pipeline.core._cores import cpu_cores
 from pipeline.core._errors import (
     ConfigError,
     DataError,
@@ -30,6 +32,7 @@ __all__ = [
     "SweepError",
     "TrackingError",
     "connection_refused",
+    "cpu_cores",
     "deferred_interrupts",
     "first_line",
     "install_early_handlers",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import threading
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -133,11 +134,47 @@ def _one_line(message: object) -> str:
     return re.sub(r"\s+", " ", str(message)).strip()
 
 
+_thread = threading.local()  # `caught`: the list of the decode running in this thread
+_routing = threading.Event()  # set while `per_thread_warnings` is on
+
+
+@contextlib.contextmanager
+def per_thread_warnings() -> Iterator[None]:
+    """While on, `decode_image` may run in many threads at once: each one's warnings go to its
+    own list. (`warnings.catch_warnings` swaps process-wide state, so it cannot be nested across
+    threads.) Warnings of other threads meanwhile are shown as usual."""
+    shown = warnings.showwarning
+
+    def route(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        caught = getattr(_thread, "caught", None)
+        if caught is None:
+            shown(message, category, filename, lineno, file, line)
+        else:
+            caught.append(_one_line(message))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = route
+        _routing.set()
+        try:
+            yield
+        finally:
+            _routing.clear()
+
+
 @contextlib.contextmanager
 def _recorded() -> Iterator[list[str]]:
     """Collect the warnings raised inside (Pillow's "Corrupt EXIF data", ...) as one line each,
     so the caller can name the file they came from instead of letting them reach stderr raw."""
     notes: list[str] = []
+    if _routing.is_set():
+        _thread.caught = []
+        try:
+            yield notes
+        finally:
+            notes += list(dict.fromkeys(_thread.caught))
+            _thread.caught = None
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield notes

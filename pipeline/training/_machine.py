@@ -11,18 +11,10 @@ Rules (measured with the `trial` benchmark suite on a 2-core CPU machine, see re
 
 from __future__ import annotations
 
-import os
-
 import psutil
 import torch
 
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # no affinity API (macOS): all logical cores
-        return max(1, os.cpu_count() or 1)
+from pipeline.core import cpu_cores
 
 
 def configure_threads() -> int:

@@ -455,6 +455,43 @@ def test_pillow_warnings_become_one_line_naming_the_files(tmp_path):
     ]
 
 
+def test_a_threaded_scan_finds_what_one_thread_finds_in_the_same_order(tmp_path, monkeypatch):
+    # Enough files for the thread pool (PARALLEL_FROM); warnings and bad files spread across it.
+    root = make_folder(tmp_path, {"train": 40, "val": 30}, size=16)
+    for i in (3, 17, 38):
+        _corrupt_exif_jpeg(root / "train" / "ants" / f"exif_{i}.jpg")
+    good = (root / "train" / "bees" / "img_0.png").read_bytes()
+    (root / "train" / "bees" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "val" / "ants" / "empty.png").write_bytes(b"")
+    splits = D.build_splits(root, test="val")
+    assert len(splits.train + splits.val + splits.test) >= 2 * D.PARALLEL_FROM
+
+    def scan(threads: int) -> tuple[list[str], str, list[tuple[int, int]]]:
+        monkeypatch.setattr(D, "cpu_cores", lambda: threads)
+        seen: list[tuple[int, int]] = []
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with pytest.raises(DataError) as info:
+                D.scan_images(splits, "stop", lambda done, total: seen.append((done, total)))
+        return [str(w.message) for w in record], str(info.value), seen
+
+    one, many = scan(1), scan(4)
+    assert many == one
+    messages, error, seen = many
+    assert [x for x, _ in seen] == list(range(1, len(seen) + 1))  # progress counts up in order
+    assert messages == [
+        (
+            f'{root}: while decoding 3 image(s) Pillow warned "Corrupt EXIF data. Expecting to read 12 '
+            f'bytes but only got 0.": {root}/train/ants/exif_17.jpg, {root}/train/ants/exif_3.jpg, '
+            f"{root}/train/ants/exif_38.jpg; the decoded images are used"
+        )
+    ]
+    assert error.splitlines()[:2] == [
+        f"3 unreadable image(s) under {root}:",
+        f"  {root}/train/bees/truncated.png: cannot be decoded (image file is truncated)",
+    ]
+
+
 # ---- transforms ---------------------------------------------------------------------------------
 
 
