@@ -86,7 +86,8 @@ def make_tree(target: Path, images: int, classes: int, fractions: tuple[float, f
         return target
     sources = sorted(p for p in DATA.rglob("*.jpg"))
     per_class = max(3, images // classes)
-    n_train, n_val = max(1, round(per_class * fractions[0])), max(1, round(per_class * fractions[1]))
+    n_train = max(1, min(round(per_class * fractions[0]), per_class - 2))
+    n_val = max(1, min(round(per_class * fractions[1]), per_class - n_train - 1))
     k = 0
     for c in range(classes):
         for i in range(per_class):
@@ -183,11 +184,12 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], timeout: float = 3600)
     return Child(wall, usage.ru_maxrss * 1024, stdout, stderr)
 
 
-def sweep(verb: str, study: Path, store: Store, *extra: str, timeout: float = 3600) -> Child:
+def sweep(verb: str, study: Path, store: Store, *extra: str, timeout: float = 3600, quiet: bool = True) -> Child:
     """`python -m pipeline <verb> <study> --storage <store's> [extra]` with `SWEEP_HOME` = the store's
-    home: what `sweep <verb>` does for a user, in a process of its own."""
+    home: what `sweep <verb>` does for a user, in a process of its own. `quiet=False`: `sweep run`
+    prints its plain progress lines (scan, epochs) to the child's stderr."""
     cmd = [sys.executable, "-m", "pipeline", verb, str(study), "--storage", store.storage, *extra]
-    if verb == "run":
+    if verb == "run" and quiet:
         cmd.append("--quiet")
     env = {**ENV, "SWEEP_HOME": str(store.home), "SWEEP_REPORTS": str(store.reports)}
     return run_child(cmd, env, timeout)

@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks import common as C
 
-SUITES = ("trial", "study", "augmentation", "selection", "workers", "offline")
+SUITES = ("trial", "study", "augmentation", "selection", "workers", "offline", "scale")
 
 
 def load(name: str) -> ModuleType:

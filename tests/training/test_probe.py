@@ -92,6 +92,21 @@ def test_binary_head_is_zero_row_then_sklearn_row():
     np.testing.assert_allclose(probs, fitted.predict_proba(x.astype(np.float64)), atol=1e-6)
 
 
+def test_many_classes_fit_in_parallel_to_the_same_head(monkeypatch):
+    # 120 images x 40 classes passes PARALLEL_FITS_FROM: the folds run in 2 processes, same result.
+    rng = np.random.default_rng(1)
+    y = np.tile(np.arange(40), 3)
+    x = (rng.normal(0, 1, (40, 6))[y] + rng.normal(0, 0.5, (len(y), 6))).astype(np.float32)
+    monkeypatch.setattr(P, "cpu_cores", lambda: 2)
+    assert P.fit_jobs(len(y), 40) == 2 and P.fit_jobs(245, 2) == 1
+    parallel, _ = P.fit_logistic(x, y, 40, seed=0)
+    monkeypatch.setattr(P, "PARALLEL_FITS_FROM", 10**9)
+    serial, _ = P.fit_logistic(x, y, 40, seed=0)
+    assert (parallel[-1].n_jobs, serial[-1].n_jobs) == (2, 1)
+    assert parallel[-1].C_ == serial[-1].C_
+    np.testing.assert_allclose(parallel[-1].coef_, serial[-1].coef_, rtol=1e-6, atol=1e-8)
+
+
 def test_same_seed_same_probe(tmp_path):
     _, train, val = loaders(tmp_path / "img", ("ants", "bees"))
     a = P.fit_linear_probe(build("resnet18", 2), train, val, torch.device("cpu"), seed=3, num_classes=2)
