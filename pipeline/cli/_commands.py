@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from pipeline.cli._console import PipeSafeConsole
 from pipeline.core import SweepError, first_line, mask_text, urls_in
 
 if TYPE_CHECKING:
@@ -37,8 +37,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Optuna sweeps over fine-tuning pretrained image classifiers, tracked in MLflow.",
 )
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+err_console = PipeSafeConsole(stderr=True, highlight=False, soft_wrap=True)
+out = PipeSafeConsole(highlight=False, soft_wrap=True)
 settings = {"debug": False}  # set by the `--debug` option of the `sweep` callback
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -171,7 +171,18 @@ def run(
             markup=False,
         )
     elif report:
+        _report_after_trials(cfg, storage, tracking_uri)
+
+
+def _report_after_trials(cfg: StudyConfig, storage: str | None, tracking_uri: str | None) -> None:
+    """`sweep run`'s report stage: an interrupt here says the trials had ended (`left_behind`)."""
+    from pipeline.core import IN_REPORT
+
+    try:
         _report(cfg, storage, tracking_uri)
+    except KeyboardInterrupt as err:
+        err.add_note(IN_REPORT)
+        raise
 
 
 def _run_workers(
@@ -201,7 +212,7 @@ def _run_workers(
     study = load_existing(cfg, storage)
     out.print(f"study '{study.study_name}' after {count} workers: {_counts(study)}", markup=False)
     if report:
-        _report(cfg, storage, tracking_uri)
+        _report_after_trials(cfg, storage, tracking_uri)
 
 
 def _counts(study: Any) -> str:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.cli._console import PipeSafeConsole
 from pipeline.registry import Prediction, display_name
 from pipeline.search import TrialEnded, TrialObserver, TrialStarted
 from pipeline.training import EpochResult
@@ -31,7 +32,7 @@ class ProgressDisplay(TrialObserver):
     """
 
     def __init__(self, n_trials: int, quiet: bool = False, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = console or PipeSafeConsole(stderr=True, highlight=False, soft_wrap=True)
         self.live = not quiet and self.console.is_terminal
         self.quiet = quiet
         self.progress = Progress(

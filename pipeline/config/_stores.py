@@ -123,15 +123,29 @@ def check_writable(path: Path) -> None:
 
 
 def check_local_paths(*uris: str) -> None:
-    """Fail early, naming the folder, when the folder of an embedded SQLite store cannot be written.
+    """Fail early, naming the folder, when the folder of an embedded SQLite store cannot be written,
+    or when a URI is a plain folder (MLflow's file store, which MLflow 3 refuses unless
+    `MLFLOW_ALLOW_FILE_STORE=true`).
 
     Raises:
-        TrackingError: from `check_writable`.
+        TrackingError: from `check_writable`, or naming the folder and the sqlite:/// URI to use.
     """
     for uri in uris:
         path = sqlite_path(uri)
         if path is not None:
             check_writable(path.parent)
+        elif _folder_store(uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            folder = Path(uri.removeprefix("file://"))
+            raise TrackingError(
+                f"tracking URI {uri}: a folder is MLflow's file store, which MLflow 3 no longer opens by default; "
+                f"use sqlite:///{(folder / 'mlflow.db').resolve()} (a database file in that folder), "
+                "or set MLFLOW_ALLOW_FILE_STORE=true to keep a file store"
+            )
+
+
+def _folder_store(uri: str) -> bool:
+    """True for a tracking URI that is a path (no scheme) or a file:// URI."""
+    return uri.startswith("file:") or "://" not in uri and not uri.startswith(("http:", "https:", "databricks"))
 
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"

@@ -18,11 +18,12 @@ from pipeline.core._errors import (
     connection_refused,
     first_line,
 )
-from pipeline.core._interrupts import BEFORE_TRIALS, deferred_interrupts, install_early_handlers, left_behind
+from pipeline.core._interrupts import BEFORE_TRIALS, IN_REPORT, deferred_interrupts, install_early_handlers, left_behind
 from pipeline.core._secrets import mask_text, mask_url, urls_in
 
 __all__ = [
     "BEFORE_TRIALS",
+    "IN_REPORT",
     "ConfigError",
     "DataError",
     "ModelError",

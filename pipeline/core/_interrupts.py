@@ -23,13 +23,17 @@ from types import FrameType
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-# Added as a note to the KeyboardInterrupt of a `sweep run` stopped before its first trial started.
+# Added as a note to the KeyboardInterrupt of a `sweep run` stopped before its first trial started,
+# and of one stopped in its report stage (every trial had ended).
 BEFORE_TRIALS = "sweep: interrupted before any trial started"
+IN_REPORT = "sweep: interrupted in the report stage"
 # What an interrupt leaves behind, per command (one line each).
 LEFT_BEHIND = {
     "run": "the trial that was running, if any, is recorded FAIL (it does not count and its parameters "
     "are retried); run the same command again to resume the study",
     "run-before-trials": "stopped before any trial started; run the same command again to start the study",
+    "run-in-report": "the trials had ended; the report stage stopped (a test evaluation already stored is "
+    "kept and reused); run `sweep report` with this study file, or the same command again, to finish it",
     "report": "the report stage stopped; a test evaluation already stored is kept and reused; run "
     "`sweep report` again to finish it",
     "default": "stopped; nothing was changed",
@@ -44,8 +48,11 @@ def _leave_at_once(signum: int, frame: FrameType | None) -> None:
 
 def left_behind(command: str, err: BaseException) -> str:
     """The line saying what an interrupt of `command` (a function name of `pipeline.cli`) left behind."""
-    if command == "run" and BEFORE_TRIALS in getattr(err, "__notes__", ()):
+    notes = getattr(err, "__notes__", ())
+    if command == "run" and BEFORE_TRIALS in notes:
         return LEFT_BEHIND["run-before-trials"]
+    if command == "run" and IN_REPORT in notes:
+        return LEFT_BEHIND["run-in-report"]
     return LEFT_BEHIND.get(command, LEFT_BEHIND["default"])
 
 
@@ -65,7 +72,7 @@ def deferred_interrupts(what: str = "the stores") -> Iterator[None]:
     the outer one. The first held signal prints one line saying the stop is coming.
 
     Args:
-        what: names what is being created, in that line (`finishing creating {what}, then stopping`).
+        what: names the store being opened or written, in that line (`finishing with {what}, then stopping`).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -75,7 +82,7 @@ def deferred_interrupts(what: str = "the stores") -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         if not held:
             name = NAMES[signal.Signals(signum)]
-            os.write(2, f"{name}: finishing creating {what} first (seconds), then stopping\n".encode())
+            os.write(2, f"{name}: finishing with {what} first (seconds), then stopping\n".encode())
         held.append(signum)
 
     previous = {sig: signal.signal(sig, hold) for sig in EXIT_CODES}

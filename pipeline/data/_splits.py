@@ -12,6 +12,7 @@ Which files are images and how they decode: pipeline/imagefiles.py; transforms: 
 from __future__ import annotations
 
 import json
+from collections import Counter
 import warnings
 from collections.abc import Callable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,14 @@ def _carve(samples: list[Sample], fraction: float, seed: int, where: Path) -> tu
     from sklearn.model_selection import train_test_split
 
     labels = [y for _, y in samples]
+    counts = Counter(Path(rel).parent.name for rel, _ in samples)
+    rare = sorted(c for c, n in counts.items() if n < 2)
+    if rare:
+        raise DataError(
+            f"{where}: cannot carve a stratified test split (data.test_fraction {fraction}): class folder(s) "
+            f"{', '.join(rare)} hold 1 image, a stratified split needs at least 2 per class. Add images "
+            "there, add a test folder (data.test), or remove the class"
+        )
     try:
         keep, sealed = train_test_split(samples, test_size=fraction, random_state=seed, stratify=labels)
     except ValueError as err:

@@ -90,6 +90,11 @@ def resolve_weights(arch: str, weights: str) -> WeightsSpec:
         return WeightsSpec(arch, "none", weights)
     if _looks_like_path(weights):
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise ModelError(
+                f"model.weights: {path} is a folder; set model.weights to the checkpoint file in it "
+                "(a .pth/.pt file saved with torch.save)"
+            )
         if not path.is_file():
             raise ModelError(
                 f"model.weights: checkpoint file {path} not found; set model.weights to a checkpoint file "

@@ -18,6 +18,7 @@ from pipeline import data as D
 from pipeline import models as M
 from pipeline.config import CategoricalParam, IntParam, StudyConfig
 from pipeline.core import ModelError
+from pipeline.training._train import pick_device
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,11 @@ def prepare(
         warn: receives one line per data warning (a class missing from val/test, skipped images).
 
     Raises:
+        ConfigError: `training.device` cuda without a CUDA device.
         DataError, ModelError: with a message naming the folder, file or key.
     """
     d = cfg.data
+    pick_device(cfg.training.device)  # a device that is not there stops the run before anything is stored
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)

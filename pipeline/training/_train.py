@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import METRICS, score_sign
+from pipeline.core import ConfigError
 from pipeline.models import set_train_mode, trainable_parameters
 
 if TYPE_CHECKING:
@@ -108,8 +109,19 @@ def make_scheduler(
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The `training.device` to train on: "auto" is CUDA when torch sees a GPU, else the CPU.
+
+    Raises:
+        ConfigError: "cuda" where torch sees no CUDA device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ConfigError(
+            f"training.device: cuda, but torch {torch.__version__} ({built}) sees no CUDA device; "
+            "use auto or cpu, or run where a GPU and its driver are present"
+        )
     return torch.device(name)
 
 

@@ -118,3 +118,34 @@ def test_storage_proxy_serves_a_database_only(tmp_path):
         "(postgresql://..., mysql://..., sqlite:///...), not a journal file; give it the database URL"
     ]
     assert not (tmp_path / "o.journal").exists()
+
+
+def test_cuda_without_a_gpu_stops_at_pre_flight_with_nothing_stored(study_file, sweep_home, monkeypatch):
+    # A user's report: `--set training.device=cuda` on a CPU machine stored the study, enqueued the
+    # seed recipe and then failed inside the probe as an "unexpected RuntimeError".
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(cli.app, ["run", str(study_file), "--set", "training.device=cuda", "--quiet"])
+    assert result.exit_code == 2
+    built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+    assert result.stderr.splitlines() == [
+        f"error: training.device: cuda, but torch {torch.__version__} ({built}) sees no CUDA device; "
+        "use auto or cpu, or run where a GPU and its driver are present"
+    ]
+    assert not (sweep_home / "optuna.db").exists()
+
+
+def test_a_folder_as_tracking_uri_names_the_sqlite_uri_to_use(study_file, sweep_home, tmp_path, monkeypatch):
+    # A user's report: `--set tracking.uri=/nonexistent/dir` printed MLflow's file-store notice
+    # cut off mid-URL ("... See htt"), never what to write instead.
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    folder = tmp_path / "runs"
+    result = runner.invoke(cli.app, ["run", str(study_file), "--set", f"tracking.uri={folder}", "--quiet"])
+    assert result.exit_code == 5
+    assert result.stderr.splitlines() == [
+        f"error: tracking URI {folder}: a folder is MLflow's file store, which MLflow 3 no longer opens by "
+        f"default; use sqlite:///{folder / 'mlflow.db'} (a database file in that folder), or set "
+        "MLFLOW_ALLOW_FILE_STORE=true to keep a file store"
+    ]
+    assert not (sweep_home / "optuna.db").exists() and not folder.exists()

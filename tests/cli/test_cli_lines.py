@@ -49,6 +49,20 @@ def test_ctrl_c_says_what_was_left_behind(sweep_home, study_file, monkeypatch, w
     assert result.stderr.splitlines() == [line]
 
 
+def test_ctrl_c_in_the_report_stage_says_the_trials_had_ended(sweep_home, study_file, monkeypatch):
+    # A user's report: Ctrl-C after the last trial said a running trial was recorded FAIL.
+    import pipeline.stages
+
+    monkeypatch.setattr(pipeline.stages, "run_report", _interrupt)
+    result = runner.invoke(cli.app, ["run", str(study_file), "--quiet"])
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1:] == [
+        "interrupted (Ctrl-C): the trials had ended; the report stage stopped (a test evaluation already "
+        "stored is kept and reused); run `sweep report` with this study file, or the same command again, "
+        "to finish it"
+    ]
+
+
 def _probe_best_study() -> optuna.Study:
     study = optuna.create_study(direction="maximize")
     study.add_trial(create_trial(value=0.7, params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-4, 1.0)}))

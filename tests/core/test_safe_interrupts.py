@@ -50,7 +50,7 @@ def test_a_signal_inside_the_block_is_raised_only_after_it(handlers, capfd, sig,
             steps.append("block finished")
         steps.append("after the block")
     assert steps == ["block finished"]
-    assert capfd.readouterr().err == f"{name}: finishing creating the test store first (seconds), then stopping\n"
+    assert capfd.readouterr().err == f"{name}: finishing with the test store first (seconds), then stopping\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers of before are back"
     assert signal.getsignal(signal.SIGTERM) is _raise_term
 

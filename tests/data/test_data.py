@@ -228,6 +228,20 @@ def test_too_few_val_images_to_carve(tmp_path):
     )
 
 
+def test_a_class_with_one_val_image_is_named_by_its_folder(tmp_path):
+    # A user's report: sklearn's "Classes with too few members are: [2]" named a class index.
+    root = make_folder(tmp_path, {"train": 2, "val": 3}, classes=("ants", "bees", "wasps"))
+    for extra in ("img_1.png", "img_2.png"):
+        (root / "val" / "wasps" / extra).unlink()
+    with pytest.raises(DataError) as info:
+        D.build_splits(root, test_fraction=0.5)
+    assert str(info.value) == (
+        f"{root / 'val'}: cannot carve a stratified test split (data.test_fraction 0.5): class folder(s) "
+        "wasps hold 1 image, a stratified split needs at least 2 per class. Add images there, add a test "
+        "folder (data.test), or remove the class"
+    )
+
+
 def test_to_json_round_trips_the_lists(uneven):
     splits = D.build_splits(uneven, test_fraction=0.25, seed=3)
     record = json.loads(splits.to_json())

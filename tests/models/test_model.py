@@ -193,6 +193,16 @@ def test_missing_checkpoint_path_is_named(tmp_path):
     )
 
 
+def test_a_folder_as_weights_is_named_a_folder(tmp_path):
+    # A user's report: model.weights=/tmp said "checkpoint file /tmp not found" although it exists.
+    with pytest.raises(ModelError) as info:
+        W.resolve_weights("resnet18", str(tmp_path))
+    assert str(info.value) == (
+        f"model.weights: {tmp_path} is a folder; set model.weights to the checkpoint file in it "
+        "(a .pth/.pt file saved with torch.save)"
+    )
+
+
 def test_garbage_checkpoint_is_a_model_error(tmp_path):
     bad = tmp_path / "garbage.pth"
     bad.write_bytes(bytes(range(256)) * 4)
