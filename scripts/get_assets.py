@@ -64,7 +64,7 @@ def place_data(source: Path | None) -> None:
         if tree_digest(local) != DATA_TREE_SHA256:
             sys.exit(
                 f"data: {local} does not match the expected hymenoptera tree (sha256); "
-                "pass --source with an untouched copy"
+                "point SWEEP_DATA_SOURCE (make data) or --source at an untouched copy"
             )
         target.symlink_to(local.resolve(), target_is_directory=True)
         print(f"data: linked {target} -> {local.resolve()}")
@@ -74,7 +74,9 @@ def place_data(source: Path | None) -> None:
         with urllib.request.urlopen(DATA_URL, timeout=60) as response:
             archive = zipfile.ZipFile(io.BytesIO(response.read()))
     except OSError as err:
-        sys.exit(f"data: download of {DATA_URL} failed ({err}); pass --source DIR with a local copy")
+        sys.exit(
+            f"data: download of {DATA_URL} failed ({err}); point SWEEP_DATA_SOURCE=DIR (make data) or --source DIR at a local copy"
+        )
     staging = target.parent / ".hymenoptera_download"
     shutil.rmtree(staging, ignore_errors=True)
     archive.extractall(staging)
