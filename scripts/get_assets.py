@@ -75,7 +75,8 @@ def place_data(source: Path | None) -> None:
             archive = zipfile.ZipFile(io.BytesIO(response.read()))
     except OSError as err:
         sys.exit(
-            f"data: download of {DATA_URL} failed ({err}); point SWEEP_DATA_SOURCE=DIR (make data) or --source DIR at a local copy"
+            f"data: download of {DATA_URL} failed ({err}); "
+            "point SWEEP_DATA_SOURCE=DIR (make data) or --source DIR at a local copy"
         )
     staging = target.parent / ".hymenoptera_download"
     shutil.rmtree(staging, ignore_errors=True)
