@@ -151,12 +151,18 @@ def sealed_splits(cfg: StudyConfig, record: dict[str, Any] | None = None) -> D.S
     `record` is given, else rebuilt exactly as the study built them (same folders, seed and
     bad-image policy).
 
+    With a record the folders are listed, not decoded again: the pre-flight decoded every file
+    once, and the one pass that reads them here (the test split's) names any file that stopped
+    decoding since. (Decoding them all again was most of the report stage at 16k images.)
+
     Raises:
         DataError: the image folders cannot be read, or hold other files than the record.
     """
     d = cfg.data
-    local = D.scan_images(D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed), d.bad_images)
-    return local if record is None else adopt(record, local, cfg.study.name)
+    listed = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed, d.val_fraction)
+    if record is not None:
+        return adopt(record, listed, cfg.study.name)
+    return D.scan_images(listed, d.bad_images)
 
 
 def evaluate_on_test(
