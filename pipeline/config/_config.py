@@ -105,9 +105,10 @@ class StudySection(Frozen):
 class DataSection(Frozen):
     root: Path
     train: Str = "train"
-    val: Str = "val"
+    val: Str | None = Field("val", description="val folder; null = a stratified val_fraction of train")
     test: Str | None = None
-    test_fraction: Float = Field(0.5, gt=0, lt=1)
+    test_fraction: Float = Field(0.5, gt=0, lt=1, description="share of val sealed as test when test is null")
+    val_fraction: Float = Field(0.2, gt=0, lt=1, description="share of train held out as val when val is null")
     image_size: Int | None = Field(None, ge=16, description="crop side in pixels; null = weights'")
     batch_size: Int = Field(32, ge=1)
     num_workers: Int = Field(2, ge=0)

@@ -54,7 +54,7 @@ class Splits:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
-    test_source: str  # "folder '<name>'" or "carved from val (fraction, seed)"
+    test_source: str  # "folder '<name>'" or "carved from val (fraction, seed)"; "; val carved from ..." when val was
     skipped: list[str] = field(default_factory=list)
 
     @property
@@ -124,16 +124,19 @@ def _scan_split(
 def build_splits(
     root: Path,
     train: str = "train",
-    val: str = "val",
+    val: str | None = "val",
     test: str | None = None,
     test_fraction: float = 0.5,
     seed: int = 0,
+    val_fraction: float = 0.2,
 ) -> Splits:
     """Scan the image folders and build the train/val/test file lists.
 
-    The carved test split uses scikit-learn's stratified `train_test_split` with `seed`, so the
-    same folder and seed always give the same split. Files under class folders that are not used
-    (hidden, or not an image extension) are named in one `DataWarning`.
+    `val` None (one folder of labelled images, no split yet): a `val_fraction` share of train is
+    held out as val. `test` None: a `test_fraction` share of val is sealed as test. Both carves use
+    scikit-learn's stratified `train_test_split` with `seed`, so the same folder and seed always
+    give the same split. Files under class folders that are not used (hidden, or not an image
+    extension) are named in one `DataWarning`.
 
     Raises:
         DataError: missing root or split folder, no classes, fewer than two train classes, class
@@ -143,45 +146,62 @@ def build_splits(
     root = Path(root)
     if not root.is_dir():
         where = "" if root.is_absolute() else f" (relative to the current directory {Path.cwd()})"
-        raise DataError(f"{root}: data root not found{where}; set data.root, or run `make data`")
+        shipped = ", or run `make data` (it links the shipped images)" if root.name == "hymenoptera_data" else ""
+        raise DataError(f"{root}: data root not found{where}; set data.root to your image folder{shipped}")
     class_to_idx, train_s, ignored = _scan_split(root, train, None)
     if len(class_to_idx) < 2:
         raise DataError(
             f"{root / train}: only one class folder, '{next(iter(class_to_idx))}': a classifier needs "
             f"at least two classes; add a folder of images per class ({root / train}/<class>/<image>)"
         )
-    _, val_s, more = _scan_split(root, val, class_to_idx)
-    ignored += more
+    if val is not None:
+        _, val_s, more = _scan_split(root, val, class_to_idx)
+        ignored += more
+        val_from = f"'{val}'"
+    else:
+        train_s, val_s = _carve(train_s, val_fraction, seed, root / train, "val", "data.val_fraction")
+        val_from = "val"
     if test is not None:
         _, test_s, more = _scan_split(root, test, class_to_idx)
         ignored += more
         source = f"folder '{test}'"
     else:
-        val_s, test_s = _carve(val_s, test_fraction, seed, root / val)
-        source = f"carved from '{val}' (test_fraction={test_fraction}, seed={seed}, stratified)"
+        val_s, test_s = _carve(val_s, test_fraction, seed, root / (val or train), "test", "data.test_fraction")
+        source = f"carved from {val_from} (test_fraction={test_fraction}, seed={seed}, stratified)"
+    if val is None:
+        source += f"; val carved from '{train}' (val_fraction={val_fraction}, seed={seed}, stratified)"
     if ignored:  # a split named twice (test: val) lists its files twice
         warnings.warn(ignored_files_message(root, list(dict.fromkeys(ignored))), DataWarning, stacklevel=2)
     return Splits(root, class_to_idx, train_s, val_s, test_s, source)
 
 
-def _carve(samples: list[Sample], fraction: float, seed: int, where: Path) -> tuple[list[Sample], list[Sample]]:
+def _carve(
+    samples: list[Sample], fraction: float, seed: int, where: Path, split: str, key: str
+) -> tuple[list[Sample], list[Sample]]:
+    """(kept, carved): a stratified, seeded `fraction` of `samples` carved out as `split`.
+
+    Raises:
+        DataError: naming `where`, the `key` of the fraction and what to do, when a class holds
+            one image or the share is too small to hold every class.
+    """
     from sklearn.model_selection import train_test_split
 
     labels = [y for _, y in samples]
     counts = Counter(Path(rel).parent.name for rel, _ in samples)
     rare = sorted(c for c, n in counts.items() if n < 2)
+    folder = "a val folder (data.val)" if split == "val" else "a test folder (data.test)"
     if rare:
         raise DataError(
-            f"{where}: cannot carve a stratified test split (data.test_fraction {fraction}): class folder(s) "
+            f"{where}: cannot carve a stratified {split} split ({key} {fraction}): class folder(s) "
             f"{', '.join(rare)} hold 1 image, a stratified split needs at least 2 per class. Add images "
-            "there, add a test folder (data.test), or remove the class"
+            f"there, add {folder}, or remove the class"
         )
     try:
         keep, sealed = train_test_split(samples, test_size=fraction, random_state=seed, stratify=labels)
     except ValueError as err:
         raise DataError(
-            f"{where}: cannot carve a stratified test split with test_fraction={fraction}: {err}. "
-            "Add val images, add a test folder (data.test), or change data.test_fraction"
+            f"{where}: cannot carve a stratified {split} split with {key.split('.')[-1]}={fraction}: {err}. "
+            f"Add images, add {folder}, or change {key}"
         ) from None
     return sorted(map(tuple, keep)), sorted(map(tuple, sealed))
 

@@ -177,11 +177,11 @@ def input_example(cfg: StudyConfig, checkpoint: TrialCheckpoint) -> np.ndarray:
     """
     d = cfg.data
     size = 2 if cfg.registry.serialization_format == "pt2" else 1
-    splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)
+    splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed, d.val_fraction)
     transform = D.eval_transform(eval_preprocess(checkpoint))
     for rel, _ in splits.val:
         path = splits.root / rel
         if D.check_image(path) is None:  # an unreadable val image (bad_images: skip): take the next one
             example = transform(D.load_rgb(path)).numpy()[None].astype(np.float32)
             return example.repeat(size, axis=0)
-    raise RegistryError(f"{d.root / d.val}: no readable val image for the model's input example")
+    raise RegistryError(f"{d.root / (d.val or d.train)}: no readable val image for the model's input example")

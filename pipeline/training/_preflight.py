@@ -86,7 +86,7 @@ def prepare(
     pick_device(cfg.training.device)  # a device that is not there stops the run before anything is stored
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed)
+        splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed, d.val_fraction)
         splits = D.scan_images(splits, d.bad_images, progress)  # warns: extensions, Pillow's notes
     for w in caught:
         warn(f"warning: {w.message}")

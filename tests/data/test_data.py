@@ -169,7 +169,10 @@ def test_missing_test_folder_when_named(tmp_path):
 def test_missing_root(tmp_path):
     with pytest.raises(DataError) as info:
         D.build_splits(tmp_path / "nowhere")
-    assert str(info.value) == f"{tmp_path / 'nowhere'}: data root not found; set data.root, or run `make data`"
+    assert str(info.value) == f"{tmp_path / 'nowhere'}: data root not found; set data.root to your image folder"
+    with pytest.raises(DataError) as info:
+        D.build_splits(tmp_path / "data" / "hymenoptera_data")
+    assert str(info.value).endswith("set data.root to your image folder, or run `make data` (it links the shipped images)")
 
 
 def test_split_without_class_folders(tmp_path):
@@ -223,9 +226,30 @@ def test_too_few_val_images_to_carve(tmp_path):
         D.build_splits(root, test_fraction=0.1)
     assert str(info.value) == (
         f"{root / 'val'}: cannot carve a stratified test split with test_fraction=0.1: The test_size "
-        "= 1 should be greater or equal to the number of classes = 2. Add val images, add a test "
+        "= 1 should be greater or equal to the number of classes = 2. Add images, add a test "
         "folder (data.test), or change data.test_fraction"
     )
+
+
+def test_one_folder_of_labelled_images_gets_stratified_seeded_val_and_test(tmp_path):
+    # The most common layout: one folder per class, no split yet (train: ., val: null, test: null).
+    root = make_folder(tmp_path / "mine", {"all": 10}, classes=("ants", "bees", "wasps"))
+    for cls in ("ants", "bees", "wasps"):
+        (root / "all" / cls).rename(root / cls)
+    (root / "all").rmdir()
+    splits = D.build_splits(root, train=".", val=None, test=None, test_fraction=0.5, seed=0, val_fraction=0.2)
+    assert [len(splits.train), len(splits.val), len(splits.test)] == [24, 3, 3]
+    assert all(Counter(y for _, y in part) == Counter({0: 1, 1: 1, 2: 1}) for part in (splits.val, splits.test))
+    everything = splits.train + splits.val + splits.test
+    assert len({rel for rel, _ in everything}) == 30  # disjoint, and every image used once
+    assert splits.test_source == (
+        "carved from val (test_fraction=0.5, seed=0, stratified); "
+        "val carved from '.' (val_fraction=0.2, seed=0, stratified)"
+    )
+    again = D.build_splits(root, train=".", val=None, seed=0)
+    assert (again.train, again.val, again.test) == (splits.train, splits.val, splits.test)
+    other = D.build_splits(root, train=".", val=None, seed=1)
+    assert other.val != splits.val
 
 
 def test_a_class_with_one_val_image_is_named_by_its_folder(tmp_path):

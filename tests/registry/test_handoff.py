@@ -62,7 +62,7 @@ def test_input_example_is_the_first_readable_val_image(tmp_path, fmt, batch):
         study_dict(root, data={"bad_images": "skip"}, registry={"serialization_format": fmt})
     )
     d = cfg.data
-    val = build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed).val
+    val = build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed, d.val_fraction).val
     (root / val[0][0]).write_bytes(b"not an image")  # the first val image is unreadable: the next is taken
     example = H.input_example(cfg, _checkpoint())
     expected = eval_transform(PP)(load_rgb(root / val[1][0])).numpy()

@@ -1,0 +1,30 @@
+"""A user's own folder: one folder per class, no split (`train: .`, `val: null`, `test: null`).
+A user's report: `val: null` got "data.val: Input should be a valid string (got None)". The study
+runs end to end on a stratified, seeded split recorded with the study."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import _commands as cli
+from pipeline.data import SPLITS_ATTR
+
+from conftest import make_folder, study_dict, write_study
+
+pytestmark = pytest.mark.e2e
+
+
+def test_one_folder_per_class_runs_with_carved_val_and_test(tmp_path, sweep_home):
+    root = make_folder(tmp_path / "staging", {"all": 10})
+    mine = tmp_path / "my_images"
+    (root / "all").rename(mine)
+    tree = study_dict(mine, training={"epochs": 1})
+    tree["data"] |= {"train": ".", "val": None, "test": None}
+    study = write_study(tmp_path / "mine.yaml", tree)
+    result = CliRunner().invoke(cli.app, ["run", str(study), "--quiet", "--no-report"])
+    assert result.exit_code == 0, result.output
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_home / 'optuna.db'}")
+    assert stored.user_attrs[SPLITS_ATTR]["counts"] == {"train": 16, "val": 2, "test": 2}
+    assert [t.state.name for t in stored.trials] == ["COMPLETE", "COMPLETE"]
