@@ -240,7 +240,9 @@ def _print_summary(outcome: StudyOutcome) -> None:
 def _print_cache(cfg: StudyConfig) -> None:
     from pipeline import data as D
 
-    if cfg.cache.decoded_images and D.cache_folder().exists():
+    if cfg.cache.decoded_images and cfg.cache.max_disk_mb == 0:
+        out.print("cache: cache.max_disk_mb 0: decoded images were kept in memory only", markup=False)
+    elif cfg.cache.decoded_images and D.cache_folder().exists():
         out.print(D.cache_summary(D.cache_folder(), cfg.cache.max_disk_mb), markup=False)
 
 

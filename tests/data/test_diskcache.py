@@ -159,3 +159,16 @@ def test_dataloader_workers_use_the_file_tier_only(tmp_path):
     assert len(on_disk(tmp_path / "decoded")) == 4  # the worker wrote every entry
     assert cache.stats()["memory_entries"] == 0  # and the main process holds no copy
     assert cache.get("0.png").shape == (3, 36, 45) and cache.file_hits == 1  # read back, not decoded
+
+
+def test_the_run_says_so_when_decoded_images_stay_in_memory(tmp_path, monkeypatch, capsys, image_root):
+    from pipeline.cli import _commands as cli
+    from pipeline.config import load_study
+    from tests.conftest import study_dict, write_study
+
+    monkeypatch.setenv("SWEEP_HOME", str(tmp_path))
+    cfg = load_study(write_study(tmp_path / "s.yaml", study_dict(image_root, cache={"max_disk_mb": 0})))
+    cli._print_cache(cfg)
+    assert capsys.readouterr().out.splitlines() == [
+        "cache: cache.max_disk_mb 0: decoded images were kept in memory only"
+    ]
