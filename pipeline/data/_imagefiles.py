@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.core import first_line
+from pipeline.data import portable
 
 
 class DataWarning(UserWarning):
@@ -95,29 +96,14 @@ def ignored_files_message(base: Path, files: list[Path], examples: int = 3) -> s
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file fully into 8-bit RGB, the same way for training and prediction.
-
-    EXIF orientation is applied; palette and RGBA images are composited on white; grayscale,
-    16-bit ('I;16', 'I') and CMYK images are converted to RGB.
+    """Decode an image file fully into 8-bit RGB, the same way for training and prediction
+    (`portable.load_rgb`, which the registered model carries: EXIF orientation applied, palette
+    and RGBA composited on white, grayscale, 16-bit and CMYK converted to RGB).
 
     Raises:
         OSError / PIL.UnidentifiedImageError: the file is not a decodable image.
     """
-    with Image.open(path) as opened:
-        opened.load()
-        img: Image.Image = ImageOps.exif_transpose(opened)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 32-bit 'I' first: point() has no 16-bit big-endian ('I;16B', 16-bit TIFF) path.
-            img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-        elif img.mode == "F":
-            img = img.convert("L")
-        if img.mode == "P":
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            background = Image.new("RGB", img.size, (255, 255, 255))
-            background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
-            return background
-        return img.convert("RGB")
+    return portable.load_rgb(path)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torchvision.transforms import v2 as T
 
+from pipeline.data import portable
+
 # PIL RGB image (or cached uint8 `(3, H, W)` tensor) -> `(3, crop, crop)` float32 tensor.
 Transform = Callable[[Any], torch.Tensor]
 
@@ -33,26 +35,17 @@ class Preprocess:
         }
 
 
-_INTERP = {
-    "bilinear": T.InterpolationMode.BILINEAR,
-    "bicubic": T.InterpolationMode.BICUBIC,
-    "nearest": T.InterpolationMode.NEAREST,
-}
+_INTERP = portable.INTERPOLATIONS
 
 
 def _finish(pp: Preprocess) -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)]
+    return portable.finishing(pp.mean, pp.std)
 
 
 def eval_transform(pp: Preprocess) -> T.Compose:
-    """PIL RGB -> `(3, crop, crop)` float32 normalised tensor; resize short side, centre crop."""
-    return T.Compose(
-        [
-            T.Resize(pp.resize, interpolation=_INTERP[pp.interpolation], antialias=True),
-            T.CenterCrop(pp.crop),
-            *_finish(pp),
-        ]
-    )
+    """PIL RGB -> `(3, crop, crop)` float32 normalised tensor; resize short side, centre crop
+    (`portable.eval_transform`, the one the registered model carries)."""
+    return portable.eval_transform(pp.resize, pp.crop, pp.mean, pp.std, pp.interpolation)
 
 
 def train_transform(pp: Preprocess, strength: float) -> T.Compose:

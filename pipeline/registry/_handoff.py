@@ -4,11 +4,13 @@ which MLflow run the model is attached to."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.trial import FrozenTrial
+from PIL import Image
 
 from pipeline import data as D
 from pipeline.champion import TestEvaluation, TestFigures, eval_preprocess, rebuild, sealed_test_figures
@@ -154,9 +156,11 @@ def export(
         "test_accuracy_ci_high": figures.high,
         "test_loss": evaluation.loss,
     }
+    example, image_example = input_example(cfg, checkpoint)
     return registry.Export(
         registry.export_module(rebuild(checkpoint)),
-        input_example(cfg, checkpoint),
+        example,
+        image_example,
         metadata,
         tags,
         description,
@@ -166,10 +170,13 @@ def export(
     )
 
 
-def input_example(cfg: StudyConfig, checkpoint: TrialCheckpoint) -> np.ndarray:
-    """Preprocessed val images (never test ones): float32 `(B, 3, crop, crop)`, a real example of
-    the value ranges. B = 1 for "pickle" (the JSON example is ~1.5 MB per 160 px image); B = 2 for
-    "pt2", whose export keeps a batch axis of size 1 static.
+def input_example(cfg: StudyConfig, checkpoint: TrialCheckpoint) -> tuple[np.ndarray, bytes]:
+    """The first readable val image (never a test one), as the model sees it and as users send it.
+
+    Returns:
+        (float32 `(B, 3, crop, crop)` preprocessed, B = 2 for "pt2" (its export keeps a batch axis
+        of size 1 static) else 1; the image re-encoded as JPEG at the working size, the MLflow
+        input example: a few tens of kB where the file itself may be megabytes).
 
     Raises:
         DataError: the data root or val folder is gone.
@@ -178,10 +185,15 @@ def input_example(cfg: StudyConfig, checkpoint: TrialCheckpoint) -> np.ndarray:
     d = cfg.data
     size = 2 if cfg.registry.serialization_format == "pt2" else 1
     splits = D.build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed, d.val_fraction)
-    transform = D.eval_transform(eval_preprocess(checkpoint))
+    pp = eval_preprocess(checkpoint)
     for rel, _ in splits.val:
         path = splits.root / rel
         if D.check_image(path) is None:  # an unreadable val image (bad_images: skip): take the next one
-            example = transform(D.load_rgb(path)).numpy()[None].astype(np.float32)
-            return example.repeat(size, axis=0)
+            image = D.load_rgb(path)
+            example = D.eval_transform(pp)(image).numpy()[None].astype(np.float32)
+            encoded = io.BytesIO()
+            scale = min(1.0, pp.resize / min(image.size))  # short side at most the working size
+            small = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+            small.save(encoded, format="JPEG", quality=90)
+            return example.repeat(size, axis=0), encoded.getvalue()
     raise RegistryError(f"{d.root / (d.val or d.train)}: no readable val image for the model's input example")

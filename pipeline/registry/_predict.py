@@ -10,8 +10,9 @@ Every input gets the checks training gives it (`pipeline.data`):
   content is another format than its extension says is used, with one warning; warnings Pillow
   raises while decoding ("Corrupt EXIF data") become one warning line naming the files.
 
-The other images of a batch: a file that cannot be read is skipped and named (one warning line on
-stderr, and a record with an `error` in the output, in input order); every other image is
+The other images of a batch: a file that cannot be read, a path that does not exist and a folder
+without images are skipped and named (one warning line on stderr, and a record with an `error` in
+the output, in input order); every other image is
 predicted and the exit status is 0. When no image at all can be read, `DataError` (exit 3).
 
 Which store: the tracking URI is `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the embedded
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline import data as D
 from pipeline.core import DataError, RegistryError, TrackingError, connection_refused, first_line, mask_url
@@ -93,30 +95,45 @@ class Prediction:
         return json.dumps(self.to_dict(), ensure_ascii=True)
 
 
-def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path]:
-    """Expand files and folders (recursively, the training scan's rules) into image files.
+@dataclass(frozen=True)
+class BadPath:
+    """A command-line path that gives no image: skipped and named, as an unreadable image is."""
+
+    path: Path
+    reason: str  # "no such file or folder", "no image files in this folder (...)"
+
+
+def image_files(paths: list[Path], warn: Warn = _stderr) -> list[Path | BadPath]:
+    """Expand files and folders (recursively, the training scan's rules) into image files, in
+    input order; a path that does not exist or a folder without images is a `BadPath`.
 
     Raises:
-        DataError: a path does not exist, or a folder holds no image file.
+        DataError: no path gives an image file (the one message names each path).
     """
-    files: list[Path] = []
+    found: list[Path | BadPath] = []
     for path in map(Path, paths):
         if path.is_dir():
             listing = D.list_images(path)
             if not listing.images:
                 held = f" (only other files: {D.ignored_kinds(listing.ignored, path)})" if listing.ignored else ""
-                raise DataError(
-                    f"{display_name(path)}: no image files in this folder{held}; give image "
-                    "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them"
-                )
+                found.append(BadPath(path, f"no image files in this folder{held}"))
+                continue
             if listing.ignored:
                 warn(D.ignored_files_message(path, listing.ignored))
-            files += listing.images
+            found += listing.images
         elif path.is_file():
-            files.append(path)
+            found.append(path)
         else:
-            raise DataError(f"{display_name(path)}: no such file or folder; give image files or folders of images")
-    return files
+            found.append(BadPath(path, "no such file or folder"))
+    bad = [f for f in found if isinstance(f, BadPath)]
+    if found and len(bad) == len(found):
+        hint = (
+            "give image files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them"
+            if any(f.reason.startswith("no image files") for f in bad)
+            else "give image files or folders of images"
+        )
+        raise DataError("; ".join(f"{display_name(f.path)}: {f.reason}" for f in bad) + f"; {hint}")
+    return found
 
 
 def load_model(model_uri: str, tracking: str, registry: str | None = None) -> tuple[PyFuncModel, dict[str, Any]]:
@@ -223,8 +240,9 @@ def predict_files(
         One `Prediction` per file, in input order (skipped files carry `error`).
 
     Raises:
-        DataError: a missing path or an image-less folder (before the model is loaded), or no
-            file that can be read at all.
+        DataError: no path gives an image file (before the model is loaded), or no file that
+            can be read at all. A missing path or an image-less folder among others is skipped
+            and named, like an unreadable file.
         RegistryError: the model cannot be loaded or lacks sweep metadata.
     """
     from pipeline.config import resolve_tracking, sqlite_path
@@ -240,18 +258,22 @@ def predict_files(
     model, meta = load_model(model_uri, tracking_uri, registry)
     classes, transform = list(meta["classes"]), eval_transform(meta["preprocess"])
     found = D.Findings()
+    unusable: list[tuple[str, str]] = []  # bad command-line paths, named with the unreadable files
     predictions: list[Prediction] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         arrays, rows = [], []
         for path in chunk:
+            if isinstance(path, BadPath):
+                unusable.append((display_name(path.path), path.reason))
+                rows.append(Prediction(os.fsdecode(path.path), None, None, {}, path.reason))
+                continue
             image, check = D.decode_image(path)
             found.add(display_name(path), check, path.suffix)
             rows.append(Prediction(os.fsdecode(path), None, None, {}, check.reason))
             if image is not None:
-                arrays.append(transform(image).numpy())
-        batch = np.stack(arrays).astype(np.float32) if arrays else None
-        probs: Iterator[np.ndarray] = iter(np.asarray(model.predict(batch)) if batch is not None else [])
+                arrays.append(np.asarray(image))
+        probs: Iterator[np.ndarray] = iter(probabilities(model, classes, arrays, transform) if arrays else [])
         for row in rows:
             if row.error is None:
                 p = next(probs)
@@ -264,15 +286,32 @@ def predict_files(
             predictions.append(row)
     for message in found.messages("predict"):
         warn(message)
-    if len(found.bad) == len(files):
+    bad = unusable + found.bad
+    if len(bad) == len(files):
         head = "" if len(files) == 1 else f"none of the {len(files)} image files can be read: "
-        raise DataError(head + _named(found.bad))
-    if found.bad:
-        warn(
-            f"skipped {len(found.bad)} of {len(files)} image files that cannot be read (the others are "
-            f"predicted): {_named(found.bad)}"
-        )
+        raise DataError(head + _named(bad))
+    if bad:
+        what = "inputs that give no image" if unusable else "image files that cannot be read"
+        warn(f"skipped {len(bad)} of {len(files)} {what} (the others are predicted): {_named(bad)}")
     return predictions
+
+
+def probabilities(
+    model: PyFuncModel, classes: list[str], images: list[np.ndarray], transform: D.Transform
+) -> np.ndarray:
+    """Class probabilities `(N, classes)` of decoded uint8 `(H, W, 3)` images.
+
+    A model registered with its own preprocessing (`pyfunc_model.py`) gets the pixels through
+    its pyfunc `predict`, the path a deployed model takes; one registered before that (PyTorch
+    flavour, float32 `(N, 3, crop, crop)` input) gets them eval-transformed here.
+    """
+    from PIL import Image
+
+    if "pytorch" in (model.metadata.flavors if model.metadata else {}):
+        batch = np.stack([transform(Image.fromarray(a)).numpy() for a in images]).astype(np.float32)
+        return np.asarray(model.predict(batch))
+    frame = pd.DataFrame(model.predict(pd.DataFrame({"image": images})))
+    return np.array([[row[c] for c in classes] for row in frame["probabilities"]])
 
 
 def _named(bad: list[tuple[str, str]], shown: int = 5) -> str:

@@ -2,10 +2,15 @@
 predict is `pipeline.registry`).
 
 What is registered (one MLflow model per selected checkpoint):
-- `torch.nn.Sequential(net=<classifier>, probabilities=Softmax(dim=1))` in eval mode on the CPU.
-  Input: float32 `(N, 3, H, W)` normalised images (H = W = the eval crop); output: float32
-  `(N, num_classes)` class probabilities in `class_to_idx` order. Both the pyfunc flavour
-  (numpy in, numpy out) and the PyTorch flavour load it; `loaded.net` is the bare classifier.
+- An MLflow pyfunc model that carries its own preprocessing (`pyfunc_model.py`, the model's code,
+  with `pipeline/data/portable.py` in its `code/` folder): image paths, encoded bytes or uint8
+  pixels in, `label` / `probability` / `probabilities` by class name out, so it loads and serves
+  (`mlflow models serve`) where only mlflow, torch and torchvision are installed. Its signature
+  says so and its input example is one encoded val image.
+- Inside it, the `classifier` artifact: `torch.nn.Sequential(net=<classifier>,
+  probabilities=Softmax(dim=1))` in eval mode on the CPU, float32 `(N, 3, H, W)` normalised
+  images (H = W = the eval crop) -> float32 `(N, num_classes)` probabilities in `class_to_idx`
+  order (`unwrap_python_model().module`; `.net` is the bare classifier).
 - Metadata (`MLmodel` -> `metadata`, also `pyfunc_model.metadata.metadata`) that makes the model
   usable alone: `classes` (index order), `class_to_idx`, `preprocess` (resize, crop, mean, std,
   interpolation of the eval transform), `arch`, `weights_origin`, `study`, `trial_number`,
@@ -16,11 +21,11 @@ What is registered (one MLflow model per selected checkpoint):
   of the trial's run onto it (not epoch 0's), and the sealed-test figures are logged on the model
   itself with the test split as their dataset, so the Models page shows what the champion scored.
 
-Serialization (`registry.serialization_format`): "pickle" (default) stores the `nn.Module`, so
-`mlflow.pytorch.load_model` gives back a module that can be inspected or fine-tuned further; it
-needs compatible torch/torchvision(/timm) at load time and, like any pickle, runs code on load:
-load only models from a registry you trust. "pt2" stores a `torch.export` graph (no pickle of
-classes; loads back as a `GraphModule` for inference), at the cost of an export at logging time.
+Serialization (`registry.serialization_format`) of the classifier artifact: "pickle" (default)
+stores the `nn.Module`, which can be inspected or fine-tuned further; it needs compatible
+torch/torchvision(/timm) at load time and, like any pickle, runs code on load: load only models
+from a registry you trust. "pt2" stores a `torch.export` program (no pickle of classes; it loads
+back as a `GraphModule` for inference), at the cost of an export at logging time.
 
 A selected checkpoint is registered once: a later report finds the version by its
 `sweep.checkpoint_sha256` + `sweep.study` tags and only (re)points the alias at it.
@@ -28,14 +33,18 @@ A selected checkpoint is registered once: a later report finds the version by it
 
 from __future__ import annotations
 
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.core import RegistryError, first_line
+from pipeline.data import portable
 
 SHA_TAG = "sweep.checkpoint_sha256"
 STUDY_TAG = "sweep.study"
@@ -81,23 +90,34 @@ def export_module(classifier: nn.Module) -> nn.Module:
     return wrapped.cpu().eval()
 
 
-def signature(crop: int, num_classes: int) -> ModelSignature:
-    """float32 `(-1, 3, crop, crop)` in, float32 `(-1, num_classes)` out (-1: any batch size)."""
+def signature() -> ModelSignature:
+    """One image per row in (a path, encoded bytes, base64 text or uint8 pixels: MLflow's `binary`
+    column, base64-decoded in JSON requests); `label`, `probability` (0-1), `probabilities`
+    ({class name: 0-1}) and `error` (set only for an item that cannot be read) out."""
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Map
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, crop, crop))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+        inputs=Schema([ColSpec(DataType.binary)]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.double, "probability"),
+                ColSpec(Map(DataType.double), "probabilities"),
+                ColSpec(DataType.string, "error", required=False),
+            ]
+        ),
     )
 
 
 def pip_requirements(arch: str) -> list[str]:
     """Pinned requirements of the logged model, given explicitly: MLflow's inference would load the
-    model in a subprocess (seconds) and may miss torchvision/timm, which unpickling needs."""
+    model in a subprocess (seconds) and may miss torchvision/timm, which loading the module needs."""
     import importlib.metadata as md
 
-    names = ["torch", "torchvision", "cloudpickle", "numpy"] + (["timm"] if arch.startswith("timm/") else [])
+    names = ["mlflow", "torch", "torchvision", "pillow", "numpy", "pandas"]
+    names += ["timm"] if arch.startswith("timm/") else []
     return [f"{n}=={md.version(n).split('+')[0]}" for n in names]
 
 
@@ -139,6 +159,7 @@ class Export:
 
     module: Any  # from `export_module`
     example: np.ndarray  # float32 (B, 3, H, W); B >= 2 for "pt2", so it exports a dynamic batch axis
+    image_example: bytes  # one encoded val image: the model's MLflow input example
     metadata: dict[str, Any]  # must hold `classes` and `arch`
     tags: dict[str, str]  # model-version tags
     description: str
@@ -198,31 +219,58 @@ def _log_and_register(
     export: Export, tracking: str, experiment_id: str, run_id: str | None, name: str, serialization_format: str
 ) -> str:
     import mlflow
+    from mlflow.models import Model
 
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
     # A logged model goes to the active experiment, not its run's: without this it would land in
     # experiment 0 and its relative artifact folder.
     mlflow.set_experiment(experiment_id=experiment_id)
-    info = mlflow.pytorch.log_model(
-        export.module,
-        name=ARTIFACT_NAME,
-        signature=signature(export.example.shape[-1], len(export.metadata["classes"])),
-        input_example=export.example,
-        metadata=export.metadata,
-        tags=export.tags,
-        pip_requirements=pip_requirements(export.metadata["arch"]),
-        serialization_format=serialization_format,
-        registered_model_name=name,
-        run_id=run_id,
-        step=export.step,
-    )
+    with tempfile.TemporaryDirectory(prefix="sweep-model-") as folder:
+        # Model.log, not pyfunc.log_model: only it attaches the model to an existing run (the
+        # trial's) without starting it, which would end it as FINISHED.
+        info = Model.log(
+            artifact_path=None,
+            name=ARTIFACT_NAME,
+            flavor=mlflow.pyfunc,
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            code_paths=[portable.__file__],
+            artifacts={"classifier": save_module(export, Path(folder), serialization_format)},
+            model_config={"classes": export.metadata["classes"], "preprocess": export.metadata["preprocess"]},
+            signature=signature(),
+            input_example=pd.DataFrame({"image": [export.image_example]}),
+            metadata=export.metadata,
+            tags=export.tags,
+            pip_requirements=pip_requirements(export.metadata["arch"]),
+            registered_model_name=name,
+            run_id=run_id,
+            step=export.step,
+        )
     client = mlflow.MlflowClient(tracking, registry_uri=tracking)
     if run_id is not None and export.model_metrics:
         log_model_metrics(client, run_id, info.model_id, export)
     version = str(info.registered_model_version)
     client.update_model_version(name, version, description=export.description)
     return version
+
+
+def save_module(export: Export, folder: Path, serialization_format: str) -> str:
+    """Write the torch module for the model's `classifier` artifact; returns its path.
+
+    "pickle": `torch.save` of the `nn.Module` (inspectable and fine-tunable after loading).
+    "pt2": a `torch.export` program with a dynamic batch axis (no pickled classes).
+    """
+    import torch
+
+    if serialization_format == "pt2":
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.export.export(export.module, (torch.from_numpy(export.example),), dynamic_shapes=({0: batch},))
+        path = folder / "classifier.pt2"
+        torch.export.save(program, path)
+    else:
+        path = folder / "classifier.pt"
+        torch.save(export.module, path)
+    return str(path)
 
 
 def log_model_metrics(client: MlflowClient, run_id: str, model_id: str, export: Export) -> None:

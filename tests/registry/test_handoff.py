@@ -3,11 +3,14 @@ input example logged with it."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+from PIL import Image
 
 from pipeline.config import StudyConfig
 from pipeline.core import RegistryError
@@ -64,10 +67,13 @@ def test_input_example_is_the_first_readable_val_image(tmp_path, fmt, batch):
     d = cfg.data
     val = build_splits(d.root, d.train, d.val, d.test, d.test_fraction, d.seed, d.val_fraction).val
     (root / val[0][0]).write_bytes(b"not an image")  # the first val image is unreadable: the next is taken
-    example = H.input_example(cfg, _checkpoint())
-    expected = eval_transform(PP)(load_rgb(root / val[1][0])).numpy()
+    example, encoded = H.input_example(cfg, _checkpoint())
+    source = load_rgb(root / val[1][0])
+    expected = eval_transform(PP)(source).numpy()
     assert example.shape == (batch, 3, 32, 32) and example.dtype == np.float32
     assert all(np.array_equal(x, expected) for x in example)
+    sent = Image.open(io.BytesIO(encoded))  # what the MLflow input example holds: the same image as a JPEG
+    assert sent.format == "JPEG" and min(sent.size) == min(min(source.size), PP.resize)
 
 
 def test_no_readable_val_image_is_a_registry_error(tmp_path):

@@ -69,6 +69,12 @@ def corrupt_exif_jpeg(path: Path) -> Path:
     return path
 
 
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 10), COLOURS["ants"]).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tuple[str, nn.Module]:
     """A sqlite MLflow store holding `tiny` (8 px input, classes ants/bees) at alias champion;
@@ -81,6 +87,7 @@ def store(tmp_path_factory) -> tuple[str, nn.Module]:
     export = G.Export(
         module,
         np.zeros((1, 3, 8, 8), np.float32),
+        _jpeg(),
         {"classes": ["ants", "bees"], "arch": "resnet18", "preprocess": MODEL_PP},
         {G.STUDY_TAG: "s", G.SHA_TAG: "aaa", G.TRIAL_TAG: "0"},
         "tiny",
@@ -138,7 +145,7 @@ def test_image_files_scans_folders_like_training(tmp_path):
     )
 
 
-def test_image_files_names_bad_paths(tmp_path):
+def test_image_files_names_bad_paths_and_refuses_only_when_none_gives_an_image(tmp_path):
     with pytest.raises(DataError) as info:
         P.image_files([tmp_path / "missing.png"])
     assert str(info.value) == (
@@ -152,6 +159,12 @@ def test_image_files_names_bad_paths(tmp_path):
         f"{tmp_path / 'empty'}: no image files in this folder (only other files: .txt: 1); give image "
         "files (extensions Pillow opens, e.g. .jpg, .png, .webp) or a folder of them"
     )
+    good = write_image(tmp_path / "good.png", COLOURS["ants"])
+    assert P.image_files([tmp_path / "missing.png", good, tmp_path / "empty"]) == [
+        P.BadPath(tmp_path / "missing.png", "no such file or folder"),
+        good,
+        P.BadPath(tmp_path / "empty", "no image files in this folder (only other files: .txt: 1)"),
+    ]
 
 
 def test_preprocess_images_matches_the_eval_transform_and_names_every_bad_file(tmp_path):
@@ -195,6 +208,28 @@ def test_bad_files_are_skipped_and_named_and_the_others_predicted(tmp_path, stor
         )
     ]
     assert json.loads(predictions[3].to_json()) == {"file": str(bomb), "error": BOMB_REASON}
+
+
+def test_a_missing_path_among_the_arguments_is_skipped_and_named(tmp_path, store, no_env):
+    """A user's report: one mistyped path among predict's arguments aborted the whole call."""
+    uri, module = store
+    good = [write_image(tmp_path / f"g{i}.png", COLOURS["ants"], seed=i) for i in range(2)]
+    typo = tmp_path / "g9.png"
+    warned: list[str] = []
+    predictions = P.predict_files(URI, [good[0], typo, good[1]], uri, warn=warned.append)
+    assert [(p.file, p.error) for p in predictions] == [
+        (str(good[0]), None),
+        (str(typo), "no such file or folder"),
+        (str(good[1]), None),
+    ]
+    np.testing.assert_allclose(
+        [[p.probabilities["ants"], p.probabilities["bees"]] for p in predictions if not p.error],
+        expected(module, good),
+        rtol=1e-5,
+    )
+    assert warned == [
+        f"skipped 1 of 3 inputs that give no image (the others are predicted): {typo}: no such file or folder"
+    ]
 
 
 def test_a_decompression_bomb_gets_the_training_message(tmp_path, store, no_env):

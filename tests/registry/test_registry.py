@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from torch import nn
 
 from pipeline.core import RegistryError
@@ -36,11 +39,22 @@ def test_exported_module_returns_class_probabilities():
     assert module.net is net and torch.equal(probs.argmax(1), net(x).argmax(1))
 
 
-def test_signature_is_float32_batch_of_images_to_class_scores():
-    sig = G.signature(224, 5)
-    (inp,), (out,) = sig.inputs.inputs, sig.outputs.inputs
-    assert (inp.type, inp.shape) == (np.dtype(np.float32), (-1, 3, 224, 224))
-    assert (out.type, out.shape) == (np.dtype(np.float32), (-1, 5))
+def test_signature_is_one_image_per_row_to_labels_and_probabilities():
+    sig = G.signature()
+    (inp,) = sig.inputs.inputs
+    assert (inp.name, inp.type.name) == (None, "binary")
+    assert [(c.name, c.required) for c in sig.outputs.inputs] == [
+        ("label", True),
+        ("probability", True),
+        ("probabilities", True),
+        ("error", False),
+    ]
+
+
+def _jpeg(size: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 40, 10)).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def _export(sha: str) -> G.Export:
@@ -48,7 +62,7 @@ def _export(sha: str) -> G.Export:
     module = G.export_module(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)))
     meta = {"classes": ["ants", "bees"], "arch": "resnet18", "preprocess": {**PP, "crop": 8}}
     tags = {G.STUDY_TAG: "s", G.SHA_TAG: sha, G.TRIAL_TAG: "0"}
-    return G.Export(module, np.zeros((2, 3, 8, 8), np.float32), meta, tags, "tiny")
+    return G.Export(module, np.zeros((2, 3, 8, 8), np.float32), _jpeg(), meta, tags, "tiny")
 
 
 def _store(tmp_path, monkeypatch) -> tuple[str, MlflowClient, dict]:
@@ -166,7 +180,6 @@ def test_register_failure_is_one_registry_error(tmp_path):
 
 
 def test_pt2_format_loads_back_with_a_dynamic_batch(tmp_path, monkeypatch):
-    import mlflow
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -183,10 +196,14 @@ def test_pt2_format_loads_back_with_a_dynamic_batch(tmp_path, monkeypatch):
         serialization_format="pt2",
     )
     model, meta = P.load_model("models:/m2@champion", uri)
-    probs = model.predict(np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32))
-    assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-6)
+    frame = model.predict([_jpeg(12), _jpeg(20), _jpeg(9)])  # one image per row, any batch size
+    assert len(frame) == 3 and set(frame["label"]) <= {"ants", "bees"} and frame["error"].isna().all()
+    assert all(abs(sum(p.values()) - 1) < 1e-6 for p in frame["probabilities"])
     assert meta["classes"] == ["ants", "bees"]
-    assert type(mlflow.pytorch.load_model("models:/m2@champion")).__name__.startswith("GraphModule")
+    classifier = model.unwrap_python_model()  # the tensor path
+    probs = classifier.probabilities(np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32))
+    assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-6)
+    assert type(classifier.module).__name__.startswith("GraphModule")
 
 
 def test_model_logged_at_its_best_epoch_carries_that_epochs_figures_and_its_test_figures(tmp_path, monkeypatch):
@@ -213,5 +230,6 @@ def test_model_logged_at_its_best_epoch_carries_that_epochs_figures_and_its_test
         "test_loss": (0.4, 2, "images/test", "e571cd1d"),
     }
     run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"  # attaching the model leaves the trial's run as it was
     assert [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("images/test", "e571cd1d")]
     assert run.data.metrics["test_accuracy"] == 0.75  # the champion's run shows its test figure too

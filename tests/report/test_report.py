@@ -193,8 +193,9 @@ def test_one_model_version_with_alias_metadata_and_lineage(done):
     assert meta["study"] == "tiny" and meta["trial_number"] == 1
     assert meta["val_accuracy"] == pytest.approx(trial.value)
     assert meta["test_accuracy"] == pytest.approx(done.first.test.accuracy)
-    assert info.signature.inputs.inputs[0].shape == (-1, 3, 32, 32)
-    assert info.signature.outputs.inputs[0].shape == (-1, 2)
+    assert [c.type.name for c in info.signature.inputs.inputs] == ["binary"]  # one image per row
+    assert [c.name for c in info.signature.outputs.inputs] == ["label", "probability", "probabilities", "error"]
+    assert set(info.flavors) == {"python_function"} and info.flavors["python_function"]["code"] == "code"
 
 
 def test_report_files(done):
@@ -387,28 +388,26 @@ def test_predict_cli_bad_inputs_are_one_line(done, monkeypatch, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
-def test_model_loads_in_fresh_cpu_process_both_flavours(done, tmp_path):
-    """The README snippet: pyfunc (numpy in, probabilities out) and the PyTorch flavour."""
+def test_model_loads_in_fresh_cpu_process_from_files_and_from_tensors(done, tmp_path):
+    """The README snippet: image files in, labels and probabilities out; and the tensor path."""
     image = write_image(tmp_path / "bee.png", COLOURS["bees"], seed=700)
     script = textwrap.dedent(f"""
         import json, mlflow, numpy as np, torch
-        from pipeline.data import load_rgb
-        from pipeline.data import Preprocess, eval_transform
+        from pipeline.data import Preprocess, eval_transform, load_rgb
 
         mlflow.set_tracking_uri({tracking_uri(done.cfg)!r})
-        uri = "models:/tiny-classifier@champion"
-        pyfunc = mlflow.pyfunc.load_model(uri)
-        meta = pyfunc.metadata.metadata
-        pp = meta["preprocess"]
+        model = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
+        frame = model.predict([{str(image)!r}])
+        classifier = model.unwrap_python_model()
+        pp = model.metadata.metadata["preprocess"]
         x = eval_transform(Preprocess(pp["resize"], pp["crop"], tuple(pp["mean"]), tuple(pp["std"]),
                                       pp["interpolation"]))(load_rgb({str(image)!r})).numpy()[None]
-        probs = pyfunc.predict(x.astype(np.float32))
-        net = mlflow.pytorch.load_model(uri, map_location="cpu")
         with torch.no_grad():
-            torch_probs = net(torch.from_numpy(x)).numpy()
-        print(json.dumps({{"label": meta["classes"][int(probs.argmax())], "shape": list(probs.shape),
-                          "same": bool(np.allclose(probs, torch_probs, atol=1e-6)),
-                          "cuda": torch.cuda.is_available(), "type": type(net).__name__}}))
+            probs = classifier.module(torch.from_numpy(x)).numpy()
+        print(json.dumps({{"label": frame["label"][0], "columns": list(frame.columns),
+                          "same": bool(np.allclose([frame["probabilities"][0][c] for c in classifier.classes], probs[0],
+                                                   atol=1e-6)),
+                          "cuda": torch.cuda.is_available(), "type": type(classifier.module).__name__}}))
     """)
     env = {**os.environ, **done.env, "CUDA_VISIBLE_DEVICES": "", "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.run(
@@ -416,7 +415,13 @@ def test_model_loads_in_fresh_cpu_process_both_flavours(done, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"label": "bees", "shape": [1, 2], "same": True, "cuda": False, "type": "Sequential"}
+    assert result == {
+        "label": "bees",
+        "columns": ["label", "probability", "probabilities", "error"],
+        "same": True,
+        "cuda": False,
+        "type": "Sequential",
+    }
 
 
 def test_no_complete_trial_is_a_clear_error(tmp_path, monkeypatch, image_root):
