@@ -3,7 +3,7 @@ pruners by name, trial events announced to observers (`TrialObserver`), baseline
 the seed recipe), seed re-runs and what a trial stores in its user attrs (its epoch history).
 """
 
-from pipeline.search._baselines import add_baselines, run_reruns
+from pipeline.search._baselines import add_baselines, plan_line, resume_line, run_reruns
 from pipeline.search._events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.search._history import epoch_history
 from pipeline.search._record import BASELINE_ATTR, RUN_ID_ATTR, TrialRecord
@@ -29,6 +29,8 @@ __all__ = [
     "load_existing",
     "open_storage",
     "open_study",
+    "plan_line",
+    "resume_line",
     "optimize",
     "overshoot",
     "role",

@@ -157,6 +157,35 @@ def add_baselines(study: optuna.Study, cfg: StudyConfig, prep: Prepared, say: Ca
             raise DataError(f"{cfg.data.root}: {err}; or set selection.baselines.linear_probe: false") from None
 
 
+def plan_line(cfg: StudyConfig) -> str:
+    """One line saying how many trainings `sweep run` will do, e.g. "plan: 12 trials (the seed
+    recipe + 11 sampled) + the linear probe; then up to 6 re-runs (top 3 x 2 seeds); `sweep
+    report` refits the champion on train + val"."""
+    b, s, n = cfg.selection.baselines, cfg.selection, cfg.study.n_trials
+    trials = f"{n} trial{'s' if n != 1 else ''}" + (
+        f" (the seed recipe + {n - 1} sampled)"
+        if b.seed_recipe and n > 1
+        else " (the seed recipe)"
+        if b.seed_recipe
+        else " (sampled)"
+    )
+    parts = [f"plan: {trials}" + (" + the linear probe" if b.linear_probe else "")]
+    if s.reruns:
+        parts.append(f"then up to {s.top_k * s.reruns} re-runs (top {s.top_k} x {s.reruns} seeds)")
+    if s.refit:
+        parts.append("`sweep report` refits the champion on train + val")
+    timeout = f" (or until study.timeout, {cfg.study.timeout} s)" if cfg.study.timeout else ""
+    return "; ".join(parts) + timeout
+
+
+def resume_line(study: optuna.Study, n_trials: int, requeued: Sequence[int]) -> str:
+    """ "resuming study 'X': 5 of 12 trials done, trial 3 re-queued" (counted trials: `n_trials`'s)."""
+    again = ""
+    if requeued:
+        again = f", trial{'s' if len(requeued) > 1 else ''} {', '.join(map(str, requeued))} re-queued"
+    return f"resuming study '{study.study_name}': {counted(study)} of {n_trials} trials done{again}"
+
+
 def enqueue_reruns(study: optuna.Study, cfg: StudyConfig, storage: BaseStorage) -> list[tuple[int, int]]:
     """Enqueue the re-runs `selection.rerun_plan` finds missing; returns the (trial, seed index)
     pairs enqueued (under the study's "reruns" lock in `storage`, so two workers, on one machine or

@@ -48,6 +48,8 @@ from pipeline.search import (
     open_storage,
     open_study,
     optimize,
+    plan_line,
+    resume_line,
     run_reruns,
     same_failure,
 )
@@ -161,6 +163,7 @@ def _start(
     check_local_paths(url, uri)
     if sqlite_path(uri):
         check_writable(artifact_root())
+    say(plan_line(cfg))
     # Pre-flight first: a bad data folder or weights value must not leave a stored study behind
     # whose fingerprint would then refuse the corrected study file.
     prep = prepare(cfg, scanned, say)
@@ -173,7 +176,9 @@ def _start(
     # baselines; later ones read them back; dead trials are re-queued by one worker only.
     with study_lock(backend, cfg.study.name, "start", on_wait=say):
         prep = _recorded_split(study, prep, accept_changes)
-        recover(backend, cfg.study.name, cfg.study.max_retries, grace_period(cfg))
+        requeued = recover(backend, cfg.study.name, cfg.study.max_retries, grace_period(cfg))
+        if study.get_trials(deepcopy=False):  # an earlier run (or another worker) started this study
+            say(resume_line(study, cfg.study.n_trials, requeued))
         parent = tracker.open_parent(cfg.study.name, study.user_attrs.get(PARENT_ATTR), tags)
         study.set_user_attr(PARENT_ATTR, parent)
         synced = reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)

@@ -16,6 +16,7 @@ from pipeline.cli import _commands as cli
 from pipeline.config import load_study
 from pipeline.report._markdown import selection_rule
 from pipeline.report._plots import importance_plot
+from pipeline.search import plan_line
 from pipeline.stages import StudyOutcome
 from pipeline.stages import _study_run as study_run
 
@@ -149,3 +150,30 @@ def test_report_help_names_the_champion_not_the_best_trial():
     text = " ".join(result.stdout.split())
     assert "choose the champion (baselines and seed re-runs, see README), test it once on the sealed test split" in text
     assert "best COMPLETE trial" not in text
+
+
+@pytest.mark.parametrize(
+    "n_trials, selection, line",
+    [
+        (
+            3,
+            {"baselines": {"linear_probe": True, "seed_recipe": True}, "top_k": 3, "reruns": 2, "refit": True},
+            "plan: 3 trials (the seed recipe + 2 sampled) + the linear probe; then up to 6 re-runs (top 3 x 2 "
+            "seeds); `sweep report` refits the champion on train + val",
+        ),
+        (
+            5,
+            {"baselines": {"linear_probe": False, "seed_recipe": False}, "reruns": 0, "refit": False},
+            "plan: 5 trials (sampled)",
+        ),
+        (
+            1,
+            {"baselines": {"linear_probe": True, "seed_recipe": True}, "top_k": 2, "reruns": 1, "refit": False},
+            "plan: 1 trial (the seed recipe) + the linear probe; then up to 2 re-runs (top 2 x 1 seeds)",
+        ),
+    ],
+)
+def test_the_plan_line_counts_every_training_the_run_will_do(tmp_path, image_root, n_trials, selection, line):
+    """A user's report: `n_trials: 3` ran eight trainings with nothing saying so up front."""
+    tree = study_dict(image_root, study={"n_trials": n_trials}, selection=selection)
+    assert plan_line(load_study(write_study(tmp_path / "s.yaml", tree))) == line

@@ -109,6 +109,11 @@ def test_interrupt_records_fail_and_resume_retries(tmp_path, long_study, sig, co
     assert "Traceback" not in stderr
     assert "run the same command again to resume" in stderr
     assert resumed.returncode == 0, resumed.stderr
+    said = (resumed.stdout + resumed.stderr).splitlines()
+    assert [line for line in said if line.startswith(("plan:", "resuming"))] == [
+        "plan: 2 trials (sampled)",
+        "resuming study 'tiny': 0 of 2 trials done, trial 0 re-queued",
+    ]
 
     trials = optuna.load_study(study_name="tiny", storage=_storage(home)).get_trials()
     assert trials[0].state == TrialState.FAIL
