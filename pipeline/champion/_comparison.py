@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import models as M
 from pipeline.config import StudyConfig, best_index, score_sign
 from pipeline.core import RegistryError
-from pipeline.search import TrialRecord, role
+from pipeline.search import TrialRecord, role, run_id_of
 
 BASE_COLUMNS = ("number", "state", "role")
 RESULT_COLUMNS = ("best_epoch", "epochs_run", "seconds", "mlflow_run_id")
@@ -89,6 +89,7 @@ def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
     names = list(cfg.search_space)
     names += sorted({p for t in trials for p in t.params} - set(names))
     rows = []
+    attrs = study.user_attrs
     for t in trials:
         r = TrialRecord.from_frozen(t)
         history = r.history
@@ -104,7 +105,7 @@ def trials_frame(study: optuna.Study, cfg: StudyConfig) -> pd.DataFrame:
                 "best_epoch": epoch,
                 "epochs_run": epochs_run(t),
                 "seconds": trial_seconds(t),
-                "mlflow_run_id": r.mlflow_run_id,
+                "mlflow_run_id": run_id_of(attrs, t),
             }
         )
     values = ["best_val_accuracy"] if metric == "val_accuracy" else [f"best_{metric}", "best_val_accuracy"]

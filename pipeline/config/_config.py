@@ -47,7 +47,7 @@ from pipeline.config._space import (
     SamplerConfig,
     reachable_high,
 )
-from pipeline.config._studyfile import Words, apply_override, describe, parse, where
+from pipeline.config._studyfile import Words, apply_override, describe, error_key, override_behind, parse, where
 from pipeline.core import ConfigError
 
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}  # each metric's only sane direction
@@ -335,19 +335,28 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: the top level must be a mapping with keys study, data, model, ...")
     for item in overrides:
         apply_override(tree, item, path, words)
-    return _validate(tree, source=str(path), words=words)
+    return _validate(tree, source=str(path), words=words, overrides=overrides)
 
 
-def _validate(tree: dict, source: str, words: Words | None = None) -> StudyConfig:
+def _validate(
+    tree: dict, source: str, words: Words | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> StudyConfig:
+    """A value a `--set` gave is blamed on that `--set`, not on the file that does not hold it."""
     try:
         cfg = StudyConfig.model_validate(tree)
         cfg._source = source
         return cfg
     except ValidationError as err:
-        lines = [describe(e, words or {}, _allowed_keys) for e in err.errors()]
-        head = f"{source}: {len(lines)} problem(s) in the study file:" if len(lines) > 1 else f"{source}:"
-        body = "\n  ".join(lines) if len(lines) > 1 else lines[0]
-        raise ConfigError(f"{head}\n  {body}" if len(lines) > 1 else f"{head} {body}") from None
+        errors = err.errors()
+        origins = [override_behind(error_key(e), overrides) for e in errors]
+        lines = [
+            f"--set {o}: {describe(e, words or {}, _allowed_keys)}" if o else describe(e, words or {}, _allowed_keys)
+            for e, o in zip(errors, origins, strict=True)
+        ]
+        if len(lines) == 1:
+            raise ConfigError(lines[0] if origins[0] else f"{source}: {lines[0]}") from None
+        head = f"{source}: {len(lines)} problem(s) in the study file" + (" and --set" if any(origins) else "")
+        raise ConfigError(f"{head}:\n  " + "\n  ".join(lines)) from None
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

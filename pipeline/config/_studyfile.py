@@ -101,14 +101,14 @@ def where(err: yaml.MarkedYAMLError) -> str:
 def apply_override(tree: dict, item: str, path: Path, words: dict[tuple[str, ...], str]) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"{path}: --set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
     parts = key.strip().split(".")
     try:
         value, new_words = parse(raw, path)
     except yaml.YAMLError:
         value, new_words = raw, {}
     except ConfigError as err:  # a duplicate key inside a {...} value
-        raise ConfigError(f"{path}: --set {key.strip()}: {str(err).removeprefix(f'{path}: ')}") from None
+        raise ConfigError(f"--set {key.strip()}: {str(err).removeprefix(f'{path}: ')}") from None
     for old in [w for w in words if w[: len(parts)] == tuple(parts)]:
         del words[old]
     words.update({(*parts, *sub): word for sub, word in new_words.items()})
@@ -116,20 +116,36 @@ def apply_override(tree: dict, item: str, path: Path, words: dict[tuple[str, ...
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{path}: --set {key}: '{part}' is not a mapping")
+            raise ConfigError(f"--set {key}: '{part}' is not a mapping")
         node = child
     node[parts[-1]] = value
+
+
+def error_key(error: ErrorDetails) -> tuple[str, ...]:
+    """The study-file key path of a pydantic error, without the union tag pydantic inserts
+    (search_space.lr.float.low -> search_space.lr.low)."""
+    raw_loc = list(error["loc"])
+    return tuple(
+        str(p)
+        for i, p in enumerate(raw_loc)
+        if not (i == 2 and raw_loc[0] == "search_space" and p in ("float", "int", "categorical"))
+    )
+
+
+def override_behind(key: tuple[str, ...], overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The last `--set` item whose key path is `key`, above it or below it; None if the study
+    file alone set it."""
+    for item in reversed(overrides):
+        path = tuple(item.partition("=")[0].strip().split("."))
+        if key[: len(path)] == path or path[: len(key)] == key:
+            return item
+    return None
 
 
 def describe(error: ErrorDetails, words: Words, allowed_keys: Callable[[tuple], list[str]]) -> str:
     """One line for one pydantic error: `key.path: reason (got value)`."""
     raw_loc = list(error["loc"])
-    # Drop the union tag pydantic inserts: search_space.lr.float.low -> search_space.lr.low.
-    loc = [
-        str(p)
-        for i, p in enumerate(raw_loc)
-        if not (i == 2 and raw_loc[0] == "search_space" and p in ("float", "int", "categorical"))
-    ]
+    loc = list(error_key(error))
     word = words.get(tuple(loc))
     if error["type"] == "sweep" and error["ctx"]["at"]:
         loc += error["ctx"]["at"].split(".")

@@ -58,10 +58,21 @@ def register_selected(
             fails, or no val image can be read for the input example.
         DataError: the val folder is gone (only on first registration).
     """
-    run_id = existing_run(tracker, TrialRecord.from_frozen(selected).mlflow_run_id) or existing_run(tracker, parent)
+    # The probe's run is made after its trial finished, so only MLflow knows its id.
+    own = TrialRecord.from_frozen(selected).mlflow_run_id or (tracker.trial_runs() or {}).get(selected.number)
+    trial_run = existing_run(tracker, own)
+    run_id = trial_run or existing_run(tracker, parent)
     return registry.register(
         lambda: export(
-            cfg, selected, checkpoint, sha256, evaluation, parent, extra, recorded_test_input(tracker, parent)
+            cfg,
+            selected,
+            checkpoint,
+            sha256,
+            evaluation,
+            parent,
+            extra,
+            recorded_test_input(tracker, parent),
+            trial_run,
         ),
         study=cfg.study.name,
         sha256=sha256,
@@ -106,6 +117,7 @@ def export(
     parent: str | None,
     extra: Mapping[str, Any] | None = None,
     tested_on: DatasetInput | None = None,
+    trial_run: str | None = None,
 ) -> registry.Export:
     """The registered model with the metadata that makes it usable alone, and its lineage tags.
 
@@ -113,7 +125,8 @@ def export(
     trial_number, best_epoch, params, `<metric>` (the trial's value), test_accuracy (0-1),
     checkpoint_sha256 and a note on the output. The model is logged at `best_epoch`; its own
     metrics are test_accuracy, its 95% interval (test_accuracy_ci_low/high) and test_loss, on
-    `tested_on` (the test split's dataset input).
+    `tested_on` (the test split's dataset input). `trial_run`: the selected trial's MLflow run
+    (the `sweep.trial_run_id` tag), None when the store does not hold it.
     `extra` adds the selection: candidates, test accuracy with its interval, val -> test gap
     (`pipeline.champion.metadata`).
 
@@ -141,7 +154,7 @@ def export(
         registry.STUDY_TAG: cfg.study.name,
         registry.TRIAL_TAG: str(selected.number),
         registry.PARENT_TAG: parent or "",
-        registry.RUN_TAG: TrialRecord.from_frozen(selected).mlflow_run_id or "",
+        registry.RUN_TAG: trial_run or "",
         registry.SHA_TAG: sha256,
     }
     figures = figures_of(evaluation)

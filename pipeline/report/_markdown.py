@@ -100,16 +100,27 @@ def write_markdown(
     return path
 
 
+def trial_phrase(cfg: StudyConfig, trial: FrozenTrial, title: bool = False) -> str:
+    """ "**trial 3** (seed recipe): val_accuracy 0.9487 at epoch 4 (lr=0.001, ...)" (markdown); the
+    linear probe has neither epochs nor params: "**trial 0** (linear probe): val_accuracy 0.9231 (...)"."""
+    rec = TrialRecord.from_frozen(trial)
+    role = f" ({rec.role_words})" if rec.role_words else ""
+    name = f"**{'Trial' if title else 'trial'} {trial.number}**{role}"
+    head = f"{name}: {cfg.study.metric} {trial.value:.4f}"
+    if rec.baseline == "linear_probe":
+        return f"{head} (logistic regression on the frozen backbone's features)"
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    return f"{head} at epoch {rec.best_epoch}" + (f" ({params})" if params else "")
+
+
 def selection_lines(cfg: StudyConfig, outcome: Outcome) -> list[str]:
     """Selected trial, sealed-test results (per class and confusion matrix) and registered model."""
     selected, test, registered = outcome.selected, outcome.test, outcome.registered
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in selected.params.items())
     return [
         "## Selected trial",
         "",
         (
-            f"**Trial {selected.number}**: {cfg.study.metric} {selected.value:.4f} at epoch "
-            f"{TrialRecord.from_frozen(selected).best_epoch} ({params}). Chosen among COMPLETE trials by "
+            f"{trial_phrase(cfg, selected, title=True)}. Chosen among COMPLETE trials by "
             f"`{cfg.study.metric}` (ties: lower trial number); test figures never choose anything."
         ),
         "",

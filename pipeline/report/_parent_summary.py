@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from optuna.trial import FrozenTrial
 
 from pipeline.config import StudyConfig
-from pipeline.report._markdown import Outcome
+from pipeline.report._markdown import Outcome, trial_phrase
 from pipeline.search import TrialRecord
 from pipeline.tracking import Tracker
 
@@ -52,8 +52,7 @@ def describe(cfg: StudyConfig, trials: Sequence[FrozenTrial], outcome: Outcome, 
     lines = [
         f"**Study `{cfg.study.name}`**: {len(trials)} trials ({states}).",
         "",
-        f"Selected **trial {selected.number}**: {cfg.study.metric} {selected.value:.4f} at epoch "
-        f"{TrialRecord.from_frozen(selected).best_epoch}.",
+        f"Selected {trial_phrase(cfg, selected)}.",
         f"Sealed test split: {figures.describe()}.",
         f"Registered model: `{registered.uri}` (version {registered.version}).",
         f"Full report: `{report_file}` in this run's artifacts.",

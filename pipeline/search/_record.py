@@ -16,6 +16,7 @@ Readers outside this module use `TrialRecord.from_frozen(trial)`, never a bare k
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,9 @@ BASELINE_ATTR = "baseline"
 RERUN_ATTR = "rerun_of"
 SEED_INDEX_ATTR = "seed_index"
 PROBE_ATTR = "probe_id"  # unique id of one added probe trial, to find its number after add_trial
+# study attr {trial number: run id} for runs made after their trial finished (the probe's, a store
+# outage's): Optuna refuses user attrs on a finished trial
+SYNCED_RUNS_ATTR = "mlflow_run_ids"
 ROLE_ATTRS = (BASELINE_ATTR, RERUN_ATTR, SEED_INDEX_ATTR)  # what the trial is in the race
 
 
@@ -114,6 +118,14 @@ class TrialRecord:
             return f"rerun of {self.rerun_of} seed {self.seed_index}"
         return self.baseline or "search"
 
+    @property
+    def role_words(self) -> str | None:
+        """The role as users read it in run names and reports: "linear probe", "seed recipe",
+        "re-run of 3, seed 1"; None for a sampled trial."""
+        if self.is_rerun:
+            return f"re-run of {self.rerun_of}, seed {self.seed_index}"
+        return self.baseline.replace("_", " ") if self.baseline else None
+
     def roles(self) -> dict[str, Any]:
         """The role attrs it carries ({} for a searched trial), as stored."""
         stored = {BASELINE_ATTR: self.baseline, RERUN_ATTR: self.rerun_of, SEED_INDEX_ATTR: self.seed_index}
@@ -127,3 +139,8 @@ def record(trial: FrozenTrial) -> TrialRecord:
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def run_id_of(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> str | None:
+    """The MLflow run id of `trial`: its own record, else the study's `SYNCED_RUNS_ATTR`."""
+    return TrialRecord.from_frozen(trial).mlflow_run_id or study_attrs.get(SYNCED_RUNS_ATTR, {}).get(str(trial.number))

@@ -59,7 +59,7 @@ from pipeline.report import (
     write_test_tables,
 )
 from pipeline.search import TrialRecord
-from pipeline.tracking import PARENT_ATTR, Tracker, reconcile
+from pipeline.tracking import PARENT_ATTR, Tracker, reconcile, remember_run_ids
 
 REPORTS_ENV = "SWEEP_REPORTS"
 
@@ -222,6 +222,7 @@ def _open_tracker(
         synced = reconcile(tracker, trials, cfg.study.name)
         if synced:
             notes.append(f"MLflow runs of trial(s) {', '.join(map(str, synced))} rebuilt from Optuna's record")
+        remember_run_ids(study, tracker)
     return tracker, parent
 
 

@@ -53,7 +53,7 @@ from pipeline.search import (
     run_reruns,
     same_failure,
 )
-from pipeline.tracking import PARENT_ATTR, MLflowObserver, Tracker, log_study, reconcile, split_inputs
+from pipeline.tracking import PARENT_ATTR, MLflowObserver, Tracker, log_study, reconcile, remember_run_ids, split_inputs
 from pipeline.training import Prepared, prepare
 
 
@@ -141,6 +141,7 @@ def run_study(
         signal.signal(signal.SIGTERM, previous)
         if status == "FINISHED":  # runs of trials other workers left behind (killed) get their state
             reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)
+            remember_run_ids(study, tracker)
         # With several workers, the last one to finish closes the parent run.
         if status != "FINISHED" or not count(study, (TrialState.RUNNING,)):
             tracker.close_parent(status)
@@ -196,6 +197,7 @@ def _start(
         },
     )
     reconcile(tracker, study.get_trials(deepcopy=False), cfg.study.name)  # the probe's nested run
+    remember_run_ids(study, tracker)
 
     return prep, backend, tracker, study, dead, parent
 

@@ -5,7 +5,7 @@ metrics per step, artifacts), reconciliation of runs left behind, dataset inputs
 from pipeline.tracking._datasets import input_context, split_inputs
 from pipeline.tracking._links import study_links
 from pipeline.tracking._mlflow_runs import Tracker, quiet_mlflow
-from pipeline.tracking._track import PARENT_ATTR, MLflowObserver, log_study, reconcile
+from pipeline.tracking._track import PARENT_ATTR, MLflowObserver, log_study, reconcile, remember_run_ids
 
 __all__ = [
     "MLflowObserver",
@@ -15,6 +15,7 @@ __all__ = [
     "log_study",
     "quiet_mlflow",
     "reconcile",
+    "remember_run_ids",
     "split_inputs",
     "study_links",
 ]

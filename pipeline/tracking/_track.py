@@ -16,11 +16,20 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import CategoricalParam, IntParam, StudyConfig
 from pipeline.data import Splits
-from pipeline.search import RUN_ID_ATTR, TrialEnded, TrialObserver, TrialRecord, TrialStarted
+from pipeline.search import (
+    RUN_ID_ATTR,
+    SYNCED_RUNS_ATTR,
+    TrialEnded,
+    TrialObserver,
+    TrialRecord,
+    TrialStarted,
+    run_id_of,
+)
 from pipeline.tracking._datasets import CONTEXT, input_context, split_inputs
 from pipeline.tracking._mlflow_runs import Tracker, quiet_mlflow, trial_run_name
 from pipeline.training import EpochResult
@@ -193,6 +202,18 @@ def reconcile(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) 
         return []
     close_stale_runs(tracker, trials)
     return sync_runs(tracker, trials, study_name)
+
+
+def remember_run_ids(study: optuna.Study, tracker: Tracker) -> None:
+    """Store the run ids of finished trials whose run was made afterwards (the probe's, a store
+    outage's) in the study's `SYNCED_RUNS_ATTR`, so `sweep status`, the report and the model
+    version name them (a finished trial takes no user attr any more)."""
+    attrs = study.user_attrs
+    missing = [t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not run_id_of(attrs, t)]
+    runs = (tracker.trial_runs() or {}) if missing else {}
+    found = {str(n): runs[n] for n in missing if n in runs}
+    if found:
+        study.set_user_attr(SYNCED_RUNS_ATTR, {**attrs.get(SYNCED_RUNS_ATTR, {}), **found})
 
 
 def sync_runs(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) -> list[int]:

@@ -137,6 +137,13 @@ def test_baselines_and_reruns_are_tagged_nested_runs(done):
         assert tags.get("sweep.baseline") == t.user_attrs.get("baseline")
         assert tags.get("sweep.rerun_of") == (str(t.user_attrs["rerun_of"]) if _role(t) == "rerun" else None)
         assert nested[t.number].info.status == "FINISHED"
+    # `sweep status` and the report name every trial's run, the probe's too (made after its trial ended)
+    frame = trials_frame(done.study, done.cfg)
+    assert dict(zip(frame["number"], frame["mlflow_run_id"], strict=True)) == {
+        n: r.info.run_id for n, r in nested.items()
+    }
+    version = client.get_model_version_by_alias(done.cfg.registry.model_name, "champion")
+    assert version.tags["sweep.trial_run_id"] == nested[done.first.selected_trial].info.run_id
 
 
 def test_test_split_read_once_and_refit_on_train_and_val(done):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import TUNABLE, FloatParam, IntParam, StudyConfig, load_study
+from pipeline.config._studyfile import apply_override
 from pipeline.core import ConfigError
 
 from conftest import REPO, study_dict, write_study
@@ -26,9 +27,20 @@ def path(tmp_path: Path) -> Path:
 
 
 def error(path: Path, overrides=(), text: str | None = None) -> str:
-    """The ConfigError message for `path` (rewritten with `text` first, if given)."""
+    """The ConfigError message for `path` (rewritten with `text` first, if given), with the
+    `overrides` written into the file: these tests are about values in a study file."""
     if text is not None:
         path.write_text(text)
+    if overrides:
+        tree = yaml.safe_load(path.read_text())
+        for item in overrides:
+            apply_override(tree, item, path, {})
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return set_error(path)
+
+
+def set_error(path: Path, overrides=()) -> str:
+    """The ConfigError message for `path` loaded with `--set` `overrides`."""
     with pytest.raises(ConfigError) as info:
         load_study(path, overrides)
     return str(info.value)
@@ -108,20 +120,32 @@ def test_set_adds_a_search_space_entry(path):
 
 
 def test_set_without_equals_sign(path):
-    assert error(path, ["foo"]) == (f"{path}: --set 'foo': expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
+    assert set_error(path, ["foo"]) == ("--set 'foo': expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
 
 
 def test_set_with_empty_key(path):
-    assert error(path, ["=3"]) == (f"{path}: --set '=3': expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
+    assert set_error(path, ["=3"]) == ("--set '=3': expected KEY.PATH=VALUE, e.g. --set training.epochs=3")
 
 
 def test_set_below_a_scalar(path):
-    assert error(path, ["training.epochs.x=3"]) == f"{path}: --set training.epochs.x: 'epochs' is not a mapping"
+    assert set_error(path, ["training.epochs.x=3"]) == "--set training.epochs.x: 'epochs' is not a mapping"
+
+
+def test_a_bad_set_is_blamed_on_the_set_not_on_the_study_file(path):
+    """A user's report: `--set training.lr_rate=...` named the YAML file, which has no such key."""
+    assert set_error(path, ["training.lr_rate=0.1"]).startswith(
+        "--set training.lr_rate=0.1: training.lr_rate: unknown key (allowed: epochs, optimizer, lr,"
+    )
+    assert set_error(path, ["training.epochs=x", "training.lr=-1"]) == (
+        f"{path}: 2 problem(s) in the study file and --set:\n"
+        "  --set training.epochs=x: training.epochs: Input should be a valid integer (got 'x')\n"
+        "  --set training.lr=-1: training.lr: Input should be greater than 0 (got -1)"
+    )
 
 
 def test_set_unknown_key_is_named(path):
-    assert error(path, ["nope.x=3"]) == (
-        f"{path}: nope: unknown key (allowed: study, data, model, training, search_space, tracking, "
+    assert set_error(path, ["nope.x=3"]) == (
+        "--set nope.x=3: nope: unknown key (allowed: study, data, model, training, search_space, tracking, "
         "registry, cache, selection)"
     )
 
@@ -437,8 +461,8 @@ def test_one_duplicate_key_deep_in_a_section(path):
 
 
 def test_duplicate_key_inside_a_set_value(path):
-    assert error(path, ["search_space.lr={type: float, low: 0.1, low: 0.2, high: 0.3}"]) == (
-        f"{path}: --set search_space.lr: low: duplicate key (lines 1 and 1); YAML would keep only "
+    assert set_error(path, ["search_space.lr={type: float, low: 0.1, low: 0.2, high: 0.3}"]) == (
+        "--set search_space.lr: low: duplicate key (lines 1 and 1); YAML would keep only "
         "the last one: merge them or delete one"
     )
 
@@ -616,9 +640,9 @@ def test_quoted_number_where_a_count_belongs(path):
 
 
 def test_yaml_boolean_in_a_set_value_is_named_too(path):
-    assert error(path, ["data.bad_images=no"]) == (
-        f"{path}: data.bad_images: Input should be 'stop' or 'skip' (got False: YAML read the unquoted "
-        "no as a boolean; write it in quotes ('no') for the text)"
+    assert set_error(path, ["data.bad_images=no"]) == (
+        "--set data.bad_images=no: data.bad_images: Input should be 'stop' or 'skip' (got False: YAML read "
+        "the unquoted no as a boolean; write it in quotes ('no') for the text)"
     )
 
 

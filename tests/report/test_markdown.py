@@ -86,3 +86,24 @@ def test_report_of_a_study_without_complete_trial(tmp_path):
     assert "## Plots\n\n![learning_curves](learning_curves.png)\n" in text
     assert text.endswith("## Notes\n\n- optimisation history skipped: no COMPLETE trial\n")
     assert "## Selected trial" not in text and "## Checkpoints" not in text and "mlflow_run_id" not in text
+
+
+def test_the_selected_trial_reads_by_its_role_and_the_probe_has_no_empty_params(tmp_path):
+    """A user's report: the probe read `val_accuracy 0.8667 at epoch 0 ()` in report.md."""
+    cfg = StudyConfig.model_validate(study_dict(tmp_path))
+    probe = create_trial(state=TrialState.COMPLETE, value=0.8667, user_attrs={"baseline": "linear_probe"})
+    probe.number = 1
+    rerun = create_trial(
+        state=TrialState.COMPLETE,
+        value=0.9,
+        params={"lr": 0.0123456, "freeze_depth": 2},
+        distributions={"lr": FloatDistribution(1e-4, 0.1, log=True), "freeze_depth": IntDistribution(0, 4)},
+        user_attrs={"rerun_of": 3, "seed_index": 1, "best_epoch": 2},
+    )
+    rerun.number = 5
+    assert MD.trial_phrase(cfg, probe, title=True) == (
+        "**Trial 1** (linear probe): val_accuracy 0.8667 (logistic regression on the frozen backbone's features)"
+    )
+    assert MD.trial_phrase(cfg, rerun) == (
+        "**trial 5** (re-run of 3, seed 1): val_accuracy 0.9000 at epoch 2 (lr=0.01235, freeze_depth=2)"
+    )

@@ -280,6 +280,9 @@ def test_report_logged_to_parent_run(done):
     assert [m.value for m in client.get_metric_history(parent, "test_accuracy")] == [done.first.test.accuracy]
     # the selected trial's val figure and the test interval, logged once (the second report reused the test)
     value = done.study.trials[1].value
+    params = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in done.study.trials[1].params.items()
+    )
     assert [m.value for m in client.get_metric_history(parent, "selected_val_accuracy")] == [value]
     test = done.first.test
     correct = sum(test.confusion[i][i] for i in range(2))
@@ -288,7 +291,7 @@ def test_report_logged_to_parent_run(done):
     assert [m.value for m in client.get_metric_history(parent, "test_accuracy_ci_high")] == [pytest.approx(high)]
     assert run.data.tags["mlflow.note.content"] == (
         "**Study `tiny`**: 4 trials (2 complete, 1 pruned, 1 failed).\n\n"
-        f"Selected **trial 1**: val_accuracy {value:.4f} at epoch {done.first.best_epoch}.\n"
+        f"Selected **trial 1**: val_accuracy {value:.4f} at epoch {done.first.best_epoch} ({params}).\n"
         f"Sealed test split: test accuracy {test.accuracy:.3f} ({correct}/6; 95% CI {low:.3f}-{high:.3f}, wilson); "
         f"val {value:.3f}, gap {value - test.accuracy:+.3f}.\n"
         "Registered model: `models:/tiny-classifier@champion` (version 1).\n"
