@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,17 @@ def table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
     return cells.to_markdown(index=False, floatfmt=floatfmt)
 
 
+def linked_numbers(frame: pd.DataFrame, run_link: Callable[[str], str] | None) -> pd.DataFrame:
+    """`frame` with each trial number as a Markdown link to its MLflow run (when it has one)."""
+    if run_link is None:
+        return frame
+    numbers = [
+        f"[{n}]({run_link(r)})" if isinstance(r, str) and r else n
+        for n, r in zip(frame["number"], frame["mlflow_run_id"], strict=True)
+    ]
+    return frame.assign(number=numbers)
+
+
 def write_markdown(
     folder: Path,
     cfg: StudyConfig,
@@ -46,12 +57,14 @@ def write_markdown(
     notes: Sequence[str] = (),
     plots: Sequence[Path] = (),
     selection: Sequence[str] = (),
+    run_link: Callable[[str], str] | None = None,
 ) -> Path:
     """Write `folder/report.md` (UTF-8) and return its path.
 
     Sections: header with trial counts by state, the selected trial / test split / registered
     model (or a line saying nothing was selected), compute, the trials table (`frame` without the
     run ids) with failed trials' reasons, plots (relative links), checkpoints, notes.
+    `run_link(run_id)`: the MLflow UI address of a run; each trial number then links to its run.
 
     Raises:
         OSError: the file cannot be written.
@@ -74,7 +87,7 @@ def write_markdown(
         "",
         f"Sorted by `{cfg.study.metric}`; `seconds` is wall time; epochs are 0-based.",
         "",
-        table(frame.drop(columns=["mlflow_run_id"])),
+        table(linked_numbers(frame, run_link).drop(columns=["mlflow_run_id"])),
         "",
     ]
     failed = fail_reasons(trials)

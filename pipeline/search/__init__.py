@@ -6,7 +6,7 @@ the seed recipe), seed re-runs and what a trial stores in its user attrs (its ep
 from pipeline.search._baselines import add_baselines, plan_line, resume_line, run_reruns
 from pipeline.search._events import TrialEnded, TrialObserver, TrialStarted
 from pipeline.search._history import epoch_history
-from pipeline.search._record import BASELINE_ATTR, RUN_ID_ATTR, SYNCED_RUNS_ATTR, TrialRecord, run_id_of
+from pipeline.search._record import BASELINE_ATTR, RUN_ID_ATTR, SYNCED_RUNS_ATTR, TrialRecord, role_words, run_id_of
 from pipeline.search._selection import candidate_table, choose_champion, role
 from pipeline.search._stopping import same_failure
 from pipeline.search._study_loop import optimize, overshoot
@@ -35,6 +35,7 @@ __all__ = [
     "optimize",
     "overshoot",
     "role",
+    "role_words",
     "run_id_of",
     "run_reruns",
     "same_failure",

@@ -120,11 +120,8 @@ class TrialRecord:
 
     @property
     def role_words(self) -> str | None:
-        """The role as users read it in run names and reports: "linear probe", "seed recipe",
-        "re-run of 3, seed 1"; None for a sampled trial."""
-        if self.is_rerun:
-            return f"re-run of {self.rerun_of}, seed {self.seed_index}"
-        return self.baseline.replace("_", " ") if self.baseline else None
+        """The role as users read it in run names and reports (`role_words`)."""
+        return role_words(self.roles())
 
     def roles(self) -> dict[str, Any]:
         """The role attrs it carries ({} for a searched trial), as stored."""
@@ -144,3 +141,12 @@ def _int(value: Any) -> int | None:
 def run_id_of(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> str | None:
     """The MLflow run id of `trial`: its own record, else the study's `SYNCED_RUNS_ATTR`."""
     return TrialRecord.from_frozen(trial).mlflow_run_id or study_attrs.get(SYNCED_RUNS_ATTR, {}).get(str(trial.number))
+
+
+def role_words(roles: Mapping[str, Any]) -> str | None:
+    """A trial's role attrs (`TrialRecord.roles`) as users read them in run names and reports:
+    "linear probe", "seed recipe", "re-run of 3, seed 1"; None for a sampled trial."""
+    if roles.get(RERUN_ATTR) is not None:
+        return f"re-run of {roles[RERUN_ATTR]}, seed {roles.get(SEED_INDEX_ATTR)}"
+    baseline = roles.get(BASELINE_ATTR)
+    return str(baseline).replace("_", " ") if baseline else None

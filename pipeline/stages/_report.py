@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -59,7 +60,7 @@ from pipeline.report import (
     write_test_tables,
 )
 from pipeline.search import TrialRecord
-from pipeline.tracking import PARENT_ATTR, Tracker, reconcile, remember_run_ids
+from pipeline.tracking import PARENT_ATTR, Tracker, mark_champion, reconcile, remember_run_ids, run_url, ui_base
 
 REPORTS_ENV = "SWEEP_REPORTS"
 
@@ -157,7 +158,8 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
         choice = champion.choose(trials, cfg)
     except RegistryError:  # no COMPLETE trial: the comparison is still written, then the clear message
         plots, plot_notes = write_plots(study, cfg, frame, folder, None)
-        md = write_markdown(folder, cfg, trials, frame, compute, None, notes + plot_notes, plots)
+        link = partial(run_url, ui_base(tracker.uri), tracker.experiment_id)
+        md = write_markdown(folder, cfg, trials, frame, compute, None, notes + plot_notes, plots, (), link)
         _log_files(tracker, parent, [folder / "trials.csv", *plots, md, write_html(md)])
         raise
     plots, plot_notes = write_plots(study, cfg, frame, folder, choice.selected.number)
@@ -166,7 +168,8 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
     notes.append(section[0])
     confusion = confusion_plot(outcome.test, folder / "confusion_matrix.png")
     tables = write_test_tables(outcome.test, folder)
-    md = write_markdown(folder, cfg, trials, frame, compute, outcome, notes, plots, section[1:])
+    link = partial(run_url, ui_base(tracker.uri), tracker.experiment_id)
+    md = write_markdown(folder, cfg, trials, frame, compute, outcome, notes, plots, section[1:], link)
     files = (folder / "trials.csv", *plots, confusion, *tables, md, write_html(md))
     _log_files(tracker, parent, files)
     _tag_parent(tracker, parent, outcome, fresh)
@@ -244,6 +247,7 @@ def _hand_off(
     figures = champion.honest_figures(cfg, choice, evaluation)
     extra = champion.metadata(choice, figures, refitted)
     registered = register_selected(cfg, tracker, parent, selected, checkpoint, sha, evaluation, extra)
+    mark_champion(tracker, selected)
     cleanup = clean_checkpoints(trials, selected, cfg.study.direction, cfg.registry.keep_top_k, cfg.study.name)
     section = [figures.describe(), *markdown_lines(cfg, choice, figures, refitted)]
     return Outcome(selected, evaluation, registered, cleanup, figures), fresh, section

@@ -3,9 +3,9 @@ metrics per step, artifacts), reconciliation of runs left behind, dataset inputs
 """
 
 from pipeline.tracking._datasets import input_context, split_inputs
-from pipeline.tracking._links import study_links
+from pipeline.tracking._links import run_url, study_links, ui_base
 from pipeline.tracking._mlflow_runs import Tracker, quiet_mlflow
-from pipeline.tracking._track import PARENT_ATTR, MLflowObserver, log_study, reconcile, remember_run_ids
+from pipeline.tracking._track import PARENT_ATTR, MLflowObserver, log_study, mark_champion, reconcile, remember_run_ids
 
 __all__ = [
     "MLflowObserver",
@@ -14,8 +14,11 @@ __all__ = [
     "input_context",
     "log_study",
     "quiet_mlflow",
+    "mark_champion",
     "reconcile",
     "remember_run_ids",
     "split_inputs",
+    "run_url",
     "study_links",
+    "ui_base",
 ]

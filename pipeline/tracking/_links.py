@@ -9,19 +9,52 @@ Chromium against MLflow 3.17's UI).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from urllib.parse import quote, urlencode
 
 from pipeline.config import StudyConfig, sqlite_path, tracking_uri
 from pipeline.core import first_line, mask_text, mask_url
-from pipeline.tracking._mlflow_runs import STUDY_TAG, quiet_mlflow
+from pipeline.tracking._mlflow_runs import STUDY_TAG, Tracker, quiet_mlflow
 
 TRAINING_MODE = {"workflowType": "machine_learning"}  # the UI's "Model training" toggle
+# The UI's "share view" state: an experiment tag `mlflow.sharedViewState.<key>` holding its search
+# facets and table columns as JSON, opened by `?viewStateShareKey=<key>` (read from MLflow 3.17's UI
+# code; the column keys are its `<type>.`<name>`` form). Without it the table shows no metric.
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+SHOWN_COLUMNS = ("attributes.`Dataset`", "metrics.`best_val_accuracy`", "metrics.`val_accuracy`", "tags.`sweep.state`")
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `make ui` serves the embedded store
 
 
-def runs_table_url(base: str, experiment_id: str, study: str | None = None) -> str:
-    """The experiment's runs table in model-training mode, filtered to one study's runs when given."""
+def view_state(study: str) -> dict[str, object]:
+    """The runs table of one study, best trials first, with the val metrics as columns."""
+    return {
+        "searchFilter": f"tags.`{STUDY_TAG}` = '{study}'",
+        "orderByKey": "metrics.`best_val_accuracy`",
+        "orderByAsc": False,
+        "selectedColumns": list(SHOWN_COLUMNS),
+    }
+
+
+def view_key(study: str) -> str:
+    """The share key of `view_state(study)`: a digest of the state, so a new layout gets a new key."""
+    state = json.dumps(view_state(study), sort_keys=True)
+    return hashlib.sha256(state.encode()).hexdigest()[:20]
+
+
+def ui_base(tracking: str) -> str:
+    """Where the MLflow UI of a tracking store is served: the server itself for an http(s) URI,
+    else `make ui`'s address."""
+    return tracking.rstrip("/") if tracking.startswith(("http://", "https://")) else DEFAULT_UI
+
+
+def runs_table_url(base: str, experiment_id: str, study: str | None = None, shared_view: bool = False) -> str:
+    """The experiment's runs table in model-training mode, filtered to one study's runs when given;
+    `shared_view`: opened on `view_state(study)` (the experiment holds its tag, `log_view_state`)."""
     query = dict(TRAINING_MODE)
-    if study:
+    if study and shared_view:
+        query["viewStateShareKey"] = view_key(study)
+    elif study:
         query["searchFilter"] = f"tags.`{STUDY_TAG}` = '{study}'"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
 
@@ -72,7 +105,14 @@ def study_links(cfg: StudyConfig, base: str, tracking: str | None = None) -> lis
         return [unanswered(err)]
     if not runs:
         return [f"no runs of study '{cfg.study.name}' in experiment '{cfg.experiment_name}' yet"]
-    lines = [f"runs of study '{cfg.study.name}': {runs_table_url(base, experiment.experiment_id, cfg.study.name)}"]
+    shared = f"{SHARED_VIEW_PREFIX}{view_key(cfg.study.name)}" in experiment.tags
+    table = runs_table_url(base, experiment.experiment_id, cfg.study.name, shared)
+    lines = [f"runs of study '{cfg.study.name}': {table}"]
     if models:
         lines.append(f"registered model '{cfg.registry.model_name}': {model_url(base, cfg.registry.model_name)}")
     return lines
+
+
+def log_view_state(tracker: Tracker, study: str) -> None:
+    """Store `view_state(study)` as the experiment's shared view, which `ui-links` opens."""
+    tracker.set_experiment_tag(f"{SHARED_VIEW_PREFIX}{view_key(study)}", json.dumps(view_state(study)))

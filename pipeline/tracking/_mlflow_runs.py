@@ -57,12 +57,16 @@ def store_errors() -> tuple[type[BaseException], ...]:
     return (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError, OSError)
 
 
-def trial_run_name(number: int, state: str | None = None, interrupted: bool = False) -> str:
-    """`trial-<number>` while it runs; once over, its end in brackets unless COMPLETE:
-    `trial-3 (pruned)`, `trial-4 (failed)`, `trial-5 (interrupted)`."""
-    if interrupted:
-        return f"trial-{number} (interrupted)"
-    return f"trial-{number}{NAME_SUFFIX.get(state or '', '')}"
+def trial_run_name(
+    number: int, state: str | None = None, interrupted: bool = False, role: str | None = None, champion: bool = False
+) -> str:
+    """`trial-<number>`, then in brackets what it is in the race (`role`, from
+    `search.role_words`), how it ended unless COMPLETE, and `champion` once the report chose it:
+    `trial-3 (pruned)`, `trial-1 (linear probe)`, `trial-5 (re-run of 3, seed 1)`,
+    `trial-4 (failed)`, `trial-6 (interrupted)`, `trial-2 (seed recipe, champion)`."""
+    end = "interrupted" if interrupted else NAME_SUFFIX.get(state or "", "").strip(" ()")
+    words = [w for w in (role, end, "champion" if champion else None) if w]
+    return f"trial-{number}" + (f" ({', '.join(words)})" if words else "")
 
 
 def _not_found(err: BaseException) -> bool:
@@ -210,12 +214,18 @@ class Tracker:
         self._safe(self.client.set_terminated, self.parent_id, status=status, probe=True)
 
     # -- nested runs -------------------------------------------------------------------------
-    def start_nested_run(self, study_name: str, number: int, params: Mapping[str, Any]) -> str | None:
+    def start_nested_run(
+        self, study_name: str, number: int, params: Mapping[str, Any], role: str | None = None
+    ) -> str | None:
         """Create the nested run `trial-<number>` under the parent with `params`; returns its id,
         None while the store is down."""
         tags = {PARENT_TAG: self.parent_id, STUDY_TAG: study_name, TRIAL_TAG: str(number)}
         run = self._safe(
-            self.client.create_run, self.experiment_id, run_name=trial_run_name(number), tags=tags, probe=True
+            self.client.create_run,
+            self.experiment_id,
+            run_name=trial_run_name(number, role=role),
+            tags=tags,
+            probe=True,
         )
         if run is None:
             return None
@@ -256,6 +266,16 @@ class Tracker:
         if name:
             self._safe(self.client.update_run, run_id, name=name)
         self._safe(self.client.set_terminated, run_id, status=status or TRIAL_STATUS[state])
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        """Tag the study's experiment (nothing while the store is down)."""
+        self._safe(self.client.set_experiment_tag, self.experiment_id, key, value)
+
+    def rename(self, run_id: str, name: str, tags: Mapping[str, str] | None = None) -> None:
+        """Rename a run (and add `tags`) without touching its status."""
+        for key, value in (tags or {}).items():
+            self._safe(self.client.set_tag, run_id, key, value)
+        self._safe(self.client.update_run, run_id, name=name)
 
     def trial_runs(self, status: str | None = None) -> dict[int, str] | None:
         """Nested runs under the parent as {trial number: run id}, optionally of one status;

@@ -28,9 +28,11 @@ from pipeline.search import (
     TrialObserver,
     TrialRecord,
     TrialStarted,
+    role_words,
     run_id_of,
 )
 from pipeline.tracking._datasets import CONTEXT, input_context, split_inputs
+from pipeline.tracking._links import log_view_state
 from pipeline.tracking._mlflow_runs import Tracker, quiet_mlflow, trial_run_name
 from pipeline.training import EpochResult
 
@@ -50,6 +52,7 @@ __all__ = [
 
 REASON_TAG = "sweep.fail_reason"
 RETRY_TAG = "sweep.retry_of"
+CHAMPION_TAG = "sweep.champion"  # "true" on the run of the trial the report chose
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run id
 TRIAL_CONTEXTS = (CONTEXT["train"], CONTEXT["val"])  # what a trial's run records; never the test split
 CHANGED_TAG = "sweep.changed_params"  # parent run: study settings changed on resume (params cannot)
@@ -121,11 +124,13 @@ def study_params(cfg: StudyConfig) -> dict[str, Any]:
 def log_study(tracker: Tracker, parent: str | None, cfg: StudyConfig, splits: Splits) -> None:
     """Record on the parent run what the study is: `study_params` and the train/val/test
     dataset inputs. A resumed study keeps its first params (MLflow params never change); the
-    settings that changed since are listed in the `sweep.changed_params` tag."""
+    settings that changed since are listed in the `sweep.changed_params` tag. The experiment gets
+    the shared view of the study's runs table with its val metrics as columns (`ui-links` opens it)."""
     changed = tracker.log_new_params(parent, study_params(cfg))
     if changed:
         tracker.set_tags(parent, {CHANGED_TAG: json.dumps({k: f"{a} -> {b}" for k, (a, b) in changed.items()})})
     tracker.log_inputs(parent, split_inputs(splits))
+    log_view_state(tracker, cfg.study.name)
 
 
 class MLflowObserver(TrialObserver):
@@ -140,11 +145,13 @@ class MLflowObserver(TrialObserver):
     def __init__(self, tracker: Tracker, study_name: str, inputs: Sequence[DatasetInput] = ()) -> None:
         self.tracker, self.study_name, self.inputs = tracker, study_name, list(inputs)
         self.runs: dict[int, str | None] = {}
+        self.role: dict[int, str | None] = {}
         self.best_accuracy: dict[int, float] = {}
 
     def trial_started(self, event: TrialStarted) -> None:
+        self.role[event.number] = role_words(event.roles)
         run_id = self.tracker.start_nested_run(
-            self.study_name, event.number, {**event.params, **run_params(event.config)}
+            self.study_name, event.number, {**event.params, **run_params(event.config)}, self.role[event.number]
         )
         self.runs[event.number] = run_id
         self.tracker.log_inputs(run_id, self.inputs)
@@ -178,7 +185,7 @@ class MLflowObserver(TrialObserver):
             event.state,
             tags,
             status="KILLED" if event.interrupted else None,
-            name=trial_run_name(event.number, event.state, event.interrupted),
+            name=trial_run_name(event.number, event.state, event.interrupted, self.role.pop(event.number, None)),
         )
 
 
@@ -229,7 +236,7 @@ def sync_runs(tracker: Tracker, trials: Sequence[FrozenTrial], study_name: str) 
             continue
         if seen is None:
             seen = [i for i in tracker.dataset_inputs(tracker.parent_id) if input_context(i) in TRIAL_CONTEXTS]
-        run_id = tracker.start_nested_run(study_name, t.number, t.params)
+        run_id = tracker.start_nested_run(study_name, t.number, t.params, TrialRecord.from_frozen(t).role_words)
         if run_id:
             tracker.log_inputs(run_id, seen)
             _backfill_epochs(tracker, run_id, t)
@@ -260,7 +267,19 @@ def close_stale_runs(tracker: Tracker, trials: Sequence[FrozenTrial]) -> None:
 
 
 def _ended_name(trial: FrozenTrial) -> str:
-    return trial_run_name(trial.number, trial.state.name, TrialRecord.from_frozen(trial).interrupted)
+    r = TrialRecord.from_frozen(trial)
+    return trial_run_name(trial.number, trial.state.name, r.interrupted, r.role_words)
+
+
+def mark_champion(tracker: Tracker, champion: FrozenTrial) -> None:
+    """Name the champion's run `trial-N (..., champion)` and tag it `sweep.champion=true`, so
+    the runs table shows the winner; nothing when its run is not in this store."""
+    run_id = (tracker.trial_runs() or {}).get(champion.number)
+    if run_id is None:
+        return
+    r = TrialRecord.from_frozen(champion)
+    name = trial_run_name(champion.number, champion.state.name, r.interrupted, r.role_words, champion=True)
+    tracker.rename(run_id, name, {CHAMPION_TAG: "true"})
 
 
 def _backfill_epochs(tracker: Tracker, run_id: str, trial: FrozenTrial) -> None:

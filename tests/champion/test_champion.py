@@ -137,6 +137,21 @@ def test_baselines_and_reruns_are_tagged_nested_runs(done):
         assert tags.get("sweep.baseline") == t.user_attrs.get("baseline")
         assert tags.get("sweep.rerun_of") == (str(t.user_attrs["rerun_of"]) if _role(t) == "rerun" else None)
         assert nested[t.number].info.status == "FINISHED"
+    # the runs table says what each run is in the race, and which one won
+    champion = done.first.selected_trial
+    for t in trials:
+        a = t.user_attrs
+        words = (
+            [f"re-run of {a['rerun_of']}, seed {a['seed_index']}"]
+            if "rerun_of" in a
+            else [a["baseline"].replace("_", " ")]
+            if a.get("baseline")
+            else []
+        ) + (["champion"] if t.number == champion else [])
+        expected = f"trial-{t.number}" + (f" ({', '.join(words)})" if words else "")
+        assert nested[t.number].info.run_name == expected
+        assert nested[t.number].data.tags.get("sweep.champion") == ("true" if t.number == champion else None)
+    assert nested[trials[0].number].info.run_name.startswith("trial-0 (seed recipe")
     # `sweep status` and the report name every trial's run, the probe's too (made after its trial ended)
     frame = trials_frame(done.study, done.cfg)
     assert dict(zip(frame["number"], frame["mlflow_run_id"], strict=True)) == {

@@ -69,7 +69,8 @@ def _wait_for(url: str, seconds: float, proc: subprocess.Popen | None = None) ->
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Iterator[SimpleNamespace]:
-    """The tiny study, run and reported: trial 0 COMPLETE (the champion), 1 PRUNED, 2 FAIL."""
+    """The tiny study, run and reported: trial 0 COMPLETE (the champion), 1 PRUNED, 2 FAIL,
+    3 a linear probe (val 0)."""
     tmp = tmp_path_factory.mktemp("ui")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SWEEP_HOME", str(tmp / "mlruns"))
@@ -106,6 +107,8 @@ def study(tmp_path_factory) -> Iterator[SimpleNamespace]:
                 user_attrs={"epochs_run": 0, "fail_reason": "non-finite loss: training loss became nan"},
             )
         )
+        # a baseline that loses, so its run is made by the report's reconcile and named by its role
+        stored.add_trial(create_trial(state=TrialState.COMPLETE, value=0.0, user_attrs={"baseline": "linear_probe"}))
         result = run_report(cfg)
         from mlflow.tracking import MlflowClient
 
@@ -216,15 +219,41 @@ def test_runs_table_shows_the_study_with_its_trials_nested_and_pruned_apart(stud
     assert "/runs" in page.url and "overview" not in page.url
     parent_row = page.locator(".ag-row").filter(has=page.get_by_role("link", name="tiny", exact=True))
     parent_row.get_by_role("button").first.click()  # expand the parent run
-    # a pruned trial reads apart from a failed one and from a finished one
-    expect(run_links).to_have_text(["tiny", "trial-2 (failed)", "trial-1 (pruned)", "trial-0"])
+    # a pruned trial reads apart from a failed one and from a finished one; roles and the champion are named
+    expect(run_links).to_have_text(
+        ["tiny", "trial-3 (linear probe)", "trial-2 (failed)", "trial-1 (pruned)", "trial-0 (champion)"]
+    )
     # which data each run saw: the Dataset column names the splits with their digests
     expect(page.locator(".ag-center-cols-container")).to_contain_text(f"images/train ({study.train_digest})")
 
 
+def test_the_ui_links_runs_table_shows_the_val_metrics_best_first(study, mlflow_ui, page):
+    """A user's report: the runs table showed no metric column, so the winner was not visible."""
+    (line, _) = links.study_links(study.cfg, mlflow_ui)
+    page.goto(line.split(": ", 1)[1])
+    expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
+    for metric in ("best_val_accuracy", "val_accuracy"):
+        expect(page.locator(f"[role=columnheader][col-id='metrics.`{metric}`']")).to_be_visible()
+    # sorted by best_val_accuracy, best first: the champion's run heads the (flat) list
+    expect(page.locator(".ag-row a[href*='/runs/']").first).to_have_text("trial-0 (champion)")
+
+
+def test_report_links_each_trial_to_its_run_in_the_training_view(study, mlflow_ui, page):
+    ids = _run_ids(study)
+    report = (study.result.folder / "report.md").read_text()
+    base = links.ui_base(study.tracking)
+    for name in ("trial-0 (champion)", "trial-3 (linear probe)"):
+        number = name.split()[0].removeprefix("trial-")
+        url = links.run_url(base, ids["experiment"], ids[name])
+        assert f"[{number}]({url})" in report  # the trials table's number cell
+        page.goto(url.replace(base, mlflow_ui))
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
+        assert "evaluations" not in page.url and "traces" not in page.url
+
+
 def test_a_trials_val_accuracy_chart_has_one_point_per_epoch(study, mlflow_ui, page):
     ids = _run_ids(study)
-    page.goto(links.run_url(mlflow_ui, ids["experiment"], ids["trial-0"], "model-metrics"))
+    page.goto(links.run_url(mlflow_ui, ids["experiment"], ids["trial-0 (champion)"], "model-metrics"))
     page.get_by_placeholder("Search metric charts").fill("val_accuracy")
     title = page.get_by_text("val_accuracy", exact=True)
     expect(title).to_be_visible()
@@ -244,7 +273,7 @@ def test_parent_run_says_what_the_study_found(study, mlflow_ui, page):
     page.goto(links.run_url(mlflow_ui, ids["experiment"], study.parent))
     expect(page.get_by_text("Selected trial 0", exact=False)).to_be_visible()
     body = page.locator("body")
-    expect(body).to_contain_text("Study tiny: 3 trials (1 complete, 1 pruned, 1 failed).")
+    expect(body).to_contain_text("Study tiny: 4 trials (2 complete, 1 pruned, 1 failed).")
     expect(body).to_contain_text(f"Sealed test split: test accuracy {study.result.test.accuracy:.3f}")
     expect(body).to_contain_text("Registered model: models:/tiny-classifier@champion (version 1).")
     for param, value in (("arch", "resnet18"), ("sampler", "random (seed=0)"), ("space.lr", "float [0.05, 0.3] log")):
