@@ -160,7 +160,7 @@ def add_baselines(study: optuna.Study, cfg: StudyConfig, prep: Prepared, say: Ca
 def plan_line(cfg: StudyConfig) -> str:
     """One line saying how many trainings `sweep run` will do, e.g. "plan: 12 trials (the seed
     recipe + 11 sampled) + the linear probe; then up to 6 re-runs (top 3 x 2 seeds); `sweep
-    report` refits the champion on train + val"."""
+    report refits the champion on train + val" (the report stage of `sweep run`, or `sweep report`)."""
     b, s, n = cfg.selection.baselines, cfg.selection, cfg.study.n_trials
     trials = f"{n} trial{'s' if n != 1 else ''}" + (
         f" (the seed recipe + {n - 1} sampled)"
@@ -173,7 +173,7 @@ def plan_line(cfg: StudyConfig) -> str:
     if s.reruns:
         parts.append(f"then up to {s.top_k * s.reruns} re-runs (top {s.top_k} x {s.reruns} seeds)")
     if s.refit:
-        parts.append("`sweep report` refits the champion on train + val")
+        parts.append("the report refits the champion on train + val")
     timeout = f" (or until study.timeout, {cfg.study.timeout} s)" if cfg.study.timeout else ""
     return "; ".join(parts) + timeout
 

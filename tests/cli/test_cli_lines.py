@@ -159,7 +159,7 @@ def test_report_help_names_the_champion_not_the_best_trial():
             3,
             {"baselines": {"linear_probe": True, "seed_recipe": True}, "top_k": 3, "reruns": 2, "refit": True},
             "plan: 3 trials (the seed recipe + 2 sampled) + the linear probe; then up to 6 re-runs (top 3 x 2 "
-            "seeds); `sweep report` refits the champion on train + val",
+            "seeds); the report refits the champion on train + val",
         ),
         (
             5,
