@@ -193,7 +193,7 @@ def evaluate_on_test(
         shuffle=False,
     )
     device = TR.pick_device(cfg.training.device)
-    result = TR.evaluate(rebuild(checkpoint).to(device), loader, torch.nn.CrossEntropyLoss(), device)
+    result = TR.evaluate(rebuild(checkpoint).to(device), loader, torch.nn.CrossEntropyLoss(), device, what="test")
     labels, preds = result.labels.numpy(), result.predictions.numpy()
     idx = list(range(len(splits.classes)))
     precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)

@@ -249,11 +249,13 @@ def _print_cache(cfg: StudyConfig) -> None:
 def _report(cfg: StudyConfig, storage: str | None, tracking_uri: str | None, out_dir: Path | None = None) -> None:
     """The report stage under the study's report lock: never two at once for one study, on any
     machine; the second one finds the test evaluation and the model version already recorded."""
+    from pipeline.cli._display import passes_shown
     from pipeline.stages import run_report
 
-    result = run_report(
-        cfg, storage=storage, tracking=tracking_uri, out=out_dir, on_wait=lambda m: out.print(m, markup=False)
-    )
+    with passes_shown():
+        result = run_report(
+            cfg, storage=storage, tracking=tracking_uri, out=out_dir, on_wait=lambda m: out.print(m, markup=False)
+        )
     out.print(result.summary(), markup=False)
 
 

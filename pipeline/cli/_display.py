@@ -6,7 +6,9 @@ this prints them (to stderr, so stdout keeps the results).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -16,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.cli._console import PipeSafeConsole
+from pipeline.core import listening
 from pipeline.registry import Prediction, display_name
 from pipeline.search import TrialEnded, TrialObserver, TrialStarted
 from pipeline.training import EpochResult
@@ -50,12 +53,18 @@ class ProgressDisplay(TrialObserver):
         self.scan: TaskID | None = None
         self.scan_start = 0.0
         self.params: dict[int, str] = {}
+        self.passes = PassLines(self.progress)
+        self._listening = listening(self.passes.update)
 
     def __enter__(self) -> ProgressDisplay:
         self.progress.start()
+        if self.live:
+            self._listening.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self._listening.__exit__(None, None, None)
         self.progress.stop()
 
     def images_scanned(self, done: int, total: int) -> None:
@@ -107,6 +116,55 @@ class ProgressDisplay(TrialObserver):
 
     def message(self, text: str) -> None:
         self.console.print(f"[yellow]{escape(text)}[/]")
+
+
+class PassLines:
+    """One live line per pass over images in progress (`pipeline.core.listening`): what, a bar,
+    images done / total, images/s and the time left at that rate; gone when the pass ends."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, tuple[TaskID, float]] = {}  # what -> (task, start time)
+
+    def update(self, what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if what not in self.tasks:
+            if done >= total:
+                return  # an empty or already finished pass: nothing to show
+            self.tasks[what] = (self.progress.add_task(f"  {what}", total=total, info=""), now)
+        task, start = self.tasks[what]
+        if done >= total:
+            self.progress.remove_task(task)
+            del self.tasks[what]
+            return
+        seconds = now - start
+        rate = done / seconds if seconds > 0 and done else 0.0
+        left = f", {_clock((total - done) / rate)} left" if rate else ""
+        self.progress.update(task, completed=done, info=f"{rate:.0f} img/s{left}" if rate else "")
+
+
+@contextlib.contextmanager
+def passes_shown(console: Console | None = None) -> Iterator[None]:
+    """Live pass lines (`PassLines`) while inside, on a terminal only (the report stage)."""
+    console = console or PipeSafeConsole(stderr=True, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        yield
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=True,
+    )
+    with progress, listening(PassLines(progress).update):
+        yield
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def _fmt(v: Any) -> str:

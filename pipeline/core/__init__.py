@@ -19,9 +19,13 @@ from pipeline.core._errors import (
     first_line,
 )
 from pipeline.core._interrupts import BEFORE_TRIALS, IN_REPORT, deferred_interrupts, install_early_handlers, left_behind
+from pipeline.core._progress import ImagePass, image_pass, listening
 from pipeline.core._secrets import mask_text, mask_url, urls_in
 
 __all__ = [
+    "ImagePass",
+    "image_pass",
+    "listening",
     "BEFORE_TRIALS",
     "IN_REPORT",
     "ConfigError",

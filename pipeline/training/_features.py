@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.core import image_pass
 from pipeline.data import CachedImageList, ImageList, MemoryBudget, notice
 from pipeline.models import Split
 from pipeline.training._train import autocast
@@ -128,11 +129,13 @@ def compute(
     with torch.inference_mode(False), torch.no_grad():
         size = len(images)  # type: ignore[arg-type,unused-ignore]  # map-style datasets define __len__
         out = torch.empty((size, *cut.feature_shape), dtype=torch.float32)
-        for batch, _ in loader:
-            with autocast(device, amp):
-                features = cut.prefix(batch.to(device))
-            out[start : start + len(batch)] = features.float().cpu()
-            start += len(batch)
+        with image_pass("frozen features", size) as progress:
+            for batch, _ in loader:
+                with autocast(device, amp):
+                    features = cut.prefix(batch.to(device))
+                out[start : start + len(batch)] = features.float().cpu()
+                start += len(batch)
+                progress.advance(len(batch))
     return out
 
 

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from pipeline import models as M
-from pipeline.core import ModelError, cpu_cores
+from pipeline.core import ModelError, cpu_cores, image_pass
+from pipeline.training._train import images_in
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -106,7 +107,7 @@ def head_module(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
 
 @torch.inference_mode()
 def extract_features(
-    model: nn.Module, head: nn.Linear, loader: Batches, device: torch.device
+    model: nn.Module, head: nn.Linear, loader: Batches, device: torch.device, what: str = "probe features"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` over `loader` in eval mode and capture the input of `head`.
 
@@ -122,9 +123,11 @@ def extract_features(
     hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].flatten(1).float().cpu()))
     labels: list[torch.Tensor] = []
     try:
-        for images, y in loader:
-            model(images.to(device))
-            labels.append(y.cpu())
+        with image_pass(what, images_in(loader)) as progress:
+            for images, y in loader:
+                model(images.to(device))
+                labels.append(y.cpu())
+                progress.advance(len(y))
     finally:
         hook.remove()
     if not captured:
@@ -222,8 +225,8 @@ def fit_linear_probe(
     """
     start = time.perf_counter()
     name, head = head_module(model, num_classes)
-    x_train, y_train = extract_features(model, head, train_loader, device)
-    x_val, y_val = extract_features(model, head, val_loader, device)
+    x_train, y_train = extract_features(model, head, train_loader, device, "probe features (train)")
+    x_val, y_val = extract_features(model, head, val_loader, device, "probe features (val)")
     missing = sorted(set(range(num_classes)) - set(y_train.tolist()))
     if missing:
         raise ValueError(f"linear probe: train has no image of class index(es) {missing}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import METRICS, score_sign
-from pipeline.core import ConfigError
+from pipeline.core import ConfigError, image_pass
 from pipeline.models import set_train_mode, trainable_parameters
 
 if TYPE_CHECKING:
@@ -148,12 +148,14 @@ def train_one_epoch(
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    what: str = "train",
 ) -> tuple[float, float]:
     """One pass over `loader` (batches of `(B, 3, H, W)` float32, `(B,)` int64).
 
     `forward` maps a batch to logits when the loader does not yield images for `model` itself
     (cached frozen-stage features -> the trainable suffix; see pipeline/features.py); `model`
-    still sets train/eval modes. Default: `model`.
+    still sets train/eval modes. Default: `model`. `what` names the pass for progress listeners
+    (`pipeline.core.listening`).
 
     Returns:
         (mean loss per image, accuracy as a fraction 0-1).
@@ -164,25 +166,56 @@ def train_one_epoch(
     set_train_mode(model, list(frozen))
     forward = forward if forward is not None else model
     total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in loader:
-        images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = forward(images)
-            loss = criterion(logits, labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss became {loss.item()} after {seen} images")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        total_loss += loss.item() * labels.size(0)
-        correct += int((logits.argmax(1) == labels).sum().item())
-        seen += labels.size(0)
+    with image_pass(what, images_in(loader)) as progress:
+        for images, labels in loader:
+            loss, logits = _train_step(
+                forward, criterion, optimizer, images, labels, device, amp, channels_last, scaler
+            )
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"training loss became {loss.item()} after {seen} images")
+            total_loss += loss.item() * labels.size(0)
+            correct += int((logits.argmax(1) == labels.to(logits.device)).sum().item())
+            seen += labels.size(0)
+            progress.advance(labels.size(0))
     return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def images_in(loader: Batches) -> int | None:
+    """How many images one pass over `loader` yields (None when it cannot tell)."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _train_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    criterion: Loss,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss and (for a finite loss) the optimizer step of one batch; (loss, logits)."""
+    images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
+    with autocast(device, amp):
+        logits = forward(images)
+        loss = criterion(logits, labels)
+    if not torch.isfinite(loss):
+        return loss, logits
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, logits
 
 
 @torch.inference_mode()
@@ -194,21 +227,24 @@ def evaluate(
     amp: bool = False,
     channels_last: bool = False,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    what: str = "val",
 ) -> EvalResult:
     """Evaluate in eval mode without autograd; returns loss, accuracy and per-image outputs.
 
-    `forward`: as in `train_one_epoch` (default `model`)."""
+    `forward`: as in `train_one_epoch` (default `model`); `what` names the pass ("val", "test")."""
     model.eval()
     forward = forward if forward is not None else model
     total_loss, labels_all, probs_all = 0.0, [], []
-    for images, labels in loader:
-        images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = forward(images)
-        logits = logits.float()
-        total_loss += criterion(logits, labels).item() * labels.size(0)
-        labels_all.append(labels.cpu())
-        probs_all.append(logits.softmax(1).cpu())
+    with image_pass(what, images_in(loader)) as progress:
+        for images, labels in loader:
+            images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = forward(images)
+            logits = logits.float()
+            total_loss += criterion(logits, labels).item() * labels.size(0)
+            labels_all.append(labels.cpu())
+            probs_all.append(logits.softmax(1).cpu())
+            progress.advance(labels.size(0))
     labels = torch.cat(labels_all) if labels_all else torch.empty(0, dtype=torch.long)
     probs = torch.cat(probs_all) if probs_all else torch.empty(0, 0)
     preds = probs.argmax(1) if len(labels) else labels
