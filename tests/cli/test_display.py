@@ -87,7 +87,7 @@ def test_without_a_terminal_passes_print_nothing():
     from pipeline.core import image_pass
 
     buffer = io.StringIO()
-    with ProgressDisplay(3, console=Console(file=buffer, force_terminal=False, width=200)):
-        with image_pass("train", 100) as step:
-            step.advance(100)
+    console = Console(file=buffer, force_terminal=False, width=200)
+    with ProgressDisplay(3, console=console), image_pass("train", 100) as step:
+        step.advance(100)
     assert buffer.getvalue() == ""
