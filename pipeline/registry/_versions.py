@@ -33,9 +33,12 @@ A selected checkpoint is registered once: a later report finds the version by it
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,7 +229,7 @@ def _log_and_register(
     # A logged model goes to the active experiment, not its run's: without this it would land in
     # experiment 0 and its relative artifact folder.
     mlflow.set_experiment(experiment_id=experiment_id)
-    with tempfile.TemporaryDirectory(prefix="sweep-model-") as folder:
+    with tempfile.TemporaryDirectory(prefix="sweep-model-") as folder, registry_banners_dropped():
         # Model.log, not pyfunc.log_model: only it attaches the model to an existing run (the
         # trial's) without starting it, which would end it as FINISHED.
         info = Model.log(
@@ -252,6 +255,23 @@ def _log_and_register(
     version = str(info.registered_model_version)
     client.update_model_version(name, version, description=export.description)
     return version
+
+
+BANNERS = ("Successfully registered model '", "Created version '", "Registered model '")
+
+
+@contextlib.contextmanager
+def registry_banners_dropped() -> Iterator[None]:
+    """MLflow prints "Successfully registered model 'x'." and "Created version '1' of model 'x'."
+    straight to stderr while registering; the report says the same in its own line, so those two
+    are dropped and anything else it writes there is passed on."""
+    caught = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(caught):
+            yield
+    finally:
+        kept = [line for line in caught.getvalue().splitlines(keepends=True) if not line.startswith(BANNERS)]
+        sys.stderr.write("".join(kept))
 
 
 def save_module(export: Export, folder: Path, serialization_format: str) -> str:

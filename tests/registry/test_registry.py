@@ -233,3 +233,11 @@ def test_model_logged_at_its_best_epoch_carries_that_epochs_figures_and_its_test
     assert run.info.status == "RUNNING"  # attaching the model leaves the trial's run as it was
     assert [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("images/test", "e571cd1d")]
     assert run.data.metrics["test_accuracy"] == 0.75  # the champion's run shows its test figure too
+
+
+def test_registering_prints_none_of_mlflows_banners(tmp_path, monkeypatch, capfd):
+    """A user's report: "Successfully registered model" / "Created version" lines amid sweep's own."""
+    _, _, kwargs = _store(tmp_path, monkeypatch)
+    G.register(lambda: _export("eee"), sha256="eee", **kwargs)
+    err = capfd.readouterr().err
+    assert "Successfully registered model" not in err and "Created version" not in err, err
