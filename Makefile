@@ -17,7 +17,7 @@ export SWEEP_DATA_SOURCE SWEEP_WEIGHTS_SOURCE
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install data run report status ui dashboard lint test bench bench-smoke clean
+.PHONY: install data weights run report status ui dashboard lint test bench bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 data: install
 	$(PY) scripts/get_assets.py
+
+# Only the offline EfficientNet-Lite0 checkpoint (a study of your own images needs no hymenoptera data).
+weights: install
+	$(PY) scripts/get_assets.py --weights-only
 
 run: install data
 	@study="$(STUDY)"; \

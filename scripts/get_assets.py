@@ -117,8 +117,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="local hymenoptera_data folder to link")
     parser.add_argument("--weights-source", type=Path, help="local folder holding the offline checkpoint(s)")
+    parser.add_argument(
+        "--weights-only", action="store_true", help="only the offline checkpoint(s): a study of your own images"
+    )
     args = parser.parse_args()
-    place_data(args.source)
+    if not args.weights_only:
+        place_data(args.source)
     place_weights(args.weights_source)
 
 

@@ -156,6 +156,12 @@ def load_model(model_uri: str, tracking: str, registry: str | None = None) -> tu
     from pipeline.config import sqlite_path
 
     registry = registry or tracking
+    if ":/" not in model_uri and not Path(model_uri).is_dir():
+        raise RegistryError(
+            f"{model_uri}: not a model URI or a model folder; give models:/NAME@ALIAS (e.g. "
+            f"models:/{model_uri.strip('/') or 'NAME'}@champion), models:/NAME/VERSION, runs:/RUN_ID/model "
+            "or the folder of a saved MLflow model"
+        )
     store = sqlite_path(registry if model_uri.startswith("models:/") else tracking)
     if store is not None and not store.is_file():
         # MLflow would create an empty store there and then report an unknown model

@@ -360,3 +360,15 @@ def test_cli_predict_json_and_exit_codes(tmp_path, store, no_env, monkeypatch):
     alone = runner.invoke(app, ["predict", URI, str(bomb)])
     assert alone.exit_code == 3
     assert alone.stderr.strip() == f"error: {bomb}: {BOMB_REASON}" and "Traceback" not in alone.output
+
+
+def test_a_bare_model_name_is_told_the_uri_forms(tmp_path, store, no_env):
+    """A user's report: `sweep predict my-classifier img.jpg` blamed a missing artifact."""
+    uri, _ = store
+    image = write_image(tmp_path / "a.png", COLOURS["ants"])
+    with pytest.raises(RegistryError) as info:
+        P.predict_files("tiny", [image], uri)
+    assert str(info.value) == (
+        "tiny: not a model URI or a model folder; give models:/NAME@ALIAS (e.g. models:/tiny@champion), "
+        "models:/NAME/VERSION, runs:/RUN_ID/model or the folder of a saved MLflow model"
+    )

@@ -28,3 +28,22 @@ def test_one_folder_per_class_runs_with_carved_val_and_test(tmp_path, sweep_home
     stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_home / 'optuna.db'}")
     assert stored.user_attrs[SPLITS_ATTR]["counts"] == {"train": 16, "val": 2, "test": 2}
     assert [t.state.name for t in stored.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_make_weights_places_only_the_checkpoint():
+    """A user's report: `make data` for a study of their own images tried to download hymenoptera."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "get_assets.py"), "--weights-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines and all(line.startswith("weights: ") for line in lines), lines
