@@ -164,10 +164,10 @@ def _start(
     check_local_paths(url, uri)
     if sqlite_path(uri):
         check_writable(artifact_root())
-    say(plan_line(cfg))
     # Pre-flight first: a bad data folder or weights value must not leave a stored study behind
     # whose fingerprint would then refuse the corrected study file.
     prep = prepare(cfg, scanned, say)
+    say(plan_line(cfg))  # after the pre-flight: bad input stays one line
     backend = open_storage(cfg, url)
     tracker = Tracker(uri, cfg.experiment_name, experiment_artifacts(uri), warn=say)
     study = open_study(cfg, backend, accept_changes, url=url)
