@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
 INTERPOLATIONS = {
@@ -97,7 +97,7 @@ def open_item(item: Item) -> Image.Image:
         OSError / PIL.UnidentifiedImageError: the file or bytes do not decode as an image.
     """
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return load_rgb(io.BytesIO(bytes(item)))
+        return _from_bytes(bytes(item))
     if isinstance(item, np.ndarray):
         return _from_array(item)
     if isinstance(item, os.PathLike):
@@ -105,8 +105,15 @@ def open_item(item: Item) -> Image.Image:
     if isinstance(item, str):
         if os.path.isfile(item):
             return load_rgb(item)
-        return load_rgb(io.BytesIO(_base64_image(item)))
+        return _from_bytes(_base64_image(item))
     raise ValueError(f"expected an image file path, encoded image bytes or a uint8 array, got {type(item).__name__}")
+
+
+def _from_bytes(data: bytes) -> Image.Image:
+    try:
+        return load_rgb(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the input
+        raise ValueError("not an image file") from None
 
 
 def _base64_image(text: str) -> bytes:

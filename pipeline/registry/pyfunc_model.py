@@ -56,7 +56,9 @@ class ImageClassifier(PythonModel):
         )
         self.module = load_module(context.artifacts[CLASSIFIER])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # `pd.DataFrame`: what MLflow hands over after enforcing the signature (a list, a Series or a
+    # string become a one-column frame), and a hint it infers no second schema from.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.predict_items(_items(model_input))
 
     def predict_arrays(self, images: np.ndarray) -> pd.DataFrame:
@@ -72,7 +74,9 @@ class ImageClassifier(PythonModel):
         rows: list[dict[str, Any]] = []
         for start in range(0, len(items), BATCH):
             rows += self._batch(items[start : start + BATCH])
-        return pd.DataFrame(rows, columns=["label", "probability", "probabilities", "error"])
+        frame = pd.DataFrame(rows, columns=["label", "probability", "probabilities", "error"])
+        frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)  # None, not NaN
+        return frame
 
     def _batch(self, items: list[Any]) -> list[dict[str, Any]]:
         tensors: list[np.ndarray] = []

@@ -232,8 +232,8 @@ def run_reruns(
     if enqueued:
         for observer in observers:
             observer.message(
-                f"re-running the top {cfg.selection.top_k} candidates: "
-                + ", ".join(f"trial {n} seed {i}" for n, i in enqueued)
+                f"seed re-runs of the top {cfg.selection.top_k} candidates (a linear probe, deterministic, "
+                "gets none): " + ", ".join(f"trial {n} seed {i}" for n, i in enqueued)
             )
     budget = FailureBudget(cfg.study.max_failed_trials, count(study, (TrialState.FAIL,)), observers)
 

@@ -167,10 +167,10 @@ def _start(
     # Pre-flight first: a bad data folder or weights value must not leave a stored study behind
     # whose fingerprint would then refuse the corrected study file.
     prep = prepare(cfg, scanned, say)
-    say(plan_line(cfg))  # after the pre-flight: bad input stays one line
     backend = open_storage(cfg, url)
     tracker = Tracker(uri, cfg.experiment_name, experiment_artifacts(uri), warn=say)
     study = open_study(cfg, backend, accept_changes, url=url)
+    say(plan_line(cfg))  # once the data and both stores answered: bad input stays one line
     dead = DeadTrials(backend, cfg.study.name, grace_period(cfg), cfg.study.max_retries)
     tags = {"sweep.storage": mask_url(url), "sweep.arch": cfg.model.arch}  # never a password in MLflow
     # One worker at a time: the first records the split, makes the parent run and adds the

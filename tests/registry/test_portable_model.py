@@ -166,7 +166,8 @@ def test_predict_takes_paths_bytes_base64_and_pixels_and_names_a_bad_item(store,
     assert list(batch["label"]) == [by_path["label"][0]] * 2
     frame = model.predict([str(images[0]), b"not an image", "missing.jpg", str(images[1])])
     assert list(frame["error"].isna()) == [True, False, False, True]
-    assert frame["error"][1].startswith("<12 bytes>: cannot identify image file")
+    assert frame["error"][1] == "<12 bytes>: not an image file"
+    assert frame["error"][0] is None and frame["error"][3] is None  # None, not NaN, for the predicted rows
     assert frame["error"][2] == "missing.jpg: no such file, and not base64 image bytes"
     assert list(frame["label"][[0, 3]]) == list(by_path["label"][:2])
 
