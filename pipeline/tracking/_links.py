@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from pipeline.config import StudyConfig, sqlite_path, tracking_uri
 from pipeline.core import first_line, mask_text, mask_url
@@ -43,9 +43,14 @@ def view_key(study: str) -> str:
 
 
 def ui_base(tracking: str) -> str:
-    """Where the MLflow UI of a tracking store is served: the server itself for an http(s) URI,
-    else `make ui`'s address."""
-    return tracking.rstrip("/") if tracking.startswith(("http://", "https://")) else DEFAULT_UI
+    """Where the MLflow UI of a tracking store is served: the server itself for an http(s) URI
+    (without any user:password in it: the link goes into report files), else `make ui`'s address."""
+    if not tracking.startswith(("http://", "https://")):
+        return DEFAULT_UI
+    parts = urlsplit(tracking)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
 
 
 def runs_table_url(base: str, experiment_id: str, study: str | None = None, shared_view: bool = False) -> str:

@@ -228,7 +228,13 @@ def test_report_files(done):
     trials_table = text.split("## Trials", 1)[1].split("\n\n")[2].splitlines()
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in trials_table]
     assert cells[0] == [c for c in frame.columns if c != "mlflow_run_id"]
-    assert [row[:2] for row in cells[2:]] == [["1", "COMPLETE"], ["2", "PRUNED"], ["0", "COMPLETE"], ["3", "FAIL"]]
+    # each trial number links to its run in the MLflow UI's training view
+    runs = dict(zip(frame["number"], frame["mlflow_run_id"], strict=True))
+    experiment = MlflowClient(tracking_uri(done.cfg)).get_experiment_by_name(done.cfg.experiment_name).experiment_id
+    assert [row[:2] for row in cells[2:]] == [
+        [f"[{n}](http://127.0.0.1:5000/#/experiments/{experiment}/runs/{runs[n]}?workflowType=machine_learning)", state]
+        for n, state in ((1, "COMPLETE"), (2, "PRUNED"), (0, "COMPLETE"), (3, "FAIL"))
+    ]
     assert cells[-1][cells[0].index("best_val_accuracy")] == "" and cells[-1][cells[0].index("best_epoch")] == ""
     assert f"{done.first.test.n_images} images" in text and "| true ants |" in text
     assert [p.name for p in done.first.files] == [

@@ -44,3 +44,9 @@ def test_study_links_before_and_after_the_study_ran(sweep_home, study_file):
         f"runs of study 'tiny': {runs}",
         f"registered model 'tiny-classifier': {BASE}/#/models/tiny-classifier",
     ]
+
+
+def test_report_links_never_carry_the_servers_password():
+    assert links.ui_base("http://bob:s3cret@mlflow:5000/") == "http://mlflow:5000"
+    assert links.ui_base("https://mlflow.example.org/ml") == "https://mlflow.example.org/ml"
+    assert links.ui_base("sqlite:///mlruns/mlflow.db") == "http://127.0.0.1:5000"  # where `make ui` serves
