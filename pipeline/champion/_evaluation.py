@@ -83,8 +83,9 @@ class TestEvaluation:
         return cls(**{**fields, **tuples, "confusion": dense_confusion(record, len(tuples["classes"]))})
 
     def per_class(self) -> pd.DataFrame:
-        """One row per class: class, precision, recall, f1, support."""
-        return pd.DataFrame(
+        """One row per class: class, precision, recall, f1, support. A class with no test image
+        (support 0) has no recall or f1 (NaN, an empty cell), and no precision unless predicted."""
+        frame = pd.DataFrame(
             {
                 "class": self.classes,
                 "precision": self.precision,
@@ -93,6 +94,15 @@ class TestEvaluation:
                 "support": self.support,
             }
         )
+        absent = frame["support"] == 0
+        frame.loc[absent, ["recall", "f1"]] = float("nan")
+        predicted = [sum(row[j] for row in self.confusion) for j in range(len(self.classes))]
+        frame.loc[absent & (pd.Series(predicted) == 0), "precision"] = float("nan")
+        return frame
+
+    def untested_classes(self) -> list[str]:
+        """Classes without a test image (too few images to carve one, or an empty test folder)."""
+        return [c for c, n in zip(self.classes, self.support, strict=True) if n == 0]
 
     def confused_pairs(self, top: int) -> pd.DataFrame:
         """The `top` largest off-diagonal cells: true, predicted, count, share (count over the true

@@ -166,7 +166,9 @@ def build_splits(
         ignored += more
         source = f"folder '{test}'"
     else:
-        val_s, test_s = _carve(val_s, test_fraction, seed, root / (val or train), "test", "data.test_fraction")
+        val_s, test_s = _carve(
+            val_s, test_fraction, seed, root / (val or train), "test", "data.test_fraction", "" if val else "val share"
+        )
         source = f"carved from {val_from} (test_fraction={test_fraction}, seed={seed}, stratified)"
     if val is None:
         source += f"; val carved from '{train}' (val_fraction={val_fraction}, seed={seed}, stratified)"
@@ -176,9 +178,10 @@ def build_splits(
 
 
 def _carve(
-    samples: list[Sample], fraction: float, seed: int, where: Path, split: str, key: str
+    samples: list[Sample], fraction: float, seed: int, where: Path, split: str, key: str, share: str = ""
 ) -> tuple[list[Sample], list[Sample]]:
     """(kept, carved): a stratified, seeded `fraction` of `samples` carved out as `split`.
+    `share`: what `samples` are when not a folder ("val share": test carved from carved val).
 
     Raises:
         DataError: naming `where`, the `key` of the fraction and what to do, when a class holds
@@ -193,8 +196,8 @@ def _carve(
     if rare:
         raise DataError(
             f"{where}: cannot carve a stratified {split} split ({key} {fraction}): class folder(s) "
-            f"{', '.join(rare)} hold 1 image, a stratified split needs at least 2 per class. Add images "
-            f"there, add {folder}, or remove the class"
+            f"{', '.join(rare)} hold 1 image{' in the ' + share if share else ''}, a stratified split needs at "
+            f"least 2 per class. Add images there, add {folder}, or remove the class"
         )
     try:
         keep, sealed = train_test_split(samples, test_size=fraction, random_state=seed, stratify=labels)

@@ -166,6 +166,13 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
     notes += plot_notes
     outcome, fresh, section = _hand_off(cfg, study, trials, choice, tracker, parent)
     notes.append(section[0])
+    untested = outcome.test.untested_classes()
+    if untested:
+        notes.append(
+            f"{len(untested)} class(es) have no test image, so no test figures: {', '.join(untested[:10])}"
+            + (" ..." if len(untested) > 10 else "")
+            + "; add images to them (a carved split needs about 10 per class) or a test folder"
+        )
     confusion = confusion_plot(outcome.test, folder / "confusion_matrix.png")
     tables = write_test_tables(outcome.test, folder)
     link = partial(run_url, ui_base(tracker.uri), tracker.experiment_id)

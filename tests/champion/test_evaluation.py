@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import optuna
 import pytest
@@ -135,3 +136,15 @@ def test_confused_pairs_largest_off_diagonal_cells_first():
         "count": [4, 1],
         "share of true class": [1.0, pytest.approx(1 / 3)],
     }
+
+
+def test_a_class_without_test_images_has_no_figures_instead_of_zeros():
+    """A user's report: a class of 2 images got no test image and per_class.csv read 0.0 / 0.0 / 0.0."""
+    evaluation = _evaluation(((2, 0, 0), (0, 3, 0), (0, 0, 0)), ("a", "b", "three"))
+    frame = evaluation.per_class()
+    row = frame[frame["class"] == "three"].iloc[0]
+    assert row["support"] == 0 and math.isnan(row["recall"]) and math.isnan(row["f1"]) and math.isnan(row["precision"])
+    assert list(frame["recall"][:2]) == [0.5, 0.5]
+    assert evaluation.untested_classes() == ["three"]
+    predicted = _evaluation(((2, 0, 1), (0, 3, 0), (0, 0, 0)), ("a", "b", "three"))  # "three" predicted once
+    assert predicted.per_class()["precision"][2] == 0.5 and math.isnan(predicted.per_class()["recall"][2])

@@ -47,3 +47,24 @@ def test_make_weights_places_only_the_checkpoint():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines and all(line.startswith("weights: ") for line in lines), lines
+
+
+def test_a_class_too_small_for_a_test_image_is_named_and_has_no_test_figures(tmp_path, sweep_home, monkeypatch):
+    """A user's report: a class of 2 images got no test image; per_class.csv read 0.0 and nothing said so."""
+    from conftest import COLOURS, write_image
+
+    root = make_folder(tmp_path / "staging", {"all": 12})  # 12 + 12 + 2: the val share of 6 holds no "three"
+    mine = tmp_path / "my_images"
+    (root / "all").rename(mine)
+    for i in range(2):
+        write_image(mine / "three" / f"{i}.png", COLOURS["ants"], seed=50 + i)
+    tree = study_dict(mine, training={"epochs": 1})
+    tree["data"] |= {"train": ".", "val": None, "test": None}
+    monkeypatch.setenv("SWEEP_REPORTS", str(tmp_path / "reports"))
+    result = CliRunner().invoke(cli.app, ["run", str(write_study(tmp_path / "mine.yaml", tree)), "--quiet"])
+    assert result.exit_code == 0, result.output
+    per_class = (tmp_path / "reports" / "tiny" / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,precision,recall,f1,support"
+    assert [line for line in per_class if line.startswith("three,")] in (["three,,,,0"], ["three,0.0,,,0"])
+    report = (tmp_path / "reports" / "tiny" / "report.md").read_text()
+    assert "1 class(es) have no test image, so no test figures: three; add images to them" in report
