@@ -26,6 +26,7 @@ class Outcome:
     registered: Registered
     cleanup: Cleanup
     figures: TestFigures  # the one set of test figures every description of the model quotes
+    refitted: bool = False  # the tested model is the champion's configuration retrained on train + val
 
 
 def table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:

@@ -91,6 +91,8 @@ class ReportResult:
     compute: Compute
     files: tuple[Path, ...]
     notes: tuple[str, ...] = ()
+    role: str | None = None  # "linear probe", "seed recipe", "re-run of 3, seed 1"; None: a sampled trial
+    refitted: bool = False  # the tested and registered model was retrained on train + val
 
     def summary(self) -> str:
         """Five lines (selection, test, registry, checkpoints, folder) plus one per note."""
@@ -102,10 +104,13 @@ class ReportResult:
             if r.previous_alias_version in (None, r.version)
             else f"alias '{r.alias}' moved from version {r.previous_alias_version} to {r.version}"
         )
+        epoch = "" if self.best_epoch is None or self.role == "linear probe" else f" at epoch {self.best_epoch}"
+        role = f" ({self.role})" if self.role else ""
+        refit = "; its configuration refitted on train + val is what was tested and registered" if self.refitted else ""
         lines = [
             (
-                f"selected trial {self.selected_trial} of study '{self.study_name}': {self.metric} "
-                f"{self.val_value:.4f} (epoch {self.best_epoch})"
+                f"selected trial {self.selected_trial}{role} of study '{self.study_name}': {self.metric} "
+                f"{self.val_value:.4f}{epoch}{refit}"
             ),
             f"test accuracy {t.accuracy:.4f} on {t.n_images} images ({tested})",
             f"model '{r.name}' version {r.version} {version}; {alias} ({r.uri})",
@@ -195,6 +200,8 @@ def _report(cfg: StudyConfig, study: optuna.Study, tracking: str | None, out: st
         compute=compute,
         files=files,
         notes=tuple(notes),
+        role=TrialRecord.from_frozen(outcome.selected).role_words,
+        refitted=outcome.refitted,
     )
 
 
@@ -257,7 +264,7 @@ def _hand_off(
     mark_champion(tracker, selected)
     cleanup = clean_checkpoints(trials, selected, cfg.study.direction, cfg.registry.keep_top_k, cfg.study.name)
     section = [figures.describe(), *markdown_lines(cfg, choice, figures, refitted)]
-    return Outcome(selected, evaluation, registered, cleanup, figures), fresh, section
+    return Outcome(selected, evaluation, registered, cleanup, figures, refitted), fresh, section
 
 
 def _make_folder(folder: Path) -> Path:

@@ -22,6 +22,7 @@ from pipeline.champion._champion import TESTED_ATTR
 from pipeline.champion._comparison import ranked_complete
 from pipeline.config import load_study, storage_url, tracking_uri
 from pipeline.models import _model as M
+from pipeline.search import TrialRecord
 from pipeline.search._selection import rerun_plan
 from pipeline.search._stopping import counted
 from pipeline.stages import _report as R
@@ -174,6 +175,11 @@ def test_test_split_read_once_and_refit_on_train_and_val(done):
     tested = done.study.user_attrs[TESTED_ATTR]
     assert tested["refit"] is True and tested["trial"] == done.first.selected_trial
     assert tested["checkpoint"].endswith(f"refit-trial-{done.first.selected_trial}.pt")
+    # the console says what was tested: the champion's role, and that its refit is the model
+    first = done.first.summary().splitlines()[0]
+    assert first.startswith(f"selected trial {done.first.selected_trial}")
+    assert first.endswith("; its configuration refitted on train + val is what was tested and registered")
+    assert done.first.role == TrialRecord.from_frozen(done.study.trials[done.first.selected_trial]).role_words
     evals = [k for k in done.study.user_attrs if k.startswith("sweep_test_eval")]
     assert evals == [f"sweep_test_eval:{tested['trial']}:{tested['sha256']}"]
 

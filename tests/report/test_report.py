@@ -325,7 +325,7 @@ def test_checkpoint_cleanup_keeps_top_k_and_selected(done):
 
 def test_summary_lines(done):
     lines = done.second.summary().splitlines()
-    assert lines[0].startswith("selected trial 1 of study 'tiny': val_accuracy 1.0000")
+    assert lines[0] == f"selected trial 1 of study 'tiny': val_accuracy 1.0000 at epoch {done.first.best_epoch}"
     assert "stored evaluation, not re-run" in lines[1]
     assert lines[2] == (
         "model 'tiny-classifier' version 1 already registered; alias 'champion' -> "
