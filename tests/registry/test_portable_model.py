@@ -22,6 +22,7 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from test_predict import register_in
 
 from pipeline.data import _imagefiles as IMG
 from pipeline.data import _transforms as TX
@@ -65,22 +66,7 @@ def store(tmp_path_factory) -> tuple[str, Path]:
         {G.STUDY_TAG: "s", G.SHA_TAG: "p1", G.TRIAL_TAG: "0"},
         "portable",
     )
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        G.register(
-            lambda: export,
-            study="s",
-            sha256="p1",
-            tracking=uri,
-            experiment_id=exp,
-            run_id=None,
-            name="portable",
-            alias="champion",
-            serialization_format="pickle",
-        )
-    finally:
-        os.chdir(cwd)
+    register_in(folder, export, uri, exp, "portable", "p1")
     return uri, folder
 
 

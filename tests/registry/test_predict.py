@@ -75,6 +75,27 @@ def _jpeg() -> bytes:
     return buffer.getvalue()
 
 
+def register_in(folder: Path, export: G.Export, uri: str, experiment_id: str, name: str, sha256: str) -> None:
+    """Register `export` as `name@champion` with `folder` as the working directory, so anything
+    MLflow would put in ./mlruns stays there."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        G.register(
+            lambda: export,
+            study="s",
+            sha256=sha256,
+            tracking=uri,
+            experiment_id=experiment_id,
+            run_id=None,
+            name=name,
+            alias="champion",
+            serialization_format="pickle",
+        )
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tuple[str, nn.Module]:
     """A sqlite MLflow store holding `tiny` (8 px input, classes ants/bees) at alias champion;
@@ -92,22 +113,7 @@ def store(tmp_path_factory) -> tuple[str, nn.Module]:
         {G.STUDY_TAG: "s", G.SHA_TAG: "aaa", G.TRIAL_TAG: "0"},
         "tiny",
     )
-    cwd = os.getcwd()
-    os.chdir(folder)  # anything MLflow would put in ./mlruns stays here
-    try:
-        G.register(
-            lambda: export,
-            study="s",
-            sha256="aaa",
-            tracking=uri,
-            experiment_id=exp,
-            run_id=None,
-            name="tiny",
-            alias="champion",
-            serialization_format="pickle",
-        )
-    finally:
-        os.chdir(cwd)
+    register_in(folder, export, uri, exp, "tiny", "aaa")
     return uri, module
 
 
